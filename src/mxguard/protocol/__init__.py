@@ -1,0 +1,1 @@
+"""Pure protocol code: parse, validate, serialise and match. No sockets, no clocks, no globals."""
