@@ -1,0 +1,264 @@
+"""mxguard's state: the MTA-STS policy cache and the TLS-RPT session results, behind one interface.
+
+Two things outlive a single delivery and must survive restarts:
+
+- the MTA-STS policy cache (RFC 8461 §5): a policy fetched once is trusted until `max_age`
+  passes, and this trust on first use is exactly what stops a STRIPTLS attacker who later
+  blocks policy discovery; losing the cache silently removes the protection;
+- the TLS outcome of every SMTP session (RFC 8460 §4), from which the daily aggregate reports
+  are built, and which must be kept until some `rua` accepted the report (RFC 8460 §5).
+
+`Store` is the interface; `open_store(url)` picks a backend from the URL:
+
+- `sqlite:///ABS/PATH` or `sqlite:///:memory:` — the default, embedded (sqlite.py);
+- `postgresql://…` — several mxguard nodes share one cache and one results table (postgres.py);
+- `redis://…` (or `rediss://…`) — the policy cache only (redis.py).
+
+The store never interprets what it keeps: it does not parse policies and does not apply
+expiry (the engine decides what an expired policy means, RFC 8461 §5.1), except that Redis
+drops a key at `expires_at` because that is how Redis keeps memory bounded. Writes that
+matter are durable before the call returns. Datetimes go in and come out as UTC-aware values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+__all__ = [
+    "POLICY_TYPES",
+    "CachedPolicy",
+    "SessionResult",
+    "Store",
+    "StoreError",
+    "default_store_url",
+    "open_store",
+]
+
+# RFC 8460 §4.4: the values of `policy-type`.
+POLICY_TYPES = frozenset({"sts", "tlsa", "no-policy-found"})
+
+ACCEPTED_URLS = (
+    "sqlite:///ABSOLUTE/PATH, sqlite:///:memory:, postgresql://[USER[:PASSWORD]@]HOST[:PORT]/DB, "
+    "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?prefix=KEYPREFIX] (policy cache only)"
+)
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked: a bad URL, an unreachable server, a schema from a
+    newer mxguard, a value that cannot be stored, or an operation the backend does not offer.
+    The message says what was wrong and what would be right."""
+
+
+@dataclass(frozen=True, slots=True)
+class CachedPolicy:
+    """One MTA-STS policy as fetched (RFC 8461 §5): trusted until `expires_at`."""
+
+    domain: str  # lower-case A-label, no trailing dot
+    policy_id: str  # the `id` of the TXT record it was fetched under (RFC 8461 §3.1)
+    policy_text: str  # the body exactly as fetched; the store never parses it
+    fetched_at: datetime  # UTC, timezone-aware
+    expires_at: datetime  # fetched_at + max_age
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResult:
+    """One SMTP session's TLS outcome, the raw material of a TLS-RPT report (RFC 8460 §4)."""
+
+    id: int | None  # assigned by the store; None when adding
+    at: datetime  # UTC, timezone-aware
+    policy_domain: str  # RFC 8460 §4.4 `policy-domain`
+    policy_type: str  # "sts" | "tlsa" | "no-policy-found" (RFC 8460 §4.4)
+    policy_strings: tuple[str, ...]  # `policy-string`: STS policy lines or one TLSA RR each
+    mx_patterns: tuple[str, ...]  # `mx-host`: the STS policy's mx patterns
+    result_type: str | None  # None = success, else an RFC 8460 §4.3 result type value
+    sending_ip: str | None
+    receiving_mx: str | None
+    receiving_ip: str | None
+    receiving_helo: str | None
+    detail: str | None  # `additional-information` for people
+    rua: tuple[str, ...]  # the domain's TLS-RPT rua at that moment (RFC 8460 §3)
+    is_report: bool  # delivered a TLS report: excluded from reports (RFC 8460 §5.3)
+    reported: str | None  # the report-id that included it, once a report was accepted
+
+
+class Store(Protocol):
+    """What every backend offers. All methods are coroutines; writes are durable on return."""
+
+    async def get_policy(self, domain: str) -> CachedPolicy | None:
+        """The cached policy of `domain`, expired or not; None when there is none."""
+        ...
+
+    async def put_policy(self, policy: CachedPolicy) -> None:
+        """Insert or replace the cached policy of `policy.domain`."""
+        ...
+
+    async def delete_policy(self, domain: str) -> None:
+        """Forget the cached policy of `domain` (no error when there is none)."""
+        ...
+
+    async def policies(self) -> list[CachedPolicy]:
+        """Every cached policy, ordered by domain (for the background refresher)."""
+        ...
+
+    async def add_results(self, results: Sequence[SessionResult]) -> None:
+        """Record session outcomes; each `id` must be None (the store assigns one)."""
+        ...
+
+    async def results_between(
+        self, start: datetime, end: datetime, *, unreported_only: bool = True
+    ) -> list[SessionResult]:
+        """Results with `start <= at < end`, ordered by (at, id); report sessions included."""
+        ...
+
+    async def mark_reported(self, ids: Iterable[int], report_id: str) -> None:
+        """Record that an accepted report `report_id` covered the results `ids`."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; the store must not be used afterwards."""
+        ...
+
+
+def default_store_url() -> str:
+    """`sqlite:///` + `$XDG_STATE_HOME/mxguard/state.db` (XDG Base Directory; the default state
+    home is `~/.local/state`), creating the folder."""
+    state_home = os.environ.get("XDG_STATE_HOME", "")
+    # XDG Base Directory: a relative value is invalid and must be ignored.
+    base = Path(state_home) if os.path.isabs(state_home) else Path.home() / ".local" / "state"
+    folder = base / "mxguard"
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create the state folder {folder}: {exc.strerror}; "
+            "set XDG_STATE_HOME to a writable folder or pass --store URL"
+        ) from exc
+    return f"sqlite://{folder / 'state.db'}"
+
+
+async def open_store(url: str) -> Store:
+    """Open the store that `url` names (see ACCEPTED_URLS), creating its schema if needed."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise StoreError(
+            f"store URL {redact_url(url)!r} has no scheme; use one of: {ACCEPTED_URLS}"
+        )
+    if scheme == "sqlite":
+        # sqlite:///ABS/PATH: what follows "sqlite://" is the absolute path itself.
+        if rest == "/:memory:":
+            path = ":memory:"
+        elif rest.startswith("/") and len(rest) > 1 and not rest.endswith("/"):
+            path = rest
+        else:
+            raise StoreError(
+                f"store URL {url!r} does not name an absolute file path; "
+                "use sqlite:///ABSOLUTE/PATH (three slashes, then the path) or sqlite:///:memory:"
+            )
+        from mxguard.adapters.store.sqlite import SQLiteStore
+
+        return await SQLiteStore.open(path)
+    if scheme in ("postgresql", "postgres"):
+        from mxguard.adapters.store.postgres import PostgresStore
+
+        return await PostgresStore.open(url)
+    if scheme in ("redis", "rediss", "unix"):
+        from mxguard.adapters.store.redis import RedisStore
+
+        return await RedisStore.open(url)
+    raise StoreError(
+        f"store URL {redact_url(url)!r} has an unknown scheme {scheme!r}; "
+        f"use one of: {ACCEPTED_URLS}"
+    )
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by `***`, for error messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, tail = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}{slash}{tail}"
+
+
+# Validation shared by the backends: the store refuses values it could not give back
+# unchanged, rather than normalising them behind the caller's back.
+
+
+def check_domain(domain: str) -> str:
+    """`domain` if it is a lower-case ASCII name without a trailing dot, else StoreError."""
+    if (
+        not domain
+        or not domain.isascii()
+        or domain != domain.lower()
+        or domain.endswith(".")
+        or any(c.isspace() for c in domain)
+    ):
+        raise StoreError(
+            f"domain {domain!r} is not in the form the store keys on; pass a lower-case A-label "
+            "without a trailing dot, e.g. 'example.com' or 'xn--bcher-kva.example'"
+        )
+    return domain
+
+
+def as_utc(value: datetime, name: str) -> datetime:
+    """`value` converted to UTC; StoreError for a naive datetime (its zone would be a guess)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise StoreError(
+            f"{name} {value.isoformat()} has no time zone; pass a timezone-aware datetime, "
+            "e.g. datetime.now(UTC)"
+        )
+    return value.astimezone(UTC)
+
+
+def check_policy(policy: CachedPolicy) -> CachedPolicy:
+    """`policy` with UTC datetimes, after checking it can be stored."""
+    check_domain(policy.domain)
+    if not policy.policy_id:
+        raise StoreError(f"policy for {policy.domain} has an empty policy_id; pass the TXT id")
+    return CachedPolicy(
+        domain=policy.domain,
+        policy_id=policy.policy_id,
+        policy_text=policy.policy_text,
+        fetched_at=as_utc(policy.fetched_at, "fetched_at"),
+        expires_at=as_utc(policy.expires_at, "expires_at"),
+    )
+
+
+def check_result(result: SessionResult) -> SessionResult:
+    """`result` with a UTC `at`, after checking it can be added."""
+    if result.id is not None:
+        raise StoreError(
+            f"session result already has id {result.id}; pass id=None, the store assigns ids"
+        )
+    if result.policy_type not in POLICY_TYPES:
+        raise StoreError(
+            f"policy_type {result.policy_type!r} is not an RFC 8460 §4.4 policy type; "
+            f"use one of {sorted(POLICY_TYPES)}"
+        )
+    check_domain(result.policy_domain)
+    return replace(result, at=as_utc(result.at, "at"))
+
+
+# Times are kept as fixed-width UTC text where the backend has no time type, so that text order
+# is time order and a person reading the data sees real dates.
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def format_time(value: datetime) -> str:
+    """`value` (aware) as fixed-width UTC text, e.g. 2024-05-01T00:00:00.000000Z."""
+    return value.astimezone(UTC).strftime(_TIME_FORMAT)
+
+
+def parse_time(text: str) -> datetime:
+    """The UTC-aware datetime that `format_time` wrote as `text`."""
+    return datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=UTC)

@@ -1,0 +1,316 @@
+"""The shared store: PostgreSQL, for several mxguard nodes with one policy cache and one
+TLS-RPT result table (DESIGN.md "State").
+
+Uses psycopg 3's asyncio connection. Each store holds one connection and runs one operation
+at a time on it (a lock), every write in its own transaction; PostgreSQL's default
+`synchronous_commit = on` makes a committed write durable before COMMIT returns. The session
+time zone is UTC, so `timestamptz` values come back as UTC-aware datetimes.
+
+The schema is created on open, under an advisory lock so that nodes starting together do not
+race, and is versioned like the SQLite schema (table `schema_version`). Give mxguard its own
+database (or its own schema via `?options=-csearch_path%3Dmxguard`): the table names are
+plain (`sts_policies`, `session_results`, `schema_version`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg.conninfo
+
+from mxguard.adapters.store import (
+    CachedPolicy,
+    SessionResult,
+    StoreError,
+    as_utc,
+    check_domain,
+    check_policy,
+    check_result,
+    redact_url,
+)
+
+T = TypeVar("T")
+
+# Seconds to wait for the server when connecting, unless the URL says otherwise.
+CONNECT_TIMEOUT = 10
+
+# Any constant works; it only has to be the same for every mxguard node.
+_SCHEMA_LOCK = 0x6D78_6775_6172_64  # "mxguard"
+
+# MIGRATIONS[n] takes the database from schema version n to n + 1 (0 = no tables yet).
+# Same tables and meaning as the SQLite backend (see sqlite.py).
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE sts_policies (
+            domain      text PRIMARY KEY,
+            policy_id   text NOT NULL,
+            policy_text text NOT NULL,
+            fetched_at  timestamptz NOT NULL,
+            expires_at  timestamptz NOT NULL
+        )""",
+        """CREATE TABLE session_results (
+            id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            at             timestamptz NOT NULL,
+            policy_domain  text NOT NULL,
+            policy_type    text NOT NULL,
+            policy_strings text[] NOT NULL,
+            mx_patterns    text[] NOT NULL,
+            result_type    text,
+            sending_ip     text,
+            receiving_mx   text,
+            receiving_ip   text,
+            receiving_helo text,
+            detail         text,
+            rua            text[] NOT NULL,
+            is_report      boolean NOT NULL,
+            reported       text
+        )""",
+        "CREATE INDEX session_results_at ON session_results (at)",
+        "CREATE INDEX session_results_domain_at ON session_results (policy_domain, at)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_RESULT_COLUMNS = (
+    "at, policy_domain, policy_type, policy_strings, mx_patterns, result_type, sending_ip, "
+    "receiving_mx, receiving_ip, receiving_helo, detail, rua, is_report, reported"
+)
+_POLICY_COLUMNS = "domain, policy_id, policy_text, fetched_at, expires_at"
+
+
+class PostgresStore:
+    """A Store on a PostgreSQL database; open it with `await PostgresStore.open(url)`."""
+
+    def __init__(self, url: str, params: dict[str, Any]) -> None:
+        self.url = url
+        self._params = params
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    @classmethod
+    async def open(cls, url: str) -> PostgresStore:
+        """Connect to the database `url` names and create or upgrade the schema."""
+        try:
+            params = psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"store URL {redact_url(url)!r} is not a valid PostgreSQL URL ({exc}); "
+                "use postgresql://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE"
+            ) from exc
+        params.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        store = cls(url, params)
+        async with store._lock:
+            conn = await store._connection()
+            try:
+                await _migrate(conn, redact_url(url))
+            except psycopg.Error as exc:
+                await conn.close()
+                raise store._error(exc) from exc
+            except BaseException:
+                await conn.close()
+                raise
+        return store
+
+    # --- policy cache (RFC 8461 §5) ---
+
+    async def get_policy(self, domain: str) -> CachedPolicy | None:
+        check_domain(domain)
+        rows = await self._fetch(
+            f"SELECT {_POLICY_COLUMNS} FROM sts_policies WHERE domain = %s", (domain,)
+        )
+        return _policy_from_row(rows[0]) if rows else None
+
+    async def put_policy(self, policy: CachedPolicy) -> None:
+        p = check_policy(policy)
+        await self._write(
+            f"INSERT INTO sts_policies ({_POLICY_COLUMNS}) VALUES (%s, %s, %s, %s, %s) "
+            "ON CONFLICT (domain) DO UPDATE SET policy_id = EXCLUDED.policy_id, "
+            "policy_text = EXCLUDED.policy_text, fetched_at = EXCLUDED.fetched_at, "
+            "expires_at = EXCLUDED.expires_at",
+            [(p.domain, p.policy_id, p.policy_text, p.fetched_at, p.expires_at)],
+        )
+
+    async def delete_policy(self, domain: str) -> None:
+        check_domain(domain)
+        await self._write("DELETE FROM sts_policies WHERE domain = %s", [(domain,)])
+
+    async def policies(self) -> list[CachedPolicy]:
+        rows = await self._fetch(f"SELECT {_POLICY_COLUMNS} FROM sts_policies ORDER BY domain")
+        return [_policy_from_row(row) for row in rows]
+
+    # --- TLS-RPT session results (RFC 8460 §4) ---
+
+    async def add_results(self, results: Sequence[SessionResult]) -> None:
+        rows = [_result_to_row(check_result(r)) for r in results]
+        if rows:
+            await self._write(
+                f"INSERT INTO session_results ({_RESULT_COLUMNS}) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                rows,
+                idempotent=False,
+            )
+
+    async def results_between(
+        self, start: datetime, end: datetime, *, unreported_only: bool = True
+    ) -> list[SessionResult]:
+        where = "at >= %s AND at < %s" + (" AND reported IS NULL" if unreported_only else "")
+        rows = await self._fetch(
+            f"SELECT id, {_RESULT_COLUMNS} FROM session_results WHERE {where} ORDER BY at, id",
+            (as_utc(start, "start"), as_utc(end, "end")),
+        )
+        return [_result_from_row(row) for row in rows]
+
+    async def mark_reported(self, ids: Iterable[int], report_id: str) -> None:
+        id_list = [int(i) for i in ids]
+        if not report_id:
+            raise StoreError("report_id is empty; pass the report-id of the accepted report")
+        if id_list:
+            await self._write(
+                "UPDATE session_results SET reported = %s WHERE id = ANY(%s)",
+                [(report_id, id_list)],
+            )
+
+    async def close(self) -> None:
+        async with self._lock:
+            self._closed = True
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                await conn.close()
+
+    # --- plumbing ---
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        # Called with the lock held. A connection known to be closed or broken is replaced
+        # here; see _run for one that breaks while in use.
+        if self._closed:
+            raise StoreError(f"PostgreSQL store {redact_url(self.url)} is closed; open it again")
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
+            return self._conn
+        try:
+            conn = await psycopg.AsyncConnection.connect(autocommit=True, **self._params)
+            await conn.execute("SET TIME ZONE 'UTC'")
+        except psycopg.Error as exc:
+            raise self._error(exc) from exc
+        self._conn = conn
+        return conn
+
+    async def _fetch(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        async def work(conn: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall()
+
+        return await self._run(work, idempotent=True)
+
+    async def _write(
+        self, query: str, rows: Sequence[tuple[Any, ...]], *, idempotent: bool = True
+    ) -> None:
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(query, rows)
+
+        await self._run(work, idempotent=idempotent)
+
+    async def _run(
+        self, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]], *, idempotent: bool
+    ) -> T:
+        async with self._lock:
+            conn = await self._connection()
+            try:
+                return await work(conn)
+            except psycopg.OperationalError as exc:
+                # A connection the server dropped while idle (a restart, a failover, an idle
+                # timeout) shows up only when used. Run the work again on a new connection
+                # when running it twice cannot change the outcome; an INSERT of results
+                # could have committed before the connection broke, so it is not retried.
+                if not (idempotent and conn.broken):
+                    raise self._error(exc) from exc
+            except psycopg.Error as exc:
+                raise self._error(exc) from exc
+            conn = await self._connection()
+            try:
+                return await work(conn)
+            except psycopg.Error as exc:
+                raise self._error(exc) from exc
+
+    def _error(self, exc: psycopg.Error) -> StoreError:
+        reason = str(exc).strip() or type(exc).__name__
+        return StoreError(f"PostgreSQL store {redact_url(self.url)}: {reason}")
+
+
+async def _migrate(conn: psycopg.AsyncConnection[Any], where: str) -> None:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+        cur = await conn.execute("SELECT max(version) FROM schema_version")
+        row = await cur.fetchone()
+        version = 0 if row is None or row[0] is None else int(row[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"PostgreSQL store {where} has schema version {version}, but this mxguard "
+                f"knows versions up to {SCHEMA_VERSION}; upgrade mxguard on every node"
+            )
+        for step in MIGRATIONS[version:]:
+            for statement in step:
+                await conn.execute(statement)
+        if version < SCHEMA_VERSION:
+            await conn.execute("DELETE FROM schema_version")
+            await conn.execute(
+                "INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,)
+            )
+
+
+def _policy_from_row(row: tuple[Any, ...]) -> CachedPolicy:
+    domain, policy_id, text, fetched_at, expires_at = row
+    return CachedPolicy(
+        domain=domain,
+        policy_id=policy_id,
+        policy_text=text,
+        fetched_at=fetched_at.astimezone(UTC),
+        expires_at=expires_at.astimezone(UTC),
+    )
+
+
+def _result_to_row(r: SessionResult) -> tuple[Any, ...]:
+    return (
+        r.at,
+        r.policy_domain,
+        r.policy_type,
+        list(r.policy_strings),
+        list(r.mx_patterns),
+        r.result_type,
+        r.sending_ip,
+        r.receiving_mx,
+        r.receiving_ip,
+        r.receiving_helo,
+        r.detail,
+        list(r.rua),
+        r.is_report,
+        r.reported,
+    )
+
+
+def _result_from_row(row: tuple[Any, ...]) -> SessionResult:
+    (id_, at, domain, ptype, strings, patterns, rtype, sip, rmx, rip, helo, detail, rua, is_report,
+     reported) = row  # fmt: skip
+    return SessionResult(
+        id=int(id_),
+        at=at.astimezone(UTC),
+        policy_domain=domain,
+        policy_type=ptype,
+        policy_strings=tuple(strings),
+        mx_patterns=tuple(patterns),
+        result_type=rtype,
+        sending_ip=sip,
+        receiving_mx=rmx,
+        receiving_ip=rip,
+        receiving_helo=helo,
+        detail=detail,
+        rua=tuple(rua),
+        is_report=bool(is_report),
+        reported=reported,
+    )

@@ -1,0 +1,191 @@
+"""The Redis store: an MTA-STS policy cache (RFC 8461 §5) shared by several nodes, nothing else.
+
+Each cached policy is one hash, `<prefix>sts-policy:<domain>`, with the fields `policy_id`,
+`policy_text`, `fetched_at` and `expires_at` (fixed-width UTC text). The key expires at
+`expires_at` (PEXPIREAT), so Redis forgets a policy once RFC 8461 §5 no longer lets anyone
+use it; this is the one place where a store applies expiry. The key prefix defaults to
+`mxguard:` and is chosen with `?prefix=…` in the URL.
+
+TLS-RPT session results need range queries and must be kept until a report is accepted
+(RFC 8460 §5); that is SQLite's or PostgreSQL's job, and the result methods say so.
+
+Durability is the server's: a write is acknowledged once Redis has it in memory. Run Redis
+with `appendonly yes` and `appendfsync always` if the cache must survive a crash of Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from mxguard.adapters.store import (
+    CachedPolicy,
+    SessionResult,
+    StoreError,
+    check_domain,
+    check_policy,
+    format_time,
+    parse_time,
+    redact_url,
+)
+
+DEFAULT_PREFIX = "mxguard:"
+
+# Seconds to wait for the server on connect and on every command.
+TIMEOUT = 10.0
+
+_RESULTS_REFUSED = (
+    "the Redis store holds the MTA-STS policy cache only; keep TLS-RPT session results in "
+    "SQLite or PostgreSQL (--store sqlite:///PATH or --store postgresql://…)"
+)
+
+
+class RedisStore:
+    """The policy half of a Store on Redis; open it with `await RedisStore.open(url)`."""
+
+    def __init__(self, url: str, client: aioredis.Redis, prefix: str) -> None:
+        self.url = url
+        self.prefix = prefix
+        self._client = client
+
+    @classmethod
+    async def open(cls, url: str) -> RedisStore:
+        """Connect to the Redis server `url` names and check that it answers."""
+        server_url, prefix = _split_prefix(url)
+        try:
+            client = aioredis.Redis.from_url(
+                server_url,
+                decode_responses=True,
+                socket_timeout=TIMEOUT,
+                socket_connect_timeout=TIMEOUT,
+            )
+        except ValueError as exc:
+            raise StoreError(
+                f"store URL {redact_url(url)!r} is not a valid Redis URL ({exc}); use "
+                "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?prefix=KEYPREFIX]"
+            ) from exc
+        store = cls(url, client, prefix)
+        try:
+            await store._call(client.ping())
+        except BaseException:
+            await client.aclose()
+            raise
+        return store
+
+    # --- policy cache (RFC 8461 §5) ---
+
+    async def get_policy(self, domain: str) -> CachedPolicy | None:
+        check_domain(domain)
+        fields = await self._call(self._client.hgetall(self._key(domain)))
+        return _policy_from_hash(domain, fields)
+
+    async def put_policy(self, policy: CachedPolicy) -> None:
+        p = check_policy(policy)
+        key = self._key(p.domain)
+        # One MULTI/EXEC: readers see the old policy or the new one, never a mix.
+        pipe = self._client.pipeline(transaction=True)
+        pipe.delete(key)
+        pipe.hset(
+            key,
+            mapping={
+                "policy_id": p.policy_id,
+                "policy_text": p.policy_text,
+                "fetched_at": format_time(p.fetched_at),
+                "expires_at": format_time(p.expires_at),
+            },
+        )
+        pipe.pexpireat(key, p.expires_at)
+        await self._call(pipe.execute())
+
+    async def delete_policy(self, domain: str) -> None:
+        check_domain(domain)
+        await self._call(self._client.delete(self._key(domain)))
+
+    async def policies(self) -> list[CachedPolicy]:
+        head = self._key("")
+        pattern = _glob_escape(head) + "*"
+
+        async def collect() -> list[CachedPolicy]:
+            found: list[CachedPolicy] = []
+            async for key in self._client.scan_iter(match=pattern, count=500):
+                fields: dict[Any, Any] = await self._client.hgetall(key)
+                # A key that expired between SCAN and HGETALL comes back empty: skip it.
+                policy = _policy_from_hash(str(key)[len(head) :], fields)
+                if policy is not None:
+                    found.append(policy)
+            return sorted(found, key=lambda p: p.domain)
+
+        policies: list[CachedPolicy] = await self._call(collect())
+        return policies
+
+    # --- TLS-RPT session results: not here ---
+
+    async def add_results(self, results: Sequence[SessionResult]) -> None:
+        raise StoreError(_RESULTS_REFUSED)
+
+    async def results_between(
+        self, start: datetime, end: datetime, *, unreported_only: bool = True
+    ) -> list[SessionResult]:
+        raise StoreError(_RESULTS_REFUSED)
+
+    async def mark_reported(self, ids: Iterable[int], report_id: str) -> None:
+        raise StoreError(_RESULTS_REFUSED)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    # --- plumbing ---
+
+    def _key(self, domain: str) -> str:
+        return f"{self.prefix}sts-policy:{domain}"
+
+    async def _call(self, awaitable: Any) -> Any:
+        try:
+            async with asyncio.timeout(TIMEOUT * 2):
+                return await awaitable
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            reason = str(exc).strip() or type(exc).__name__
+            raise StoreError(f"Redis store {redact_url(self.url)}: {reason}") from exc
+
+
+def _split_prefix(url: str) -> tuple[str, str]:
+    """The URL without our `prefix` query parameter (redis-py would reject it), and the prefix."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = DEFAULT_PREFIX
+    kept = []
+    for name, value in query:
+        if name == "prefix":
+            prefix = value
+        else:
+            kept.append((name, value))
+    return urlunsplit(parts._replace(query=urlencode(kept))), prefix
+
+
+def _glob_escape(text: str) -> str:
+    # SCAN MATCH is a glob: a prefix like "a*b:" must match itself only.
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _policy_from_hash(domain: str, fields: dict[Any, Any]) -> CachedPolicy | None:
+    if not fields:
+        return None
+    try:
+        return CachedPolicy(
+            domain=domain,
+            policy_id=fields["policy_id"],
+            policy_text=fields["policy_text"],
+            fetched_at=parse_time(fields["fetched_at"]),
+            expires_at=parse_time(fields["expires_at"]),
+        )
+    except (KeyError, ValueError) as exc:
+        raise StoreError(
+            f"Redis hash for {domain} is not a cached policy written by mxguard ({exc!r}); "
+            "delete the key or choose another ?prefix="
+        ) from exc

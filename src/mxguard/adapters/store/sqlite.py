@@ -1,0 +1,370 @@
+"""The default store: one SQLite file (or `:memory:`), embedded, no server to run.
+
+Durability (what DESIGN.md "State" asks: durable before acknowledged): the database runs in
+WAL mode with `synchronous=FULL`, so a transaction is fsynced to the WAL before COMMIT
+returns; every write is one explicit transaction. Several mxguard processes may share the
+file: writers take the lock with `BEGIN IMMEDIATE` and wait up to BUSY_TIMEOUT for each other.
+
+sqlite3 blocks, so each store owns one worker thread that holds the connection and runs every
+statement; coroutines hand work to it and await the answer, keeping the event loop free.
+
+The schema carries a version (table `schema_version`); MIGRATIONS upgrade an older file in
+place, and a file from a newer mxguard is refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import TypeVar
+
+from mxguard.adapters.store import (
+    CachedPolicy,
+    SessionResult,
+    StoreError,
+    as_utc,
+    check_domain,
+    check_policy,
+    check_result,
+    format_time,
+    parse_time,
+)
+
+T = TypeVar("T")
+
+# Seconds a writer waits for another process's transaction before giving up.
+BUSY_TIMEOUT = 30.0
+
+# MIGRATIONS[n] takes a database from schema version n to n + 1 (version 0 = empty file).
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        # MTA-STS policy cache, RFC 8461 §5: one row per policy domain.
+        """CREATE TABLE sts_policies (
+            domain      TEXT PRIMARY KEY,
+            policy_id   TEXT NOT NULL,
+            policy_text TEXT NOT NULL,
+            fetched_at  TEXT NOT NULL,
+            expires_at  TEXT NOT NULL
+        )""",
+        # TLS-RPT raw material, RFC 8460 §4: one row per SMTP session. AUTOINCREMENT keeps
+        # ids unique forever, so a report-id never lands on a row that reused a pruned id.
+        # Tuples are JSON arrays.
+        """CREATE TABLE session_results (
+            id             INTEGER PRIMARY KEY AUTOINCREMENT,
+            at             TEXT NOT NULL,
+            policy_domain  TEXT NOT NULL,
+            policy_type    TEXT NOT NULL,
+            policy_strings TEXT NOT NULL,
+            mx_patterns    TEXT NOT NULL,
+            result_type    TEXT,
+            sending_ip     TEXT,
+            receiving_mx   TEXT,
+            receiving_ip   TEXT,
+            receiving_helo TEXT,
+            detail         TEXT,
+            rua            TEXT NOT NULL,
+            is_report      INTEGER NOT NULL,
+            reported       TEXT
+        )""",
+        "CREATE INDEX session_results_at ON session_results (at)",
+        "CREATE INDEX session_results_domain_at ON session_results (policy_domain, at)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_RESULT_COLUMNS = (
+    "at, policy_domain, policy_type, policy_strings, mx_patterns, result_type, sending_ip, "
+    "receiving_mx, receiving_ip, receiving_helo, detail, rua, is_report, reported"
+)
+
+
+class SQLiteStore:
+    """A Store on one SQLite database; open it with `await SQLiteStore.open(path)`."""
+
+    def __init__(self, path: str, executor: ThreadPoolExecutor) -> None:
+        self.path = path
+        self._executor = executor
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: str) -> SQLiteStore:
+        """Open (creating if needed) the database at `path` (or ":memory:") and migrate it."""
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mxguard-sqlite")
+        store = cls(path, executor)
+        try:
+            await store._run(store._connect)
+        except BaseException:
+            executor.shutdown(wait=True)
+            raise
+        return store
+
+    # --- policy cache (RFC 8461 §5) ---
+
+    async def get_policy(self, domain: str) -> CachedPolicy | None:
+        check_domain(domain)
+
+        def work(conn: sqlite3.Connection) -> CachedPolicy | None:
+            row = conn.execute(
+                "SELECT domain, policy_id, policy_text, fetched_at, expires_at "
+                "FROM sts_policies WHERE domain = ?",
+                (domain,),
+            ).fetchone()
+            return None if row is None else _policy_from_row(row)
+
+        return await self._with_conn(work)
+
+    async def put_policy(self, policy: CachedPolicy) -> None:
+        p = check_policy(policy)
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.execute(
+                    "INSERT INTO sts_policies "
+                    "(domain, policy_id, policy_text, fetched_at, expires_at) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (domain) DO UPDATE SET "
+                    "policy_id = excluded.policy_id, policy_text = excluded.policy_text, "
+                    "fetched_at = excluded.fetched_at, expires_at = excluded.expires_at",
+                    (
+                        p.domain,
+                        p.policy_id,
+                        p.policy_text,
+                        format_time(p.fetched_at),
+                        format_time(p.expires_at),
+                    ),
+                )
+
+        await self._with_conn(work)
+
+    async def delete_policy(self, domain: str) -> None:
+        check_domain(domain)
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.execute("DELETE FROM sts_policies WHERE domain = ?", (domain,))
+
+        await self._with_conn(work)
+
+    async def policies(self) -> list[CachedPolicy]:
+        def work(conn: sqlite3.Connection) -> list[CachedPolicy]:
+            rows = conn.execute(
+                "SELECT domain, policy_id, policy_text, fetched_at, expires_at "
+                "FROM sts_policies ORDER BY domain"
+            ).fetchall()
+            return [_policy_from_row(row) for row in rows]
+
+        return await self._with_conn(work)
+
+    # --- TLS-RPT session results (RFC 8460 §4) ---
+
+    async def add_results(self, results: Sequence[SessionResult]) -> None:
+        rows = [_result_to_row(check_result(r)) for r in results]
+        if not rows:
+            return
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.executemany(
+                    f"INSERT INTO session_results ({_RESULT_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+
+        await self._with_conn(work)
+
+    async def results_between(
+        self, start: datetime, end: datetime, *, unreported_only: bool = True
+    ) -> list[SessionResult]:
+        lo = format_time(as_utc(start, "start"))
+        hi = format_time(as_utc(end, "end"))
+        where = "at >= ? AND at < ?" + (" AND reported IS NULL" if unreported_only else "")
+
+        def work(conn: sqlite3.Connection) -> list[SessionResult]:
+            rows = conn.execute(
+                f"SELECT id, {_RESULT_COLUMNS} FROM session_results WHERE {where} ORDER BY at, id",
+                (lo, hi),
+            ).fetchall()
+            return [_result_from_row(row) for row in rows]
+
+        return await self._with_conn(work)
+
+    async def mark_reported(self, ids: Iterable[int], report_id: str) -> None:
+        params = [(report_id, int(i)) for i in ids]
+        if not report_id:
+            raise StoreError("report_id is empty; pass the report-id of the accepted report")
+        if not params:
+            return
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.executemany(
+                    "UPDATE session_results SET reported = ? WHERE id = ?",
+                    params,
+                )
+
+        await self._with_conn(work)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        def work() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        try:
+            await self._run(work)
+        finally:
+            self._executor.shutdown(wait=True)
+
+    # --- plumbing ---
+
+    def _connect(self) -> None:
+        # Runs in the worker thread, which then owns the connection. isolation_level=None:
+        # no implicit transactions; every write below opens its own explicitly.
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            _migrate(conn, self.path)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    async def _with_conn(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            if self._conn is None:
+                raise StoreError(f"SQLite store {self.path} is closed; open it again")
+            return work(self._conn)
+
+        return await self._run(call)
+
+    async def _run(self, work: Callable[[], T]) -> T:
+        if self._closed and self._conn is None:
+            raise StoreError(f"SQLite store {self.path} is closed; open it again")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, work)
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite store {self.path}: {exc}") from exc
+
+
+class _write:
+    """`with _write(conn):` one write transaction, holding the write lock from the start
+    (BEGIN IMMEDIATE) so that concurrent processes queue on the busy timeout instead of
+    failing on a lock upgrade halfway through."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        elif self.conn.in_transaction:
+            # Some errors (a full disk, say) already rolled back; a second ROLLBACK would fail
+            # and hide the first error.
+            self.conn.execute("ROLLBACK")
+
+
+def _migrate(conn: sqlite3.Connection, path: str) -> None:
+    with _write(conn):
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        version = 0 if row is None or row[0] is None else int(row[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"SQLite store {path} has schema version {version}, but this mxguard knows "
+                f"versions up to {SCHEMA_VERSION}; upgrade mxguard or use another --store"
+            )
+        for step in MIGRATIONS[version:]:
+            for statement in step:
+                conn.execute(statement)
+        if version < SCHEMA_VERSION:
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+
+
+def _policy_from_row(row: tuple[str, str, str, str, str]) -> CachedPolicy:
+    domain, policy_id, text, fetched_at, expires_at = row
+    return CachedPolicy(
+        domain=domain,
+        policy_id=policy_id,
+        policy_text=text,
+        fetched_at=parse_time(fetched_at),
+        expires_at=parse_time(expires_at),
+    )
+
+
+def _result_to_row(r: SessionResult) -> tuple[object, ...]:
+    return (
+        format_time(r.at),
+        r.policy_domain,
+        r.policy_type,
+        json.dumps(list(r.policy_strings)),
+        json.dumps(list(r.mx_patterns)),
+        r.result_type,
+        r.sending_ip,
+        r.receiving_mx,
+        r.receiving_ip,
+        r.receiving_helo,
+        r.detail,
+        json.dumps(list(r.rua)),
+        1 if r.is_report else 0,
+        r.reported,
+    )
+
+
+def _result_from_row(row: tuple[object, ...]) -> SessionResult:
+    (
+        id_,
+        at,
+        policy_domain,
+        policy_type,
+        policy_strings,
+        mx_patterns,
+        result_type,
+        sending_ip,
+        receiving_mx,
+        receiving_ip,
+        receiving_helo,
+        detail,
+        rua,
+        is_report,
+        reported,
+    ) = row
+    return SessionResult(
+        id=int(str(id_)),
+        at=parse_time(str(at)),
+        policy_domain=str(policy_domain),
+        policy_type=str(policy_type),
+        policy_strings=_json_tuple(policy_strings),
+        mx_patterns=_json_tuple(mx_patterns),
+        result_type=_opt(result_type),
+        sending_ip=_opt(sending_ip),
+        receiving_mx=_opt(receiving_mx),
+        receiving_ip=_opt(receiving_ip),
+        receiving_helo=_opt(receiving_helo),
+        detail=_opt(detail),
+        rua=_json_tuple(rua),
+        is_report=bool(is_report),
+        reported=_opt(reported),
+    )
+
+
+def _json_tuple(value: object) -> tuple[str, ...]:
+    return tuple(str(item) for item in json.loads(str(value)))
+
+
+def _opt(value: object) -> str | None:
+    return None if value is None else str(value)
