@@ -1,0 +1,532 @@
+"""MTA-STS DNS records, policy bodies and MX matching (RFC 8461 §3.1, §3.2, §4.1).
+
+A domain announces MTA-STS with a `_mta-sts.<domain>` TXT record (`v=STSv1; id=...`) and
+serves the policy itself over HTTPS. This module only parses, validates, serialises and matches;
+fetching lives in the HTTPS adapter, caching in the engine. Everything here is pure.
+
+Decisions where the RFC leaves room (see also /work/shared/RFC-NOTES.md):
+
+- `select_record` returns None when no TXT record begins with `v=STSv1;` (no policy announced)
+  and raises `StsRecordError` when several do or the single one is malformed: both mean "no
+  usable record" (§3.1), but the reason is kept for logs, lint output and TLS-RPT.
+- The record grammar is applied strictly (§3.1): `*WSP ";" *WSP` between fields, an optional
+  trailing `;`, no whitespace inside a field. Whitespace before `;` is accepted (erratum 6285);
+  whitespace at the very end is tolerated too, as it cannot change the meaning.
+- Policy bodies (§3.2): lines end in LF or CRLF (erratum 6253). Whitespace is allowed after the
+  `:` and at the end of a line, nowhere else. Blank lines are outside the grammar but carry no
+  meaning, so they are skipped with a warning rather than invalidating the policy.
+- A field other than `mx` given twice: the first one counts and a warning says so. Unknown
+  fields are ignored for enforcement but kept, in order, for the TLS-RPT `policy-string`.
+- `max_age` above 31557600 (erratum 7282) is capped, with a warning.
+- `mx` patterns follow `["*." ] Domain` (§3.2, RFC 5321 §4.1.2). `*.com` is grammatical (a
+  one-label Domain), so it is accepted; `lint_policy` warns about it. A trailing dot is outside
+  the grammar but unambiguous: it is removed with a warning. U-labels are converted to A-labels.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import idna
+
+# RFC 8461 §3.1 / RFC 8460 §3: field names are (ALPHA / DIGIT) *31(ALPHA / DIGIT / "_" / "-" / ".")
+_EXT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}")
+# RFC 8461 §3.1: sts-ext-value = 1*(%x21-3A / %x3C / %x3E-7E), i.e. no "=", ";", SP or CTLs.
+_RECORD_EXT_VALUE = re.compile(r"[\x21-\x3a\x3c\x3e-\x7e]+")
+# RFC 8461 §3.1: sts-id = %s"id=" 1*32(ALPHA / DIGIT). ASCII only: `\w` would admit Unicode.
+_STS_ID = re.compile(r"[A-Za-z0-9]{1,32}")
+# RFC 8461 §3.2: sts-policy-max-age-value = 1*10(DIGIT). ASCII digits only (`\d` is Unicode).
+_MAX_AGE = re.compile(r"[0-9]{1,10}")
+# RFC 5321 §4.1.2 sub-domain (LDH label), at most 63 octets (RFC 1035 §2.3.4).
+_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?")
+_WSP = " \t"
+
+STS_VERSION = "STSv1"
+MAX_AGE_LIMIT = 31557600  # RFC 8461 §3.2 as corrected by erratum 7282: one year.
+
+
+class StsRecordError(ValueError):
+    """The `_mta-sts` TXT record violates RFC 8461 §3.1; `.reason` says which rule."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PolicyError(ValueError):
+    """The policy body violates RFC 8461 §3.2; `.reason` is the first problem, `.errors` all."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = tuple(errors)
+        self.reason = self.errors[0] if self.errors else "invalid policy"
+        super().__init__("; ".join(self.errors) or self.reason)
+
+
+class Mode(enum.StrEnum):
+    """RFC 8461 §3.2 policy modes (case-sensitive on the wire)."""
+
+    ENFORCE = "enforce"
+    TESTING = "testing"
+    NONE = "none"
+
+
+# --------------------------------------------------------------------------- host names
+
+
+def normalise_host(name: str) -> str:
+    """`name` as lower-case A-labels without a trailing dot; ValueError says what is wrong.
+
+    Accepts a host name in A-labels or U-labels (RFC 5890). This is the form in which MTA-STS
+    compares names (RFC 8461 §4.1) and which the policy list and local rules reuse.
+    """
+    if name.endswith("."):
+        name = name[:-1]
+    if not name:
+        raise ValueError("empty host name")
+    if not name.isascii():
+        try:
+            name = idna.encode(name, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError) as exc:
+            raise ValueError(f"{name!r} is not a valid internationalised name: {exc}") from None
+    name = name.lower()
+    if len(name) > 253:
+        raise ValueError(f"host name is {len(name)} characters long; the limit is 253")
+    for label in name.split("."):
+        if not label:
+            raise ValueError(f"{name!r} has an empty label")
+        if not _LDH_LABEL.fullmatch(label):
+            raise ValueError(
+                f"label {label!r} of {name!r} is not a host name label (letters, digits and "
+                "inner hyphens, at most 63)"
+            )
+    return name
+
+
+def normalise_pattern(pattern: str) -> str:
+    """An MTA-STS `mx` pattern (`host` or `*.host`) normalised like `normalise_host`.
+
+    RFC 8461 §3.2: sts-policy-mx-value = ["*."] Domain, so `*` may only be the whole left-most
+    label, and at most once.
+    """
+    if pattern.startswith("*."):
+        rest = pattern[2:]
+        if "*" in rest:
+            raise ValueError(f"{pattern!r}: '*' may appear only once, as the left-most label")
+        try:
+            return "*." + normalise_host(rest)
+        except ValueError as exc:
+            raise ValueError(f"{pattern!r}: {exc}") from None
+    if "*" in pattern:
+        raise ValueError(
+            f"{pattern!r}: '*' must be the whole left-most label followed by '.', "
+            "e.g. '*.example.com'"
+        )
+    try:
+        return normalise_host(pattern)
+    except ValueError as exc:
+        raise ValueError(f"{pattern!r}: {exc}") from None
+
+
+def matches(pattern: str, host: str) -> bool:
+    """Whether MX host `host` matches `mx` pattern `pattern` (RFC 8461 §4.1).
+
+    Case-insensitive, IDNA-aware, a trailing dot on either side is ignored, and the comparison
+    is anchored: `*.example.com` matches exactly one extra left-most label. Invalid input
+    matches nothing.
+    """
+    try:
+        pat = normalise_pattern(pattern)
+        name = normalise_host(host)
+    except ValueError:
+        return False
+    if pat.startswith("*."):
+        # RFC 8461 §4.1: the wildcard stands for exactly one label, never zero or several.
+        first, _, rest = name.partition(".")
+        return bool(first) and rest == pat[2:]
+    return name == pat
+
+
+# --------------------------------------------------------------------------- tagged records
+
+
+def split_fields(
+    text: str,
+    version: str,
+    error: Callable[[str], ValueError],
+    own_syntax: Collection[str] = (),
+) -> list[tuple[str, str]]:
+    """Split a `v=<version>; name=value; ...` TXT record into its fields after the version.
+
+    The grammar shared by RFC 8461 §3.1 and RFC 8460 §3: the version first, then one or more
+    fields separated by `*WSP ";" *WSP`, then an optional `;`. Field names and values are
+    checked for the generic extension syntax, except the values of fields named in
+    `own_syntax` (e.g. TLS-RPT `rua`, whose URIs may contain "="): the caller checks those.
+    """
+    prefix = "v=" + version
+    if not text.startswith(prefix):
+        raise error(f"the record must begin with {prefix!r}")
+    rest = text[len(prefix) :]
+    if not rest.lstrip(_WSP).startswith(";"):
+        raise error(f"{prefix!r} must be followed by ';' and at least one field")
+    parts = rest.split(";")
+    # parts[0] is what sits between the version and the first ";": whitespace only.
+    body = parts[1:]
+    if body and body[-1].strip(_WSP) == "":
+        body = body[:-1]  # the optional trailing delimiter
+    if not body:
+        raise error(f"no fields after {prefix!r}")
+    fields: list[tuple[str, str]] = []
+    for raw in body:
+        item = raw.strip(_WSP)
+        if not item:
+            raise error("empty field between two ';'")
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise error(f"field {item!r} is not name=value")
+        if not _EXT_NAME.fullmatch(name):
+            raise error(
+                f"field name {name!r} is invalid (a letter or digit, then up to 31 letters, "
+                "digits, '_', '-' or '.')"
+            )
+        if name in own_syntax:
+            if not value:
+                raise error(f"{name!r} has an empty value")
+        elif not _RECORD_EXT_VALUE.fullmatch(value):
+            raise error(
+                f"value of {name!r} is {value!r}: values must be non-empty printable ASCII "
+                "without spaces, '=' or ';'"
+            )
+        fields.append((name, value))
+    return fields
+
+
+def _begins_with(text: str, version: str) -> bool:
+    # RFC 8461 §3.1 keeps records beginning with "v=STSv1;"; erratum 6285 allows WSP before ";".
+    return re.match(re.escape("v=" + version) + r"[ \t]*;", text) is not None
+
+
+# --------------------------------------------------------------------------- TXT record
+
+
+@dataclass(frozen=True, slots=True)
+class StsRecord:
+    """A parsed `_mta-sts` TXT record: the policy `id` and any extension fields, in order."""
+
+    id: str
+    extensions: tuple[tuple[str, str], ...] = ()
+
+    def to_text(self) -> str:
+        fields = [f"id={self.id}", *(f"{k}={v}" for k, v in self.extensions)]
+        return "; ".join([f"v={STS_VERSION}", *fields])
+
+
+def parse_record(text: str) -> StsRecord:
+    """Parse one `_mta-sts` TXT record (its strings already joined without separators)."""
+    fields = split_fields(text, STS_VERSION, StsRecordError)
+    ids = [value for name, value in fields if name == "id"]
+    if not ids:
+        hint = ""
+        if any(name.lower() == "id" for name, _ in fields):
+            hint = " (field names are case-sensitive: write 'id=')"
+        raise StsRecordError("the record has no id field; RFC 8461 §3.1 requires one" + hint)
+    if len(ids) > 1:
+        # Ambiguous: the id decides whether a cached policy is refetched (§3.1, §5.1).
+        raise StsRecordError(f"the record has {len(ids)} id fields; exactly one is allowed")
+    if not _STS_ID.fullmatch(ids[0]):
+        raise StsRecordError(f"id {ids[0]!r} must be 1 to 32 letters and digits (RFC 8461 §3.1)")
+    extensions = tuple((n, v) for n, v in fields if n != "id")
+    return StsRecord(id=ids[0], extensions=extensions)
+
+
+def select_record(txt_strings: Sequence[str]) -> StsRecord | None:
+    """Choose the MTA-STS record among all TXT records at `_mta-sts.<domain>` (RFC 8461 §3.1).
+
+    Each element is one TXT record, its character-strings joined with nothing between them.
+    Records not beginning with `v=STSv1;` are dropped. None: no candidate (no policy
+    announced). StsRecordError: several candidates, or the only one is malformed.
+    """
+    candidates = [t for t in txt_strings if _begins_with(t, STS_VERSION)]
+    if not candidates:
+        return None
+    if len(candidates) > 1:
+        raise StsRecordError(
+            f"{len(candidates)} TXT records begin with 'v={STS_VERSION};'; "
+            "RFC 8461 §3.1 requires exactly one"
+        )
+    return parse_record(candidates[0])
+
+
+def lint_record(text: str) -> tuple[dict[str, Any], list[str], list[str]]:
+    """(fields, errors, warnings) for one `_mta-sts` TXT record, for the command line."""
+    warnings: list[str] = []
+    if text.startswith('"'):
+        return (
+            {},
+            [
+                "the record starts with a quote: pass the TXT content, not its presentation "
+                "format (join the strings with nothing between them)"
+            ],
+            warnings,
+        )
+    try:
+        record = parse_record(text)
+    except StsRecordError as exc:
+        return {}, [exc.reason], warnings
+    for name, _ in record.extensions:
+        warnings.append(f"extension field {name!r} is not defined by RFC 8461 and is ignored")
+    fields: dict[str, Any] = {"id": record.id, "extensions": dict(record.extensions)}
+    return fields, [], warnings
+
+
+# --------------------------------------------------------------------------- policy body
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A validated MTA-STS policy (RFC 8461 §3.2).
+
+    `mx` holds normalised patterns (lower-case A-labels, no trailing dot). `lines` are the
+    non-blank lines as received, for TLS-RPT; `lines` and `warnings` do not take part in
+    equality, so a policy equals its canonical re-serialisation.
+    """
+
+    version: str
+    mode: Mode
+    max_age: int
+    mx: tuple[str, ...]
+    extensions: tuple[tuple[str, str], ...] = ()
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    lines: tuple[str, ...] = field(default=(), compare=False)
+
+    def to_text(self) -> str:
+        """Canonical serialisation: version, mode, mx lines, max_age, extensions; CRLF lines."""
+        out = [f"version: {self.version}", f"mode: {self.mode.value}"]
+        out += [f"mx: {pattern}" for pattern in self.mx]
+        out.append(f"max_age: {self.max_age}")
+        out += [f"{key}: {value}" for key, value in self.extensions]
+        return "".join(line + "\r\n" for line in out)
+
+    def policy_strings(self) -> list[str]:
+        """The policy lines as TLS-RPT `policy-string` wants them (RFC 8460 §4.4): as received.
+
+        A policy built in code rather than parsed has no received lines; its canonical lines
+        are used then.
+        """
+        if self.lines:
+            return list(self.lines)
+        return self.to_text().split("\r\n")[:-1]
+
+    def matching_pattern(self, host: str) -> str | None:
+        """The first `mx` pattern that `host` matches, or None."""
+        for pattern in self.mx:
+            if matches(pattern, host):
+                return pattern
+        return None
+
+    def allows(self, host: str) -> bool:
+        """Whether `host` may be used as MX under this policy (RFC 8461 §4.1).
+
+        Mode is not considered here: a `none` policy has usually no patterns and allows nothing;
+        what to do with that is the engine's decision.
+        """
+        return self.matching_pattern(host) is not None
+
+
+_KNOWN_POLICY_KEYS = ("version", "mode", "max_age", "mx")
+_CTL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(slots=True)
+class _Scan:
+    """What a pass over a policy body found; partial when there are errors."""
+
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    first: dict[str, tuple[int, str]] = field(default_factory=dict)
+    mx: list[tuple[int, str]] = field(default_factory=list)
+    extensions: list[tuple[str, str]] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+
+def _split_lines(text: str) -> list[str]:
+    # RFC 8461 §3.2 with erratum 6253: sts-policy-term = LF / CRLF. Never str.splitlines(),
+    # which also splits on VT, FF, NEL, U+2028 and friends that are not line ends here.
+    lines = text.split("\n")
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def _scan_policy(text: str) -> _Scan:
+    scan = _Scan()
+    if not text.strip(" \t\r\n"):
+        scan.errors.append("the policy is empty")
+        return scan
+    lines = _split_lines(text)
+    if lines and lines[-1] == "":
+        lines.pop()  # the optional final line terminator
+    for number, line in enumerate(lines, start=1):
+        where = f"line {number}"
+        if line.strip(_WSP) == "":
+            scan.warnings.append(f"{where} is blank; RFC 8461 §3.2 has no blank lines (ignored)")
+            continue
+        scan.lines.append(line)
+        if line[0] in _WSP:
+            scan.errors.append(f"{where} starts with whitespace; write 'key: value'")
+            continue
+        key, colon, value = line.partition(":")
+        if not colon:
+            scan.errors.append(f"{where} ({line!r}) is not 'key: value'")
+            continue
+        if key != key.rstrip(_WSP):
+            # §3.2: sts-policy-field-delim = ":" *WSP, so nothing may sit between key and ":".
+            scan.errors.append(f"{where}: no whitespace is allowed before ':' ({line!r})")
+            continue
+        if not _EXT_NAME.fullmatch(key):
+            scan.errors.append(
+                f"{where}: {key!r} is not a field name (a letter or digit, then up to 31 "
+                "letters, digits, '_', '-' or '.')"
+            )
+            continue
+        value = value.strip(_WSP)  # §3.2: *WSP after ":" and before the line end
+        if not value:
+            scan.errors.append(f"{where}: {key!r} has no value")
+            continue
+        if _CTL.search(value):
+            scan.errors.append(f"{where}: the value of {key!r} contains control characters")
+            continue
+        if key == "mx":
+            scan.mx.append((number, value))
+        elif key in _KNOWN_POLICY_KEYS:
+            if key in scan.first:
+                # mxguard rule (RFC-NOTES): for fields other than mx the first occurrence counts.
+                scan.warnings.append(
+                    f"{where}: {key!r} repeated; the first value (line {scan.first[key][0]}) counts"
+                )
+            else:
+                scan.first[key] = (number, value)
+        else:
+            if key.lower() in _KNOWN_POLICY_KEYS:
+                scan.warnings.append(
+                    f"{where}: {key!r} is treated as an unknown field: field names are "
+                    f"case-sensitive (did you mean {key.lower()!r}?)"
+                )
+            # §3.2: unknown fields are ignored; kept for the TLS-RPT policy-string.
+            scan.extensions.append((key, value))
+    return scan
+
+
+def _build_policy(scan: _Scan) -> tuple[Policy | None, dict[str, Any]]:
+    """Validate the scanned fields; append to scan.errors/warnings; return the policy if valid."""
+    errors, warnings = scan.errors, scan.warnings
+    fields: dict[str, Any] = {}
+
+    version = scan.first.get("version")
+    if version is None:
+        errors.append("'version' is missing; RFC 8461 §3.2 requires 'version: STSv1'")
+    elif version[1] != STS_VERSION:
+        errors.append(f"line {version[0]}: version is {version[1]!r}; it must be exactly 'STSv1'")
+    else:
+        fields["version"] = version[1]
+
+    mode: Mode | None = None
+    raw_mode = scan.first.get("mode")
+    if raw_mode is None:
+        errors.append("'mode' is missing; RFC 8461 §3.2 requires enforce, testing or none")
+    else:
+        try:
+            mode = Mode(raw_mode[1])  # exact, case-sensitive (§3.2 uses %s strings)
+            fields["mode"] = mode.value
+        except ValueError:
+            errors.append(
+                f"line {raw_mode[0]}: mode is {raw_mode[1]!r}; it must be exactly 'enforce', "
+                "'testing' or 'none'"
+            )
+
+    max_age: int | None = None
+    raw_age = scan.first.get("max_age")
+    if raw_age is None:
+        errors.append("'max_age' is missing; RFC 8461 §3.2 requires it (seconds)")
+    elif not _MAX_AGE.fullmatch(raw_age[1]):
+        errors.append(
+            f"line {raw_age[0]}: max_age is {raw_age[1]!r}; it must be 1 to 10 digits "
+            "(no sign, decimals or separators)"
+        )
+    else:
+        max_age = int(raw_age[1])
+        if max_age > MAX_AGE_LIMIT:
+            warnings.append(
+                f"max_age {max_age} exceeds the maximum {MAX_AGE_LIMIT} (RFC 8461 §3.2, "
+                f"erratum 7282); using {MAX_AGE_LIMIT}"
+            )
+            max_age = MAX_AGE_LIMIT
+        fields["max_age"] = max_age
+
+    patterns: list[str] = []
+    for number, raw in scan.mx:
+        value = raw
+        if value.endswith(".") and not value.endswith(("..", "*.")):
+            warnings.append(f"line {number}: trailing dot removed from mx {raw!r}")
+            value = value[:-1]
+        try:
+            pattern = normalise_pattern(value)
+        except ValueError as exc:
+            errors.append(f"line {number}: invalid mx pattern: {exc}")
+            continue
+        if pattern in patterns:
+            warnings.append(f"line {number}: mx {raw!r} repeats an earlier pattern")
+            continue
+        patterns.append(pattern)
+    fields["mx"] = patterns
+    if not scan.mx and mode is not None and mode is not Mode.NONE:
+        # §3.2: mx is required at least once unless mode is "none".
+        errors.append(f"mode {mode.value!r} requires at least one 'mx' line")
+    fields["extensions"] = dict(scan.extensions)
+
+    if errors or mode is None or max_age is None:
+        return None, fields
+    policy = Policy(
+        version=STS_VERSION,
+        mode=mode,
+        max_age=max_age,
+        mx=tuple(patterns),
+        extensions=tuple(scan.extensions),
+        warnings=tuple(warnings),
+        lines=tuple(scan.lines),
+    )
+    return policy, fields
+
+
+def parse_policy(text: str) -> Policy:
+    """Parse and validate a policy body (RFC 8461 §3.2); PolicyError lists every problem."""
+    scan = _scan_policy(text)
+    policy, _ = _build_policy(scan)
+    if policy is None:
+        raise PolicyError(scan.errors)
+    return policy
+
+
+def lint_policy(text: str) -> tuple[dict[str, Any], list[str], list[str]]:
+    """(fields, errors, warnings) for a policy body, for the command line.
+
+    Adds advice that does not make a policy invalid (very short max_age, `*.tld` patterns).
+    """
+    scan = _scan_policy(text)
+    policy, fields = _build_policy(scan)
+    warnings = list(scan.warnings)
+    if policy is not None:
+        if policy.max_age < 86400:
+            # §3.2: max_age is expected to be weeks or more to resist attacks at refresh time.
+            warnings.append(
+                f"max_age {policy.max_age} is under one day; RFC 8461 §3.2 expects weeks"
+            )
+        for pattern in policy.mx:
+            if pattern.startswith("*.") and "." not in pattern[2:]:
+                warnings.append(
+                    f"mx {pattern!r} matches every host directly under a top-level domain"
+                )
+        if policy.mode is Mode.NONE and policy.mx:
+            warnings.append("mode 'none' withdraws the policy; its mx lines have no effect")
+    return fields, list(scan.errors), warnings

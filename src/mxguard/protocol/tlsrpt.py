@@ -1,0 +1,174 @@
+"""TLS-RPT DNS records: where a domain wants its TLS reports sent (RFC 8460 §3).
+
+A domain publishes `_smtp._tls.<domain>` TXT `v=TLSRPTv1; rua=<uri>[,<uri>...]`. This module
+parses and validates that record; building and sending the reports (§4, §5) lives elsewhere.
+
+The record grammar is the one of MTA-STS records (RFC 8461 §3.1, shared via
+`mtasts.split_fields`): the version first, fields separated by `*WSP ";" *WSP`, an optional
+trailing `;`. Decisions:
+
+- `select_record` returns None when no TXT record begins with `v=TLSRPTv1;` and raises
+  `TlsRptRecordError` when several do or the single one is malformed (§3: both mean the domain
+  does not implement TLS-RPT, but the reason is worth showing).
+- The grammar allows `rua` more than once (`1*(field-delim tlsrpt-field)`); mxguard then uses
+  every URI, in order, and `lint_record` warns.
+- Each URI is checked: `mailto:` needs an address with a local part, `@` and a domain;
+  `https:` needs a host. Other schemes are errors (§3: only these two are defined). Commas and
+  `!` inside a URI must be percent-encoded (§3), which the comma split enforces naturally.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from mxguard.protocol.mtasts import normalise_host, split_fields
+
+TLSRPT_VERSION = "TLSRPTv1"
+# RFC 3986 §2: the characters a URI may contain, minus "," and "!" (RFC 8460 §3 requires them
+# percent-encoded) and ";" (the record's field separator).
+_URI_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@$&'()*+=%]+")
+
+
+class TlsRptRecordError(ValueError):
+    """The `_smtp._tls` TXT record violates RFC 8460 §3; `.reason` says which rule."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class TlsRptRecord:
+    """A parsed TLS-RPT record: report URIs in order, and extension fields in order."""
+
+    rua: tuple[str, ...]
+    extensions: tuple[tuple[str, str], ...] = ()
+
+    def to_text(self) -> str:
+        fields = [f"rua={','.join(self.rua)}", *(f"{k}={v}" for k, v in self.extensions)]
+        return "; ".join([f"v={TLSRPT_VERSION}", *fields])
+
+
+def check_uri(uri: str) -> str:
+    """Validate one `rua` URI (RFC 8460 §3); return it unchanged or raise TlsRptRecordError."""
+    if not _URI_CHARS.fullmatch(uri):
+        raise TlsRptRecordError(
+            f"rua URI {uri!r} contains characters a URI may not (commas and '!' must be "
+            "percent-encoded)"
+        )
+    scheme, colon, rest = uri.partition(":")
+    if not colon or not scheme:
+        raise TlsRptRecordError(f"rua URI {uri!r} has no scheme; use mailto: or https:")
+    scheme = scheme.lower()  # RFC 3986 §3.1: schemes are case-insensitive
+    if scheme == "mailto":
+        address = unquote(rest.partition("?")[0])
+        local, at, domain = address.rpartition("@")
+        if not at or not local or not domain:
+            raise TlsRptRecordError(
+                f"rua URI {uri!r}: a mailto: URI needs an address like mailto:tlsrpt@example.com"
+            )
+        if not (domain.startswith("[") and domain.endswith("]")):
+            try:
+                normalise_host(domain)
+            except ValueError as exc:
+                raise TlsRptRecordError(f"rua URI {uri!r}: bad mail domain: {exc}") from None
+        return uri
+    if scheme == "https":
+        try:
+            parts = urlsplit(uri)
+            parts.port  # noqa: B018 - raises ValueError for a malformed port
+        except ValueError as exc:
+            raise TlsRptRecordError(f"rua URI {uri!r} is malformed: {exc}") from None
+        if not rest.startswith("//") or not parts.hostname:
+            raise TlsRptRecordError(
+                f"rua URI {uri!r}: an https: URI needs a host, like https://example.com/tlsrpt"
+            )
+        return uri
+    raise TlsRptRecordError(
+        f"rua URI {uri!r} uses scheme {scheme!r}; RFC 8460 §3 defines only mailto: and https:"
+    )
+
+
+def _split_rua(value: str) -> list[str]:
+    # RFC 8460 §3: tlsrpt-rua = %s"rua=" tlsrpt-uri *(*WSP "," *WSP tlsrpt-uri). Field values
+    # reach us without spaces (split_fields), so only the commas are left to split on.
+    uris = value.split(",")
+    if any(not u for u in uris):
+        raise TlsRptRecordError(f"rua {value!r} has an empty entry between commas")
+    return [check_uri(u) for u in uris]
+
+
+def _rejoin_rua_whitespace(text: str) -> str:
+    # The generic field syntax forbids spaces in values, but rua allows *WSP around its commas.
+    # Remove exactly that whitespace, inside rua fields only, before the generic split.
+    parts = text.split(";")
+    for i, part in enumerate(parts):
+        if part.lstrip(" \t").startswith("rua="):
+            parts[i] = re.sub(r"[ \t]*,[ \t]*", ",", part)
+    return ";".join(parts)
+
+
+def parse_record(text: str) -> TlsRptRecord:
+    """Parse one `_smtp._tls` TXT record (its strings already joined without separators)."""
+    fields = split_fields(
+        _rejoin_rua_whitespace(text), TLSRPT_VERSION, TlsRptRecordError, own_syntax=("rua",)
+    )
+    rua: list[str] = []
+    seen_rua = False
+    for name, value in fields:
+        if name == "rua":  # %s"rua=": case-sensitive
+            seen_rua = True
+            rua.extend(_split_rua(value))
+    if not seen_rua:
+        hint = ""
+        if any(name.lower() == "rua" for name, _ in fields):
+            hint = " (field names are case-sensitive: write 'rua=')"
+        raise TlsRptRecordError("the record has no rua field; RFC 8460 §3 requires one" + hint)
+    extensions = tuple((n, v) for n, v in fields if n != "rua")
+    return TlsRptRecord(rua=tuple(rua), extensions=extensions)
+
+
+def select_record(txt_strings: Sequence[str]) -> TlsRptRecord | None:
+    """Choose the TLS-RPT record among the TXT records at `_smtp._tls.<domain>` (RFC 8460 §3).
+
+    Records not beginning with `v=TLSRPTv1;` are dropped. None: no candidate. TlsRptRecordError:
+    several candidates, or the only one is malformed.
+    """
+    candidates = [t for t in txt_strings if re.match(r"v=TLSRPTv1[ \t]*;", t)]
+    if not candidates:
+        return None
+    if len(candidates) > 1:
+        raise TlsRptRecordError(
+            f"{len(candidates)} TXT records begin with 'v={TLSRPT_VERSION};'; "
+            "RFC 8460 §3 requires exactly one"
+        )
+    return parse_record(candidates[0])
+
+
+def lint_record(text: str) -> tuple[dict[str, Any], list[str], list[str]]:
+    """(fields, errors, warnings) for one `_smtp._tls` TXT record, for the command line."""
+    warnings: list[str] = []
+    if text.startswith('"'):
+        return (
+            {},
+            [
+                "the record starts with a quote: pass the TXT content, not its presentation "
+                "format (join the strings with nothing between them)"
+            ],
+            warnings,
+        )
+    try:
+        record = parse_record(text)
+    except TlsRptRecordError as exc:
+        return {}, [exc.reason], warnings
+    rua_fields = sum(1 for part in text.split(";") if part.strip(" \t").startswith("rua="))
+    if rua_fields > 1:
+        warnings.append(f"rua appears {rua_fields} times; all {len(record.rua)} URIs are used")
+    for name, _ in record.extensions:
+        warnings.append(f"extension field {name!r} is not defined by RFC 8460 and is ignored")
+    fields: dict[str, Any] = {"rua": list(record.rua), "extensions": dict(record.extensions)}
+    return fields, [], warnings
