@@ -1,1 +1,58 @@
-"""Shared pytest fixtures."""
+"""Shared fixtures: one lab per test session, reset after each test that uses it.
+
+``lab`` yields the running standard-scenario lab. Whatever a test changes (attack modes, DNS
+attacks, a domain's MTA-STS publication, the whole scenario) is put back afterwards, and what
+the peers recorded is forgotten, so tests do not see each other's traffic.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from mxguard.lab.lab import Lab
+from mxguard.lab.scenario import Scenario, named
+
+# Not the default of `mxguard lab up`, so both can run at once; several test runs at the same
+# time (developers working in parallel) each set their own.
+LAB_NET = os.environ.get("MXGUARD_TEST_LAB_NET", "127.99")
+
+
+@pytest.fixture(scope="session")
+def standard_scenario() -> Scenario:
+    return named("standard")
+
+
+@pytest.fixture(scope="session")
+def session_lab(standard_scenario: Scenario) -> Iterator[Lab]:
+    if shutil.which("unbound") is None and not any(shutil.which(p) for p in ("/usr/sbin/unbound",)):
+        pytest.skip("the lab needs Unbound: apt-get install unbound (scripts/test does it)")
+    with Lab(standard_scenario, net=LAB_NET) as lab:
+        yield lab
+
+
+@pytest.fixture
+def lab(session_lab: Lab, standard_scenario: Scenario) -> Iterator[Lab]:
+    yield session_lab
+    restore(session_lab, standard_scenario)
+
+
+def restore(lab: Lab, original: Scenario) -> None:
+    current = lab.scenario
+    changed = [d for d in original.domains if d not in current.domains]
+    same_shape = len(current.domains) == len(original.domains) and all(
+        {h for h in d.hosts} == {h for h in current.domain(d.name).hosts}
+        for d in original.domains
+        if d.name in {c.name for c in current.domains}
+    )
+    if not same_shape:
+        lab.apply(original)
+    else:
+        for d in changed:
+            lab.update_domain(d)
+    for host in original.hosts():
+        lab.set_attack(host.name, host.attack)
+    lab.clear_records()

@@ -131,6 +131,9 @@ class Domain:
     extra: tuple[str, ...] = ()  # further records, zone-file syntax, names relative to the zone
     dns_attack: DnsAttack = DnsAttack.NONE
     demonstrates: str = ""  # one line for `mxguard lab up`: what this domain shows
+    # Client-side protections the lab writes into the config it gives clients:
+    listed: str | None = None  # mode of an entry in the lab's static policy list
+    local_rule: str | None = None  # floor of a local rule ("tls", "verified", "dane")
 
     def mx_hosts(self) -> list[tuple[int, str]]:
         out = []
@@ -269,6 +272,8 @@ def _domain(t: Mapping[str, Any], where: str) -> Domain:
         "tlsrpt",
         "extra",
         "dns_attack",
+        "listed",
+        "local_rule",
     }
     _check_keys(t, keys, where)
     if "name" not in t:
@@ -289,7 +294,17 @@ def _domain(t: Mapping[str, Any], where: str) -> Domain:
         tlsrpt=_strings(t.get("tlsrpt", []), f"{where}.tlsrpt"),
         extra=_strings(t.get("extra", []), f"{where}.extra"),
         dns_attack=_enum(DnsAttack, t.get("dns_attack", "none"), f"{where}.dns_attack"),
+        listed=_choice(t.get("listed"), ("enforce", "testing"), f"{where}.listed"),
+        local_rule=_choice(t.get("local_rule"), ("tls", "verified", "dane"), f"{where}.local_rule"),
     )
+
+
+def _choice(value: Any, allowed: tuple[str, ...], where: str) -> str | None:
+    if value is None:
+        return None
+    if value not in allowed:
+        raise ScenarioError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+    return str(value)
 
 
 def from_toml(text: str, *, source: str = "<scenario>") -> Scenario:
@@ -313,6 +328,27 @@ def from_toml(text: str, *, source: str = "<scenario>") -> Scenario:
             raise
         raise ScenarioError(f"{source}: {exc}") from None
     return scenario.validate()
+
+
+SCENARIO_DIR = Path(__file__).parent / "scenarios"
+
+
+def builtin_names() -> list[str]:
+    """The names of the scenarios that ship with mxguard."""
+    return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+
+
+def named(name_or_path: str) -> Scenario:
+    """A built-in scenario by name, or a scenario TOML file by path."""
+    if name_or_path in builtin_names():
+        return load(SCENARIO_DIR / f"{name_or_path}.toml")
+    path = Path(name_or_path)
+    if path.suffix != ".toml" and not path.exists():
+        raise ScenarioError(
+            f"no built-in scenario {name_or_path!r} (there are: {', '.join(builtin_names())}) "
+            "and no such file"
+        )
+    return load(path)
 
 
 def load(path: Path) -> Scenario:
