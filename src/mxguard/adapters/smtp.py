@@ -375,6 +375,14 @@ class SmtpClient:
         return self._peer
 
     @property
+    def local_address(self) -> str | None:
+        """Our own address on this connection (the TLS-RPT ``sending-mta-ip``)."""
+        if self._stream is None or self._stream.transport is None:
+            return None
+        sockname = self._stream.transport.get_extra_info("sockname")
+        return str(sockname[0]) if sockname else None
+
+    @property
     def banner(self) -> Reply | None:
         return self._banner
 

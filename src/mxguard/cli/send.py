@@ -1,0 +1,87 @@
+"""`mxguard send`: deliver one message to the recipients' MX hosts under policy."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import click
+
+from mxguard.adapters.store import StoreError
+from mxguard.cli.output import emit_json
+from mxguard.config import ConfigError
+from mxguard.engine.context import engine
+from mxguard.engine.deliver import DeliveryResult, DomainResult, message_with_headers
+
+
+@click.command("send")
+@click.option("--from", "mail_from", required=True, metavar="ADDRESS", help="Envelope sender.")
+@click.option("--to", "recipients", required=True, multiple=True, metavar="ADDRESS",
+              help="Recipient (repeatable).")  # fmt: skip
+@click.option("--data", metavar="FILE|-",
+              help="The message (RFC 5322, headers included); '-' reads standard input. "
+                   "Without it a short test message is sent.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, default=None, help="Machine-readable output.")
+@click.pass_context
+def send(
+    ctx: click.Context,
+    mail_from: str,
+    recipients: tuple[str, ...],
+    data: str | None,
+    as_json: bool | None,
+) -> None:
+    """Deliver one message to the recipients' MX hosts under their delivery policy.
+
+    Exit status: 0 delivered, 75 deferred (try again later), 69 permanent failure.
+    """
+    from mxguard.cli import settings
+
+    s = settings(ctx)
+    if data is None:
+        message = message_with_headers(
+            mail_from, recipients, "A test message sent by mxguard under the recipient's policy."
+        )
+    elif data == "-":
+        message = sys.stdin.buffer.read()
+    else:
+        try:
+            message = Path(data).read_bytes()
+        except OSError as exc:
+            raise click.BadParameter(f"{data}: {exc.strerror}", param_hint="--data") from None
+
+    async def run() -> DeliveryResult:
+        async with engine(s) as e:
+            return await e.sender().deliver(mail_from, recipients, message)
+
+    try:
+        result = asyncio.run(run())
+    except (ConfigError, StoreError) as exc:
+        raise click.UsageError(str(exc)) from None
+    if as_json or s.json:
+        emit_json(result.to_json())
+    else:
+        for d in result.domains:
+            render(d)
+    ctx.exit(result.exit_code)
+
+
+def render(d: DomainResult) -> None:
+    colour = {"delivered": "green", "deferred": "yellow", "failed": "red"}[d.status.value]
+    policy = f"{d.policy.source.value}/{d.policy.mode.value}" if d.policy else "—"
+    click.echo(
+        click.style(d.domain, bold=True)
+        + f" (policy {policy}): "
+        + click.style(d.status.value.upper(), fg=colour)
+        + (f" — {d.detail}" if d.detail else "")
+    )
+    for a in d.attempts:
+        tls = f"{a.tls_version} {a.cipher}" if a.tls_version else "no TLS"
+        offered = {True: "offered", False: "NOT offered", None: "—"}[a.starttls]
+        click.echo(f"  {a.mx} [{a.ip or '-'}] STARTTLS {offered}, {tls}, "
+                   f"verified {a.verified or 'no'}")  # fmt: skip
+        why = f"{a.result_type.value}: " if a.result_type else ""
+        mark = click.style("delivered", fg="red" if a.plaintext else "green") if a.delivered else ""
+        click.echo(f"    {mark + ' — ' if mark else ''}{why}{a.detail}")
+        if a.smtp_reply:
+            click.echo(f"    server said: {a.smtp_reply}")

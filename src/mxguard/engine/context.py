@@ -1,0 +1,83 @@
+"""Wiring: build the engine's parts (DNS, store, MTA-STS resolver, list, rules) from settings."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from mxguard.adapters.dns import DnsResolver
+from mxguard.adapters.store import Store, default_store_url, open_store
+from mxguard.config import ConfigError, Settings
+from mxguard.engine.deliver import Sender
+from mxguard.engine.resolve import Resolver
+from mxguard.engine.sts import StsResolver
+from mxguard.protocol import localrules, pkix, policylist
+
+
+@dataclass
+class Engine:
+    settings: Settings
+    dns: DnsResolver
+    store: Store
+    sts: StsResolver
+    resolver: Resolver
+
+    def sender(self, *, is_report: bool = False) -> Sender:
+        """A sender under this engine's policies; WebPKI roots: the system's plus --ca-file."""
+        try:
+            roots = pkix.load_roots(self.settings.ca_file)
+        except pkix.CaFileError as exc:
+            raise ConfigError(str(exc)) from None
+        return Sender(
+            self.resolver,
+            self.store,
+            helo_name=self.settings.helo_name,
+            smtp_port=self.settings.smtp_port,
+            roots=roots,
+            is_report=is_report,
+        )
+
+
+def load_policy_list(settings: Settings) -> policylist.PolicyList | None:
+    if settings.policy_list is None:
+        return None
+    try:
+        data = settings.policy_list.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"policy_list {settings.policy_list}: {exc.strerror}") from None
+    try:
+        return policylist.parse_list(data, now=dt.datetime.now(dt.UTC))
+    except policylist.PolicyListError as exc:
+        raise ConfigError(f"policy_list {settings.policy_list}: {exc}") from None
+
+
+def load_rules(settings: Settings) -> localrules.Rules | None:
+    if not settings.local_rules:
+        return None
+    try:
+        return localrules.parse_rules(settings.local_rules)
+    except localrules.RuleError as exc:
+        raise ConfigError(f"{settings.source}: local_rules: {exc}") from None
+
+
+@contextlib.asynccontextmanager
+async def engine(settings: Settings) -> AsyncIterator[Engine]:
+    """The engine for one command or one server, closed (store included) on exit."""
+    rules = load_rules(settings)
+    plist = load_policy_list(settings)
+    dns = DnsResolver(settings.resolvers or None)
+    store = await open_store(settings.store or default_store_url())
+    try:
+        sts = StsResolver(
+            dns,
+            store,
+            ca_file=settings.ca_file,
+            https_port=settings.https_port,
+            fetch_timeout=settings.fetch_timeout,
+        )
+        resolver = Resolver(dns, sts, policy_list=plist, local_rules=rules)
+        yield Engine(settings, dns, store, sts, resolver)
+    finally:
+        await store.close()

@@ -1,0 +1,455 @@
+"""``deliver()``: the one place where a delivery policy is enforced on live SMTP sessions.
+
+For each recipient domain: resolve its policy, then try the MX hosts it allows in preference
+order and each of their addresses (RFC 5321 §5.1). On every session:
+
+- STARTTLS when offered (or required); a fresh EHLO after TLS (RFC 3207 §4.2);
+- the certificate is authenticated the way the MX host's policy says: DANE (RFC 7672 §3),
+  WebPKI for the MX host name (RFC 8461 §4.2), or not at all (opportunistic);
+- when TLS is required, MAIL, RCPT and DATA are never sent in plain text: the session is
+  abandoned before them, and the SMTP client refuses them anyway (``require_tls``);
+- a report-only (``testing``) policy checks everything, records what failed, and delivers.
+
+Every failed attempt is classified with an RFC 8460 result type, and every session's outcome
+is recorded in the store for TLS reporting. Exit codes of ``mxguard send``: 0 delivered, 75
+deferred (try later), 69 permanent failure (null MX, no such domain, 5xx).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import email.utils
+import enum
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from mxguard.adapters.smtp import Reply, SmtpClient, SmtpError, SmtpErrorKind
+from mxguard.adapters.store import SessionResult, Store
+from mxguard.engine.policy import Auth, DeliveryPolicy, MxPolicy, Source, Status, Tls
+from mxguard.engine.resolve import Resolver, normalise_domain
+from mxguard.protocol import dane, pkix
+from mxguard.protocol.results import ResultType
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(enum.StrEnum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One MX host address tried (or deliberately not tried), and what happened."""
+
+    mx: str
+    ip: str | None
+    starttls: bool | None = None  # offered in the (untrusted) EHLO reply
+    tls_version: str | None = None
+    cipher: str | None = None
+    verified: str | None = None  # dane-ee | dane-ta | pkix | None
+    result_type: ResultType | None = None  # a TLS or policy failure, also in testing mode
+    detail: str = ""
+    smtp_reply: str | None = None
+    delivered: bool = False
+    plaintext: bool = False  # the message travelled without TLS
+    ehlo: tuple[str, ...] = ()  # the EHLO reply as received before TLS
+    helo: str | None = None  # the host name the server announced
+    sending_ip: str | None = None
+    session: bool = False  # a TCP session took place (it counts for TLS-RPT)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mx": self.mx,
+            "ip": self.ip,
+            "starttls": self.starttls,
+            "tls_version": self.tls_version,
+            "cipher": self.cipher,
+            "verified": self.verified,
+            "result_type": self.result_type.value if self.result_type else None,
+            "detail": self.detail,
+            "smtp_reply": self.smtp_reply,
+            "delivered": self.delivered,
+            "plaintext": self.plaintext,
+        }
+
+
+@dataclass(frozen=True)
+class DomainResult:
+    domain: str
+    status: Outcome
+    recipients: tuple[str, ...]
+    policy: DeliveryPolicy | None
+    attempts: tuple[Attempt, ...] = ()
+    result_type: ResultType | None = None
+    detail: str = ""
+
+    @property
+    def delivered(self) -> bool:
+        return self.status is Outcome.DELIVERED
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "status": self.status.value,
+            "delivered": self.delivered,
+            "recipients": list(self.recipients),
+            "policy": {
+                "source": self.policy.source.value if self.policy else None,
+                "mode": self.policy.mode.value if self.policy else None,
+            },
+            "result_type": self.result_type.value if self.result_type else None,
+            "detail": self.detail,
+            "attempts": [a.to_json() for a in self.attempts],
+        }
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    domains: tuple[DomainResult, ...]
+
+    @property
+    def status(self) -> Outcome:
+        states = {d.status for d in self.domains}
+        if Outcome.FAILED in states:
+            return Outcome.FAILED
+        if Outcome.DEFERRED in states:
+            return Outcome.DEFERRED
+        return Outcome.DELIVERED
+
+    @property
+    def exit_code(self) -> int:
+        return {Outcome.DELIVERED: 0, Outcome.DEFERRED: 75, Outcome.FAILED: 69}[self.status]
+
+    def to_json(self) -> dict[str, Any] | list[dict[str, Any]]:
+        """One domain: the object DESIGN.md shows; several: a list of them."""
+        if len(self.domains) == 1:
+            return self.domains[0].to_json()
+        return [d.to_json() for d in self.domains]
+
+
+@dataclass
+class Sender:
+    """Delivers messages under policy. One instance can serve many deliveries."""
+
+    resolver: Resolver
+    store: Store | None = None
+    helo_name: str = "localhost"
+    smtp_port: int = 25
+    roots: Sequence[Any] = ()  # trusted roots for WebPKI (pkix.load_roots)
+    timeout: float = 60.0
+    is_report: bool = False  # these messages are TLS reports (RFC 8460 §5.3: not counted)
+    clock: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(dt.UTC))
+
+    async def deliver(
+        self, mail_from: str, recipients: Sequence[str], data: bytes
+    ) -> DeliveryResult:
+        by_domain: dict[str, list[str]] = {}
+        bad: list[DomainResult] = []
+        for rcpt in recipients:
+            local, at, domain = rcpt.rpartition("@")
+            try:
+                if not at or not local:
+                    raise ValueError("no local part and domain")
+                by_domain.setdefault(normalise_domain(domain), []).append(rcpt)
+            except ValueError as exc:
+                bad.append(
+                    DomainResult(
+                        domain or rcpt,
+                        Outcome.FAILED,
+                        (rcpt,),
+                        None,
+                        detail=f"recipient {rcpt!r} is not an address: {exc}",
+                    )
+                )
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(self._domain(d, mail_from, rcpts, data))
+                for d, rcpts in by_domain.items()
+            ]
+        return DeliveryResult((*bad, *(t.result() for t in tasks)))
+
+    # --- one domain ------------------------------------------------------------------------
+
+    async def _domain(
+        self, domain: str, mail_from: str, rcpts: list[str], data: bytes
+    ) -> DomainResult:
+        policy = await self.resolver.resolve(domain)
+        if policy.status is Status.FAIL:
+            why = "; ".join(policy.explanation) or "the domain accepts no mail"
+            return DomainResult(domain, Outcome.FAILED, tuple(rcpts), policy, detail=why)
+        attempts: list[Attempt] = []
+        outcome = Outcome.DEFERRED
+        final_detail = ""
+        for m in policy.mx:
+            if not m.allowed:
+                attempts.append(
+                    Attempt(
+                        m.host,
+                        None,
+                        result_type=ResultType.VALIDATION_FAILURE,
+                        detail=f"not contacted: the {m.source.value} policy does not list "
+                        "this MX host",
+                    )
+                )
+                continue
+            if m.defer is not None:
+                attempts.append(
+                    Attempt(
+                        m.host,
+                        None,
+                        result_type=m.defer.result_type,
+                        detail=f"not contacted: {m.defer.detail}",
+                    )
+                )
+                continue
+            if not m.addresses:
+                attempts.append(Attempt(m.host, None, detail="not contacted: no address"))
+                continue
+            for ip in m.addresses:
+                attempt, permanent = await self._attempt(policy, m, ip, mail_from, rcpts, data)
+                attempts.append(attempt)
+                if attempt.delivered:
+                    outcome = Outcome.DELIVERED
+                    break
+                if permanent:
+                    outcome, final_detail = Outcome.FAILED, attempt.detail
+                    break
+            if outcome is not Outcome.DEFERRED:
+                break
+        await self._record(policy, attempts)
+        result_type = None
+        if outcome is not Outcome.DELIVERED:
+            failed = [a for a in attempts if a.result_type is not None]
+            result_type = failed[-1].result_type if failed else None
+            if not final_detail:
+                final_detail = (
+                    "no MX host accepted the message under the policy"
+                    if attempts
+                    else "; ".join(policy.explanation) or "no MX host may be used now"
+                )
+        elif any(a.result_type for a in attempts):
+            result_type = next(a.result_type for a in attempts if a.result_type)
+        return DomainResult(
+            domain, outcome, tuple(rcpts), policy, tuple(attempts), result_type, final_detail
+        )
+
+    # --- one session -------------------------------------------------------------------------
+
+    async def _attempt(
+        self,
+        policy: DeliveryPolicy,
+        m: MxPolicy,
+        ip: str,
+        mail_from: str,
+        rcpts: list[str],
+        data: bytes,
+    ) -> tuple[Attempt, bool]:
+        """Try one address. Returns the attempt and whether its failure is permanent."""
+        tls_required = m.tls is Tls.REQUIRED
+        client = SmtpClient(require_tls=tls_required)
+        base = Attempt(m.host, ip)
+        try:
+            try:
+                await client.connect(
+                    ip, self.smtp_port, helo_name=self.helo_name, timeout=self.timeout
+                )
+            except SmtpError as exc:
+                return _with(base, detail=f"{exc}", smtp_reply=_reply(exc.reply)), False
+            ehlo = client.ehlo_reply
+            base = _with(
+                base,
+                session=True,
+                starttls=client.starttls_offered,
+                ehlo=tuple(ehlo.lines) if ehlo else (),
+                helo=_announced_name(client),
+                sending_ip=client.local_address,
+            )
+            base, may_send = await self._secure(client, m, base)
+            if not may_send:
+                if client.connected:
+                    await client.quit()
+                return base, False
+            return await self._transaction(client, base, mail_from, rcpts, data)
+        except SmtpError as exc:
+            # The client's own guard firing means a bug upstream tried to send in plain text.
+            if exc.kind is SmtpErrorKind.TLS_REQUIRED:
+                log.error("refused to send in plain text to %s: %s", m.host, exc)
+            return _with(
+                base,
+                result_type=exc.result_type or base.result_type,
+                detail=str(exc),
+                smtp_reply=_reply(exc.reply),
+            ), False
+        finally:
+            await client.close()
+
+    async def _secure(self, client: SmtpClient, m: MxPolicy, base: Attempt) -> tuple[Attempt, bool]:
+        """STARTTLS and authentication as the policy says: (the attempt so far, may send)."""
+        enforced = m.tls is Tls.REQUIRED
+        checks = m.auth if m.auth is not Auth.NONE else (Auth.PKIX if m.report_only else Auth.NONE)
+        if not client.starttls_offered:
+            detail = "STARTTLS not offered (stripped on the way, or not supported)"
+            if enforced:
+                return _stop(base, ResultType.STARTTLS_NOT_SUPPORTED, detail + ": not delivered")
+            if m.report_only:
+                return _go(base, ResultType.STARTTLS_NOT_SUPPORTED, detail + " (testing: reported)")
+            return _go(base, None, detail)
+        try:
+            info = await client.starttls(m.tlsa_name or m.host)
+        except SmtpError as exc:
+            result = exc.result_type or ResultType.STARTTLS_NOT_SUPPORTED
+            detail = f"{exc}"
+            if enforced or not client.connected:
+                return _stop(base, result, detail + (": not delivered" if enforced else ""))
+            return _go(base, result if m.report_only else None, detail)
+        base = _with(base, tls_version=info.version, cipher=info.cipher)
+        if checks is Auth.NONE:
+            return base, True
+        if checks is Auth.DANE:
+            verdict = dane.verify_chain(m.tlsa, info.chain, names=m.names, now=self.clock())
+            if verdict.ok:
+                return _with(base, verified=str(verdict.method or "dane")), True
+            return _stop(
+                base,
+                verdict.result_type or ResultType.VALIDATION_FAILURE,
+                f"DANE: {verdict.detail}: not delivered",
+            )
+        pk = pkix.verify_pkix(info.chain, name=m.host, roots=self.roots, now=self.clock())
+        if pk.ok:
+            return _with(base, verified="pkix"), True
+        if m.auth is Auth.PKIX:
+            return _stop(
+                base,
+                pk.result_type or ResultType.VALIDATION_FAILURE,
+                f"WebPKI: {pk.detail}: not delivered",
+            )
+        return _go(base, pk.result_type, f"WebPKI: {pk.detail} (testing: reported)")
+
+    async def _transaction(
+        self, client: SmtpClient, base: Attempt, mail_from: str, rcpts: list[str], data: bytes
+    ) -> tuple[Attempt, bool]:
+        reply = await client.mail_from(mail_from)
+        if not reply.positive:
+            return _with(
+                base, detail=f"MAIL FROM refused: {reply.text}", smtp_reply=reply.text
+            ), reply.permanent
+        accepted, refusals = 0, []
+        for rcpt in rcpts:
+            r = await client.rcpt_to(rcpt)
+            if r.positive:
+                accepted += 1
+            else:
+                refusals.append(r)
+        if not accepted:
+            worst = refusals[-1]
+            permanent = all(r.permanent for r in refusals)
+            return _with(
+                base, detail=f"every recipient refused: {worst.text}", smtp_reply=worst.text
+            ), permanent
+        reply = await client.data(data)
+        if not reply.positive:
+            return _with(
+                base, detail=f"message refused: {reply.text}", smtp_reply=reply.text
+            ), reply.permanent
+        await client.quit()
+        how = "over " + base.tls_version if base.tls_version else "IN PLAIN TEXT"
+        detail = f"delivered {how}" + (f"; {base.detail}" if base.detail else "")
+        return _with(
+            base,
+            delivered=True,
+            plaintext=base.tls_version is None,
+            smtp_reply=reply.text,
+            detail=detail,
+        ), False
+
+    # --- TLS-RPT -------------------------------------------------------------------------
+
+    async def _record(self, policy: DeliveryPolicy, attempts: list[Attempt]) -> None:
+        """One durable result per session that took place (RFC 8460 §4: sessions count)."""
+        if self.store is None:
+            return
+        kind, strings, patterns = _policy_for_report(policy)
+        now = self.clock()
+        results = [
+            SessionResult(
+                id=None,
+                at=now,
+                policy_domain=policy.domain,
+                policy_type=kind,
+                policy_strings=strings,
+                mx_patterns=patterns,
+                result_type=a.result_type.value if a.result_type else None,
+                sending_ip=a.sending_ip,
+                receiving_mx=a.mx,
+                receiving_ip=a.ip,
+                receiving_helo=a.helo,
+                detail=a.detail or None,
+                rua=policy.tlsrpt_rua,
+                is_report=self.is_report,
+                reported=None,
+            )
+            for a in attempts
+            if a.session
+        ]
+        if results:
+            try:
+                await self.store.add_results(results)
+            except Exception as exc:  # a reporting problem must never fail a delivery
+                log.error("could not record %d TLS-RPT session result(s): %s", len(results), exc)
+
+
+def _policy_for_report(p: DeliveryPolicy) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """RFC 8460 §4.4 policy-type, policy-string and mx-host for this policy."""
+    if p.source is Source.DANE:
+        tlsa = tuple(dict.fromkeys(t.to_text() for m in p.mx for t in (*m.tlsa, *m.tlsa_unusable)))
+        return "tlsa", tlsa, ()
+    if p.source is Source.MTA_STS and p.mta_sts is not None:
+        return "sts", p.mta_sts.policy_strings, p.mta_sts.mx
+    return "no-policy-found", (), ()
+
+
+def _with(a: Attempt, **changes: Any) -> Attempt:
+    return replace(a, **changes)
+
+
+def _stop(a: Attempt, result: ResultType, detail: str) -> tuple[Attempt, bool]:
+    """The message must not be sent over this session."""
+    return _with(a, result_type=result, detail=detail), False
+
+
+def _go(a: Attempt, result: ResultType | None, detail: str) -> tuple[Attempt, bool]:
+    """Carry on (opportunistic or report-only), keeping what was seen."""
+    return _with(a, result_type=result, detail=detail), True
+
+
+def _reply(r: Reply | None) -> str | None:
+    return r.text if r else None
+
+
+def _announced_name(client: SmtpClient) -> str | None:
+    reply = client.ehlo_reply or client.banner
+    if reply is None or not reply.lines:
+        return None
+    first = reply.lines[0].split()
+    return first[0] if first else None
+
+
+def message_with_headers(mail_from: str, recipients: Sequence[str], body: str) -> bytes:
+    """A minimal RFC 5322 message, for ``mxguard send`` without ``--data``."""
+    lines = [
+        f"From: <{mail_from}>",
+        "To: " + ", ".join(f"<{r}>" for r in recipients),
+        f"Date: {email.utils.formatdate(localtime=False)}",
+        f"Message-ID: {email.utils.make_msgid(domain='mxguard.invalid')}",
+        "Subject: mxguard test message",
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=utf-8",
+        "",
+        body,
+    ]
+    return "\r\n".join(lines).encode() + b"\r\n"

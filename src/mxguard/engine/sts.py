@@ -1,0 +1,257 @@
+"""MTA-STS discovery, fetch and the trust-on-first-use cache (RFC 8461 §3, §5).
+
+``StsResolver.lookup(domain)`` answers "which MTA-STS policy applies to this domain now?":
+
+- the ``_mta-sts`` TXT record is looked up; a policy is fetched only when the record's ``id``
+  differs from the cached policy's, when nothing is cached, or when the cached copy is past
+  half its ``max_age`` (a refresh: a successful fetch restarts ``max_age``, §5.1);
+- an unexpired cached policy keeps applying when the record vanishes, the DNS lookup fails or
+  the fetch fails (§5.1): this is what stops an attacker who can strip DNS or HTTPS *later*;
+- a fetched ``mode: none`` policy replaces the cached one (the domain withdrew it, §5);
+- one fetch serves all concurrent lookups of a domain, and a failed fetch is not repeated
+  for ``backoff`` seconds however many lookups arrive (RFC-NOTES: back off, never stampede).
+
+Failures are kept in the RFC 8460 vocabulary: fetch problems (``sts-policy-fetch-error``),
+the policy host's certificate (``sts-webpki-invalid``), an invalid body
+(``sts-policy-invalid``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mxguard.adapters import https
+from mxguard.adapters.dns import DnsResolver, Outcome
+from mxguard.adapters.store import CachedPolicy, Store
+from mxguard.engine.policy import StsState
+from mxguard.protocol import mtasts
+from mxguard.protocol.results import Failure, ResultType
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StsOutcome:
+    """The policy that applies (None: no MTA-STS), what is known of it, and what went wrong."""
+
+    policy: mtasts.Policy | None
+    state: StsState | None
+    errors: tuple[Failure, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+class StsResolver:
+    def __init__(
+        self,
+        dns: DnsResolver,
+        store: Store,
+        *,
+        ca_file: Path | None = None,
+        https_port: int = 443,
+        fetch_timeout: float = 10.0,
+        backoff: float = 300.0,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self.dns = dns
+        self.store = store
+        self.ca_file = ca_file
+        self.https_port = https_port
+        self.fetch_timeout = fetch_timeout
+        self.backoff = backoff
+        self.clock = clock
+        self.fetches = 0  # policy fetches actually sent (for tests, metrics and benchmarks)
+        self._inflight: dict[str, asyncio.Task[https.FetchResult]] = {}
+        self._failed: dict[str, tuple[float, https.FetchResult]] = {}
+
+    async def lookup(self, domain: str) -> StsOutcome:
+        now = self.clock()
+        txt, cached = await asyncio.gather(
+            self.dns.query(f"_mta-sts.{domain}", "TXT"), self._cached(domain, now)
+        )
+        notes: list[str] = []
+        record: mtasts.StsRecord | None = None
+        if txt.outcome is Outcome.OK:
+            try:
+                record = mtasts.select_record(txt.texts())
+            except mtasts.StsRecordError as exc:
+                notes.append(f"_mta-sts.{domain} TXT is unusable: {exc.reason}")
+        elif txt.failed:
+            notes.append(f"_mta-sts.{domain} TXT lookup failed: {txt.detail}")
+
+        if record is None:
+            if cached is None:
+                return StsOutcome(None, None, notes=tuple(notes))
+            # RFC 8461 §5.1: discovery failed, the cached policy still applies (TOFU).
+            notes.append("no usable MTA-STS record now; the cached policy still applies")
+            return self._from_cache(cached, None, notes)
+
+        if (
+            cached is not None
+            and cached[0].policy_id == record.id
+            and not self._stale(cached[0], now)
+        ):
+            return self._from_cache(cached, None, notes)
+
+        result = await self._fetch(domain)
+        if not result.ok or result.text is None:
+            failure = Failure(
+                result.result_type or ResultType.STS_POLICY_FETCH_ERROR, result.detail
+            )
+            return self._failed_fetch(domain, cached, failure, notes)
+        try:
+            policy = mtasts.parse_policy(result.text)
+        except mtasts.PolicyError as exc:
+            failure = Failure(
+                ResultType.STS_POLICY_INVALID,
+                f"the policy of {domain} is invalid: {'; '.join(exc.errors)}",
+            )
+            return self._failed_fetch(domain, cached, failure, notes)
+        expires = now + dt.timedelta(seconds=policy.max_age)
+        await self.store.put_policy(CachedPolicy(domain, record.id, result.text, now, expires))
+        state = _state(record.id, policy, now, expires, from_cache=False, error=None)
+        if policy.mode is mtasts.Mode.NONE:
+            notes.append("the domain publishes mode none: it has withdrawn its MTA-STS policy")
+        return StsOutcome(policy, state, notes=tuple(notes + list(policy.warnings)))
+
+    # --- cache -----------------------------------------------------------------------------
+
+    async def _cached(
+        self, domain: str, now: dt.datetime
+    ) -> tuple[CachedPolicy, mtasts.Policy] | None:
+        cached = await self.store.get_policy(domain)
+        if cached is None:
+            return None
+        if cached.expires_at <= now:
+            # RFC 8461 §5: a policy is only valid for max_age after it was fetched.
+            await self.store.delete_policy(domain)
+            return None
+        try:
+            return cached, mtasts.parse_policy(cached.policy_text)
+        except mtasts.PolicyError:
+            log.warning("cached MTA-STS policy of %s no longer parses; dropping it", domain)
+            await self.store.delete_policy(domain)
+            return None
+
+    @staticmethod
+    def _stale(cached: CachedPolicy, now: dt.datetime) -> bool:
+        """Past half its lifetime: refresh now, so that a long outage cannot expire it."""
+        return now - cached.fetched_at > (cached.expires_at - cached.fetched_at) / 2
+
+    def _from_cache(
+        self,
+        cached: tuple[CachedPolicy, mtasts.Policy],
+        error: Failure | None,
+        notes: list[str],
+    ) -> StsOutcome:
+        entry, policy = cached
+        state = _state(
+            entry.policy_id, policy, entry.fetched_at, entry.expires_at, from_cache=True,
+            error=error,
+        )  # fmt: skip
+        return StsOutcome(policy, state, errors=(error,) if error else (), notes=tuple(notes))
+
+    def _failed_fetch(
+        self,
+        domain: str,
+        cached: tuple[CachedPolicy, mtasts.Policy] | None,
+        failure: Failure,
+        notes: list[str],
+    ) -> StsOutcome:
+        if cached is not None:
+            notes.append(f"policy fetch failed ({failure.detail}); the cached policy still applies")
+            return self._from_cache(cached, failure, notes)
+        # Nothing cached: RFC 8461 §5 treats the domain as having no policy, but the failure
+        # is recorded (it is reported with TLS-RPT and shown to the operator).
+        state = StsState(None, None, None, (), (), None, None, from_cache=False, error=failure)
+        return StsOutcome(None, state, errors=(failure,), notes=tuple(notes))
+
+    # --- fetch -----------------------------------------------------------------------------
+
+    async def _fetch(self, domain: str) -> https.FetchResult:
+        failed = self._failed.get(domain)
+        if failed is not None:
+            since, result = failed
+            wait = self.backoff - (time.monotonic() - since)
+            if wait > 0:
+                return https.FetchResult(
+                    ok=False,
+                    text=None,
+                    result_type=result.result_type,
+                    detail=f"{result.detail} (not retried for another {wait:.0f} s)",
+                    status=result.status,
+                    content_type=result.content_type,
+                    elapsed=0.0,
+                )
+        task = self._inflight.get(domain)
+        if task is None:
+            task = asyncio.ensure_future(self._fetch_once(domain))
+            self._inflight[domain] = task
+            task.add_done_callback(lambda _: self._inflight.pop(domain, None))
+        # shield: one caller's cancellation must not cancel the fetch the others wait for.
+        return await asyncio.shield(task)
+
+    async def _fetch_once(self, domain: str) -> https.FetchResult:
+        self.fetches += 1
+        host = f"mta-sts.{domain}"
+        address = await self._address(host)
+        if isinstance(address, https.FetchResult):
+            result = address
+        else:
+            result = await https.fetch_policy(
+                domain,
+                ca_file=self.ca_file,
+                port=self.https_port,
+                timeout=self.fetch_timeout,
+                connect_to=address,
+            )
+        if result.ok:
+            self._failed.pop(domain, None)
+        else:
+            self._failed[domain] = (time.monotonic(), result)
+        return result
+
+    async def _address(self, host: str) -> str | https.FetchResult:
+        """The policy host's address through the configured resolver (not the system's)."""
+        for rdtype in ("A", "AAAA"):
+            answer = await self.dns.query(host, rdtype)
+            if answer.outcome is Outcome.OK:
+                return str(answer.records[0].address)
+            if answer.failed or answer.outcome is Outcome.NXDOMAIN:
+                break
+        return https.FetchResult(
+            ok=False,
+            text=None,
+            result_type=ResultType.STS_POLICY_FETCH_ERROR,
+            detail=f"policy host {host} has no address: {answer.detail}",
+            status=None,
+            content_type=None,
+            elapsed=0.0,
+        )
+
+
+def _state(
+    policy_id: str,
+    policy: mtasts.Policy,
+    fetched_at: dt.datetime,
+    expires_at: dt.datetime,
+    *,
+    from_cache: bool,
+    error: Failure | None,
+) -> StsState:
+    return StsState(
+        id=policy_id,
+        mode=policy.mode.value,
+        max_age=policy.max_age,
+        mx=policy.mx,
+        policy_strings=tuple(policy.policy_strings()),
+        fetched_at=fetched_at,
+        expires_at=expires_at,
+        from_cache=from_cache,
+        error=error,
+    )
