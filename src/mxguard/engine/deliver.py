@@ -224,8 +224,9 @@ class Sender:
         await self._record(policy, attempts)
         result_type = None
         if outcome is not Outcome.DELIVERED:
-            failed = [a for a in attempts if a.result_type is not None]
-            result_type = failed[-1].result_type if failed else None
+            failed = [a.result_type for a in attempts if a.result_type is not None]
+            failed += [e.result_type for e in policy.errors if policy.status is Status.DEFER]
+            result_type = failed[0] if failed else None
             if not final_detail:
                 final_detail = (
                     "no MX host accepted the message under the policy"
