@@ -1,0 +1,337 @@
+"""The MTA-STS policy fetch over HTTPS (RFC 8461 §3.3).
+
+A domain's policy lives at ``https://mta-sts.<domain>/.well-known/mta-sts.txt``. The fetch is
+on the delivery path of every message to a new domain, so it is strict and bounded:
+
+- the host name is ``mta-sts.`` plus the domain in A-label form (IDNA 2008, UTS #46
+  mapping); it is the TLS server name (SNI), the Host header and the name the certificate
+  must be valid for (RFC 8461 §3.3: "valid for the "mta-sts" host name", RFC 6125);
+- WebPKI verification against the system store plus an optional extra CA file; TLS 1.2 or
+  newer (RFC 8461 §3.3 requires TLS that complies with RFC 7525);
+- redirects are not followed (§3.3: "MUST NOT follow HTTP redirects"); only 200 counts;
+- ``Content-Type`` must be ``text/plain`` (§3.2 says the policy is served as text/plain;
+  mxguard rejects others, see RFC-NOTES);
+- the body is read as a stream and abandoned past ``max_size`` (64 KiB by default, §3.3
+  suggests a limit), and one deadline covers connect, TLS, headers and body.
+
+Every outcome is a ``FetchResult``; failures carry the RFC 8460 §4.3.2 result type:
+``sts-webpki-invalid`` for any certificate problem of the policy host,
+``sts-policy-fetch-error`` for everything else that went wrong on the way, and
+``sts-policy-invalid`` when the body arrived but is not UTF-8 text. Parsing the policy is
+protocol/mtasts.py's job, not this module's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import re
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import idna
+
+from mxguard.protocol.results import ResultType
+
+POLICY_PATH = "/.well-known/mta-sts.txt"  # RFC 8461 §3.3
+DEFAULT_MAX_SIZE = 65536
+_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """The outcome of one policy fetch; ``text`` is set only when ``ok``."""
+
+    ok: bool
+    text: str | None
+    result_type: ResultType | None  # None when ok
+    detail: str  # one sentence for people: what was fetched or what failed
+    status: int | None  # HTTP status, None if no response arrived
+    content_type: str | None
+    elapsed: float  # seconds, connect to last byte (or to the failure)
+
+
+class FetchAbort(Exception):
+    """Raised inside a fetch to stop it with a failure; never leaves this module."""
+
+    def __init__(self, result_type: ResultType, detail: str) -> None:
+        super().__init__(detail)
+        self.result_type = result_type
+        self.detail = detail
+
+
+def policy_host(domain: str) -> str:
+    """``mta-sts.<domain>`` with the domain in A-label form, lower case, no trailing dot.
+
+    Raises ``ValueError`` naming the problem when ``domain`` is not a valid host name, so
+    that nothing but a host name can ever end up in the URL.
+    """
+    name = domain.strip().rstrip(".")
+    if not name:
+        raise ValueError("'' is not a valid domain name: it is empty")
+    try:
+        # UTS #46 maps case and compatibility forms first (as browsers do); IDNA 2008
+        # (RFC 5891) then turns each label into its A-label.
+        ascii_name = idna.encode(name, uts46=True).decode("ascii").lower()
+    except idna.IDNAError as exc:
+        raise ValueError(f"{domain!r} is not a valid domain name: {exc}") from None
+    labels = ascii_name.split(".")
+    for label in labels:
+        if not _LDH_LABEL.fullmatch(label):
+            raise ValueError(
+                f"{domain!r} is not a valid domain name: label {label!r} must be 1-63 "
+                "letters, digits or hyphens, not starting or ending with a hyphen"
+            )
+    if len(labels) < 2:
+        raise ValueError(f"{domain!r} is not a valid mail domain: it needs at least two labels")
+    host = "mta-sts." + ascii_name
+    if len(host) > 253:
+        raise ValueError(f"{domain!r} is too long: mta-sts.{ascii_name} exceeds 253 characters")
+    return host
+
+
+def policy_url(domain: str, port: int = 443) -> str:
+    """The policy URL of ``domain`` (RFC 8461 §3.3); ``port`` other than 443 is for labs."""
+    host = policy_host(domain)
+    return f"https://{host}{'' if port == 443 else f':{port}'}{POLICY_PATH}"
+
+
+def client_context(ca_file: Path | None = None) -> ssl.SSLContext:
+    """The TLS context of the fetch: WebPKI (system store + ``ca_file``), TLS 1.2 or newer."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if ca_file is not None:
+        ctx.load_verify_locations(cafile=str(ca_file))
+    # RFC 8461 §3.3 requires TLS per RFC 7525, which forbids anything older than TLS 1.2.
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+async def fetch_policy(
+    domain: str,
+    *,
+    ca_file: Path | None = None,
+    port: int = 443,
+    timeout: float = 10.0,  # noqa: ASYNC109 - one deadline the caller chooses, applied inside
+    max_size: int = DEFAULT_MAX_SIZE,
+    connect_to: str | None = None,
+) -> FetchResult:
+    """Fetch the MTA-STS policy of ``domain``; never raises for network outcomes.
+
+    ``connect_to`` (an IP address, for labs and tests) replaces name resolution only: the
+    TLS server name, Host header and certificate check still use ``mta-sts.<domain>``.
+    """
+    start = time.monotonic()
+
+    def failed(
+        result_type: ResultType,
+        detail: str,
+        status: int | None = None,
+        content_type: str | None = None,
+    ) -> FetchResult:
+        return FetchResult(
+            False, None, result_type, detail, status, content_type, time.monotonic() - start
+        )
+
+    try:
+        host = policy_host(domain)
+        url = policy_url(domain, port)
+    except ValueError as exc:
+        return failed(ResultType.STS_POLICY_FETCH_ERROR, f"no policy fetch: {exc}")
+    try:
+        ctx = client_context(ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        # A broken local CA file is not the policy host's fault, so not sts-webpki-invalid.
+        return failed(ResultType.STS_POLICY_FETCH_ERROR, f"cannot load CA file {ca_file}: {exc}")
+
+    request_url = url
+    headers = {"Accept": "text/plain", "Accept-Encoding": "identity", "Connection": "close"}
+    extensions: dict[str, object] = {}
+    if connect_to is not None:
+        try:
+            ip = ipaddress.ip_address(connect_to)
+        except ValueError:
+            return failed(
+                ResultType.STS_POLICY_FETCH_ERROR,
+                f"connect_to {connect_to!r} is not an IP address",
+            )
+        # httpx connects to the URL's host; the name is kept where it matters: SNI (and thus
+        # the certificate check, which uses the server name) and the Host header.
+        literal = f"[{ip}]" if ip.version == 6 else str(ip)
+        request_url = f"https://{literal}:{port}{POLICY_PATH}"
+        headers["Host"] = host if port == 443 else f"{host}:{port}"
+        extensions["sni_hostname"] = host
+
+    status: int | None = None
+    content_type: str | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            async with httpx.AsyncClient(
+                verify=ctx,
+                follow_redirects=False,  # RFC 8461 §3.3
+                trust_env=False,  # no proxies or CA overrides from the environment
+                timeout=httpx.Timeout(timeout),
+                http2=False,
+            ) as client:
+                request = client.build_request(
+                    "GET", request_url, headers=headers, extensions=extensions
+                )
+                response = await client.send(request, stream=True)
+                try:
+                    status = response.status_code
+                    content_type = response.headers.get("content-type")
+                    check_response(response, url, max_size)
+                    body = await read_capped(response.aiter_raw(), max_size, url)
+                finally:
+                    await response.aclose()
+    except FetchAbort as exc:
+        return failed(exc.result_type, exc.detail, status, content_type)
+    except TimeoutError:
+        return failed(
+            ResultType.STS_POLICY_FETCH_ERROR,
+            f"no complete answer from {url} within {timeout:g} s",
+            status,
+            content_type,
+        )
+    except httpx.TimeoutException:
+        return failed(
+            ResultType.STS_POLICY_FETCH_ERROR,
+            f"timed out fetching {url} (limit {timeout:g} s)",
+            status,
+            content_type,
+        )
+    except (httpx.HTTPError, OSError) as exc:  # OSError: anything httpx did not wrap
+        cert_error = _certificate_error(exc)
+        if cert_error is not None:
+            return failed(
+                ResultType.STS_WEBPKI_INVALID,
+                f"the certificate of {host} failed WebPKI validation: "
+                f"{cert_error.verify_message or cert_error.reason} (fetching {url})",
+            )
+        return failed(
+            ResultType.STS_POLICY_FETCH_ERROR,
+            f"cannot fetch {url}: {_describe(exc)}",
+            status,
+            content_type,
+        )
+
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return failed(
+            ResultType.STS_POLICY_INVALID,
+            f"the policy from {url} is not UTF-8 text (byte {exc.start} is invalid)",
+            status,
+            content_type,
+        )
+    return FetchResult(
+        True,
+        text,
+        None,
+        f"fetched {len(body)} bytes from {url}",
+        status,
+        content_type,
+        time.monotonic() - start,
+    )
+
+
+def check_response(response: httpx.Response, url: str, max_size: int) -> None:
+    """Reject a response by its head (RFC 8461 §3.3, §3.2); raises ``FetchAbort`` if it fails."""
+    status = response.status_code
+    if 300 <= status < 400:
+        location = response.headers.get("location", "nowhere")
+        raise FetchAbort(
+            ResultType.STS_POLICY_FETCH_ERROR,
+            f"HTTP {status} redirect from {url} to {location}; RFC 8461 §3.3 forbids "
+            "following redirects, the policy must be served at that URL itself",
+        )
+    if status != 200:
+        raise FetchAbort(ResultType.STS_POLICY_FETCH_ERROR, f"HTTP {status} from {url}")
+    content_type = response.headers.get("content-type")
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if media_type != "text/plain":
+        found = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        raise FetchAbort(
+            ResultType.STS_POLICY_FETCH_ERROR,
+            f"{url} answered with {found}; an MTA-STS policy must be served as text/plain "
+            "(RFC 8461 §3.2)",
+        )
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        # We asked for identity; decoding compressed bodies would defeat the size cap.
+        raise FetchAbort(
+            ResultType.STS_POLICY_FETCH_ERROR,
+            f"{url} answered with Content-Encoding {encoding!r} although identity was asked",
+        )
+    declared = response.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > max_size:
+        raise FetchAbort(
+            ResultType.STS_POLICY_FETCH_ERROR,
+            f"the policy from {url} is {int(declared)} bytes, over the limit of {max_size}",
+        )
+
+
+async def read_capped(chunks: AsyncIterator[bytes], max_size: int, url: str) -> bytes:
+    """Collect ``chunks`` but stop pulling as soon as more than ``max_size`` bytes arrived.
+
+    Raises ``FetchAbort`` (sts-policy-fetch-error) on the first chunk past the limit: a
+    declared Content-Length cannot be trusted, so the cap applies to what is read.
+    """
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_size:
+            raise FetchAbort(
+                ResultType.STS_POLICY_FETCH_ERROR,
+                f"the policy from {url} is larger than the limit of {max_size} bytes",
+            )
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _certificate_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure somewhere in ``exc``'s cause/context chain."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    """The most telling message in the chain: httpx wraps OS errors in bland ones."""
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror):
+            return f"cannot resolve the host name ({current.strerror})"
+        if isinstance(current, OSError) and not isinstance(current, ssl.SSLError) and current.errno:
+            return os.strerror(current.errno)
+        current = current.__cause__ or current.__context__
+    return str(exc) or type(exc).__name__
+
+
+__all__ = [
+    "DEFAULT_MAX_SIZE",
+    "POLICY_PATH",
+    "FetchAbort",
+    "FetchResult",
+    "check_response",
+    "client_context",
+    "fetch_policy",
+    "policy_host",
+    "policy_url",
+    "read_capped",
+]
