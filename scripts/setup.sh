@@ -25,6 +25,20 @@ mxguard_apt() {
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+mxguard_pip() {
+    # pip's notes about this machine's optional local package folders are noise: filter them,
+    # but keep pip's exit status.
+    local venv="$1"
+    shift
+    local log="$venv/pip.log"
+    if ! "$venv/bin/python" -m pip install -q "$@" >"$log" 2>&1; then
+        grep -v "^WARNING: Location" "$log" >&2 || true
+        echo "pip install $* failed" >&2
+        exit 1
+    fi
+    grep -v "^WARNING: Location" "$log" >&2 || true
+}
+
 mxguard_venv() {
     local venv="$mxguard_root/.venv"
     local extras="$1"
@@ -34,8 +48,8 @@ mxguard_venv() {
     # Reinstall only when pyproject.toml changed since the last install.
     local stamp="$venv/.mxguard-installed-$extras"
     if [ ! -f "$stamp" ] || [ "$mxguard_root/pyproject.toml" -nt "$stamp" ]; then
-        "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-        "$venv/bin/python" -m pip install -q -e "$mxguard_root[$extras]"
+        mxguard_pip "$venv" --upgrade pip
+        mxguard_pip "$venv" -e "$mxguard_root[$extras]"
         touch "$stamp"
     fi
     export PATH="$venv/bin:$PATH"
