@@ -92,6 +92,11 @@ class DnsAnswer:
         return out
 
 
+def _failed(name: str, rdtype: str, status: DnssecStatus, detail: str) -> DnsAnswer:
+    """No usable answer: nothing can be concluded about ``name`` now."""
+    return DnsAnswer(name, rdtype, Outcome.ERROR, status, canonical=name, detail=detail)
+
+
 def _text(name: dns.name.Name) -> str:
     return name.to_text(omit_final_dot=True).lower()
 
@@ -186,13 +191,11 @@ class DnsResolver:
                 problems.append(f"{addr}:{port}: {type(exc).__name__} {exc}".strip())
                 continue
             return await self._interpret(text, rdtype, query, response, addr, port)
-        return DnsAnswer(
-            name=text,
-            rdtype=rdtype,
-            outcome=Outcome.ERROR,
-            dnssec=DnssecStatus.INDETERMINATE,
-            canonical=text,
-            detail=f"no answer for {text} {rdtype}: " + "; ".join(problems),
+        return _failed(
+            text,
+            rdtype,
+            DnssecStatus.INDETERMINATE,
+            f"no answer for {text} {rdtype}: " + "; ".join(problems),
         )
 
     async def _exchange(self, query: dns.message.Message, addr: str, port: int) -> Any:
@@ -215,13 +218,11 @@ class DnsResolver:
         if rcode == dns.rcode.SERVFAIL:
             return await self._servfail(text, rdtype, query, response, addr, port)
         if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-            return DnsAnswer(
-                name=text,
-                rdtype=rdtype,
-                outcome=Outcome.ERROR,
-                dnssec=DnssecStatus.INDETERMINATE,
-                canonical=text,
-                detail=f"{addr}:{port} answered {dns.rcode.to_text(rcode)} for {text} {rdtype}",
+            return _failed(
+                text,
+                rdtype,
+                DnssecStatus.INDETERMINATE,
+                f"{addr}:{port} answered {dns.rcode.to_text(rcode)} for {text} {rdtype}",
             )
         secure = bool(response.flags & dns.flags.AD) and self.trusted
         status = DnssecStatus.SECURE if secure else DnssecStatus.INSECURE
@@ -299,19 +300,15 @@ class DnsResolver:
                 pass
         why = "; ".join(reasons) or "no reason given"
         if bogus:
-            return DnsAnswer(
-                name=text,
-                rdtype=rdtype,
-                outcome=Outcome.ERROR,
-                dnssec=DnssecStatus.BOGUS,
-                canonical=text,
-                detail=f"DNSSEC validation failed for {text} {rdtype} ({why})",
+            return _failed(
+                text,
+                rdtype,
+                DnssecStatus.BOGUS,
+                f"DNSSEC validation failed for {text} {rdtype} ({why})",
             )
-        return DnsAnswer(
-            name=text,
-            rdtype=rdtype,
-            outcome=Outcome.ERROR,
-            dnssec=DnssecStatus.INDETERMINATE,
-            canonical=text,
-            detail=f"{addr}:{port} answered SERVFAIL for {text} {rdtype} ({why})",
+        return _failed(
+            text,
+            rdtype,
+            DnssecStatus.INDETERMINATE,
+            f"{addr}:{port} answered SERVFAIL for {text} {rdtype} ({why})",
         )

@@ -90,12 +90,21 @@ class Resolver:
         rua = _rua(rpt)
         errors: list[Failure] = list(sts.errors)
         warnings: list[str] = list(sts.notes)
-        common = {
-            "domain": domain,
-            "mta_sts": sts.state,
-            "tlsrpt_rua": rua,
-            "mx_secure": mx_answer.secure,
-        }
+
+        def settled(status: Status, why: str) -> DeliveryPolicy:
+            """A decision about the whole domain, before any MX host is looked at."""
+            return DeliveryPolicy(
+                domain=domain,
+                source=Source.NONE,
+                mode=Mode.NONE,
+                status=status,
+                mta_sts=sts.state,
+                tlsrpt_rua=rua,
+                errors=tuple(errors),
+                warnings=tuple(warnings),
+                explanation=(why,),
+                mx_secure=mx_answer.secure,
+            )
 
         # --- the MX RRset --------------------------------------------------------------------
         if mx_answer.failed:
@@ -105,18 +114,11 @@ class Resolver:
                 else ResultType.VALIDATION_FAILURE
             )
             errors.append(Failure(result, f"MX lookup: {mx_answer.detail}"))
-            return DeliveryPolicy(
-                source=Source.NONE, mode=Mode.NONE, status=Status.DEFER, errors=tuple(errors),
-                warnings=tuple(warnings),
-                explanation=(f"deferred: the MX lookup of {domain} failed ({mx_answer.detail})",),
-                **common,  # type: ignore[arg-type]
-            )  # fmt: skip
+            return settled(
+                Status.DEFER, f"deferred: the MX lookup of {domain} failed ({mx_answer.detail})"
+            )
         if mx_answer.outcome is Outcome.NXDOMAIN:
-            return DeliveryPolicy(
-                source=Source.NONE, mode=Mode.NONE, status=Status.FAIL, errors=tuple(errors),
-                warnings=tuple(warnings), explanation=(f"{domain} does not exist",),
-                **common,  # type: ignore[arg-type]
-            )  # fmt: skip
+            return settled(Status.FAIL, f"{domain} does not exist")
         if mx_answer.outcome is Outcome.NODATA:
             # RFC 5321 §5.1: no MX records: the domain itself is the implicit MX host.
             targets = [(0, domain)]
@@ -128,12 +130,9 @@ class Resolver:
             )
             if any(host == "" for _, host in targets):
                 # RFC 7505: a null MX ("0 .") says the domain accepts no mail at all.
-                return DeliveryPolicy(
-                    source=Source.NONE, mode=Mode.NONE, status=Status.FAIL,
-                    errors=tuple(errors), warnings=tuple(warnings),
-                    explanation=(f"{domain} publishes a null MX (RFC 7505): it accepts no mail",),
-                    **common,  # type: ignore[arg-type]
-                )  # fmt: skip
+                return settled(
+                    Status.FAIL, f"{domain} publishes a null MX (RFC 7505): it accepts no mail"
+                )
 
         # --- each MX host ------------------------------------------------------------------
         async with asyncio.TaskGroup() as tg:
