@@ -86,6 +86,7 @@ def main(
 
 # Sub-command groups live in their own modules; they are registered here, in one place.
 from mxguard.cli import dane as _dane  # noqa: E402
+from mxguard.cli import demo as _demo  # noqa: E402
 from mxguard.cli import lab as _lab  # noqa: E402
 from mxguard.cli import policy as _policy  # noqa: E402
 from mxguard.cli import send as _send  # noqa: E402
@@ -98,3 +99,4 @@ main.add_command(_tlsrpt.tlsrpt)
 main.add_command(_lab.lab)
 main.add_command(_policy.policy)
 main.add_command(_send.send)
+main.add_command(_demo.demo)
