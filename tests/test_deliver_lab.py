@@ -306,3 +306,17 @@ def test_null_mx_fails_permanently_without_any_connection(lab: Lab, store: Path)
     sent = send(lab, store, "nullmx.test")
     assert (sent.code, sent.result["status"], sent.attempts) == (69, "failed", [])
     assert all(a.sessions == [] for a in lab.attackers.values())
+
+
+@pytest.mark.parametrize(
+    ("domain", "code", "status"), [("rejects.test", 69, "failed"), ("busy.test", 75, "deferred")]
+)
+def test_receiver_refusals_fail_for_good_or_defer(
+    lab: Lab, store: Path, domain: str, code: int, status: str
+) -> None:
+    sent = send(lab, store, domain)
+    assert (sent.code, sent.result["status"]) == (code, status)
+    (attempt,) = sent.attempts
+    assert attempt["smtp_reply"].startswith("550" if code == 69 else "451")
+    assert attempt["tls_version"] is not None  # refused after TLS, not because of it
+    assert lab.receiver(f"mx.{domain}").messages == []

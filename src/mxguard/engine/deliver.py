@@ -337,7 +337,7 @@ class Sender:
         reply = await client.mail_from(mail_from)
         if not reply.positive:
             return _with(
-                base, detail=f"MAIL FROM refused: {reply.text}", smtp_reply=reply.text
+                base, detail=f"MAIL FROM refused: {reply}", smtp_reply=str(reply)
             ), reply.permanent
         accepted, refusals = 0, []
         for rcpt in rcpts:
@@ -350,12 +350,12 @@ class Sender:
             worst = refusals[-1]
             permanent = all(r.permanent for r in refusals)
             return _with(
-                base, detail=f"every recipient refused: {worst.text}", smtp_reply=worst.text
+                base, detail=f"every recipient refused: {worst}", smtp_reply=str(worst)
             ), permanent
         reply = await client.data(data)
         if not reply.positive:
             return _with(
-                base, detail=f"message refused: {reply.text}", smtp_reply=reply.text
+                base, detail=f"message refused: {reply}", smtp_reply=str(reply)
             ), reply.permanent
         await client.quit()
         how = "over " + base.tls_version if base.tls_version else "IN PLAIN TEXT"
@@ -364,7 +364,7 @@ class Sender:
             base,
             delivered=True,
             plaintext=base.tls_version is None,
-            smtp_reply=reply.text,
+            smtp_reply=str(reply),
             detail=detail,
         ), False
 
@@ -375,6 +375,11 @@ class Sender:
         if self.store is None:
             return
         kind, strings, patterns = _policy_for_report(policy)
+        # RFC 8460 §4.3.2.2: a failed MTA-STS discovery or fetch is a policy failure of every
+        # session made without the policy, even when the session itself went well.
+        sts_failure = next(
+            (e for e in policy.errors if e.result_type.value.startswith("sts-")), None
+        ) if kind == "no-policy-found" else None  # fmt: skip
         now = self.clock()
         results = [
             SessionResult(
@@ -384,12 +389,19 @@ class Sender:
                 policy_type=kind,
                 policy_strings=strings,
                 mx_patterns=patterns,
-                result_type=a.result_type.value if a.result_type else None,
+                result_type=a.result_type.value
+                if a.result_type
+                else (sts_failure.result_type.value if sts_failure else None),
                 sending_ip=a.sending_ip,
                 receiving_mx=a.mx,
                 receiving_ip=a.ip,
                 receiving_helo=a.helo,
-                detail=a.detail or None,
+                detail=(
+                    f"{sts_failure.detail}; {a.detail}"
+                    if sts_failure and not a.result_type
+                    else a.detail
+                )
+                or None,
                 rua=policy.tlsrpt_rua,
                 is_report=self.is_report,
                 reported=None,
@@ -429,7 +441,7 @@ def _go(a: Attempt, result: ResultType | None, detail: str) -> tuple[Attempt, bo
 
 
 def _reply(r: Reply | None) -> str | None:
-    return r.text if r else None
+    return str(r) if r else None
 
 
 def _announced_name(client: SmtpClient) -> str | None:

@@ -90,6 +90,7 @@ class Host:
     tlsa: tuple[str, ...] = ()
     attack: AttackMode = AttackMode.PASS
     aliases: tuple[str, ...] = ()  # names that are CNAMEs of this host
+    rcpt_reply: str | None = None  # e.g. "550 5.1.1 no such user": refuse every recipient
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +235,12 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None
 
 
 def _host(t: Mapping[str, Any], where: str) -> Host:
-    _check_keys(t, {"name", "starttls", "cert", "tlsa", "attack", "aliases"}, where)
+    _check_keys(t, {"name", "starttls", "cert", "tlsa", "attack", "aliases", "rcpt_reply"}, where)
+    rcpt_reply = t.get("rcpt_reply")
+    if rcpt_reply is not None and not (
+        isinstance(rcpt_reply, str) and rcpt_reply[:3].isdigit() and rcpt_reply[0] in "45"
+    ):
+        raise ScenarioError(f"{where}.rcpt_reply: expected an SMTP refusal such as '550 5.1.1 ...'")
     if "name" not in t:
         raise ScenarioError(f"{where}: 'name' is required")
     return Host(
@@ -244,6 +250,7 @@ def _host(t: Mapping[str, Any], where: str) -> Host:
         tlsa=_strings(t.get("tlsa", []), f"{where}.tlsa"),
         attack=_enum(AttackMode, t.get("attack", "pass"), f"{where}.attack"),
         aliases=_strings(t.get("aliases", []), f"{where}.aliases"),
+        rcpt_reply=rcpt_reply,
     )
 
 

@@ -52,6 +52,16 @@ class _Handler:
     def __init__(self, receiver: SmtpReceiver) -> None:
         self._receiver = receiver
 
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        # A scenario can make the receiver refuse recipients (temporarily or for good).
+        refusal = self._receiver.host.rcpt_reply
+        if refusal:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         tls_version: str | None = None
         if session.ssl is not None:
