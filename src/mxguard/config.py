@@ -18,6 +18,16 @@ Config file (all keys optional)::
     [local_rules]                       # floors: "tls", "verified" or "dane"
     "bank.example" = "verified"
     ".gov.example" = "tls"
+
+    [tlsrpt]                            # sending TLS reports (RFC 8460)
+    organization_name = "Example Org"   # `organization-name` of the reports
+    contact_info = "tlsrpt@example.org" # `contact-info`
+    submitter = "mail.example.org"      # TLS-Report-Submitter and the §5.1 file name
+    sender = "tlsrpt-noreply@example.org"  # MAIL FROM and From: of report e-mails
+    delay_window = 14400                # seconds: reports go out at random within this
+
+    [postfix]                           # `mxguard serve postfix`: keys in docs/postfix.md
+    listen = "inet:127.0.0.1:8461"
 """
 
 from __future__ import annotations
@@ -37,6 +47,18 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class TlsRptSettings:
+    """How mxguard sends TLS reports (RFC 8460 §4, §5); None values default to names derived
+    from ``helo_name`` (see ``Settings.report_*``)."""
+
+    organization_name: str | None = None
+    contact_info: str | None = None
+    submitter: str | None = None
+    sender: str | None = None
+    delay_window: float = 4 * 3600.0  # RFC 8460 §4.1 asks senders to spread the load
+
+
+@dataclass(frozen=True)
 class Settings:
     resolvers: tuple[tuple[str, int], ...] = ()  # empty: the system's resolvers
     ca_file: Path | None = None
@@ -47,8 +69,27 @@ class Settings:
     local_rules: Mapping[str, str] = field(default_factory=dict)
     helo_name: str = field(default_factory=socket.getfqdn)
     fetch_timeout: float = 10.0  # the whole MTA-STS policy fetch, connect to last byte
+    postfix: Mapping[str, Any] = field(default_factory=dict)  # checked by mxguard.postfix
     json: bool = False
+    tlsrpt: TlsRptSettings = field(default_factory=TlsRptSettings)
     source: str = "defaults"  # where the settings came from, for messages
+
+    @property
+    def report_submitter(self) -> str:
+        """RFC 8460 §5.3 TLS-Report-Submitter: configured, else the HELO name."""
+        return self.tlsrpt.submitter or self.helo_name
+
+    @property
+    def report_sender(self) -> str:
+        return self.tlsrpt.sender or f"tlsrpt-noreply@{self.report_submitter}"
+
+    @property
+    def report_organization(self) -> str:
+        return self.tlsrpt.organization_name or self.report_submitter
+
+    @property
+    def report_contact(self) -> str:
+        return self.tlsrpt.contact_info or f"postmaster@{self.report_submitter}"
 
     def with_overrides(self, **values: Any) -> Settings:
         """A copy with the given (already validated) values; ``None`` values are ignored."""
@@ -65,7 +106,39 @@ _KEYS = {
     "helo_name": "the host name mxguard announces in EHLO",
     "local_rules": "a table of domain = floor",
     "fetch_timeout": "seconds (a number from 0.1 to 60) for a whole MTA-STS policy fetch",
+    "postfix": "a table of `mxguard serve postfix` settings (see docs/postfix.md)",
+    "tlsrpt": "a table with organization_name, contact_info, submitter, sender, delay_window",
 }
+_TLSRPT_KEYS = ("organization_name", "contact_info", "submitter", "sender", "delay_window")
+
+
+def tlsrpt_settings(data: Any, where: str) -> TlsRptSettings:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected {_KEYS['tlsrpt']}")
+    unknown = sorted(set(data) - set(_TLSRPT_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(_TLSRPT_KEYS)}"
+        )
+    values: dict[str, Any] = {}
+    for key in ("organization_name", "contact_info", "submitter", "sender"):
+        if key in data:
+            if not isinstance(data[key], str) or not data[key].strip():
+                raise ConfigError(f"{where}.{key}: expected a non-empty string")
+            values[key] = data[key].strip()
+    if "submitter" in values and ("!" in values["submitter"] or " " in values["submitter"]):
+        raise ConfigError(
+            f"{where}.submitter: {values['submitter']!r} must be a host name (it is part of "
+            'the RFC 8460 §5.1 file name), e.g. "mail.example.org"'
+        )
+    if "sender" in values and "@" not in values["sender"]:
+        raise ConfigError(f"{where}.sender: expected an address like tlsrpt@example.org")
+    if "delay_window" in data:
+        value = data["delay_window"]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 86400:
+            raise ConfigError(f"{where}.delay_window: expected seconds, a number from 0 to 86400")
+        values["delay_window"] = float(value)
+    return TlsRptSettings(**values)
 
 
 def port(value: Any, where: str) -> int:
@@ -124,6 +197,12 @@ def from_mapping(data: Mapping[str, Any], source: str) -> Settings:
         ):
             raise ConfigError(f"{source}: local_rules: expected {_KEYS['local_rules']}")
         values["local_rules"] = dict(rules)
+    if "tlsrpt" in data:
+        values["tlsrpt"] = tlsrpt_settings(data["tlsrpt"], f"{source}: tlsrpt")
+    if "postfix" in data:
+        if not isinstance(data["postfix"], Mapping):
+            raise ConfigError(f"{source}: postfix: expected {_KEYS['postfix']}")
+        values["postfix"] = dict(data["postfix"])
     return s.with_overrides(**values)
 
 

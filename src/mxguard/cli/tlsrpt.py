@@ -1,11 +1,29 @@
-"""`mxguard tlsrpt`: TLS reporting: record linting and aggregate reports (RFC 8460)."""
+"""`mxguard tlsrpt`: TLS reporting: record linting and aggregate reports (RFC 8460).
+
+- `check-record TEXT` lints an `_smtp._tls` TXT record (§3);
+- `report --day YYYY-MM-DD` builds the day's aggregate reports (§4) from the recorded session
+  results and sends them to each domain's `rua` (§5); with `--dry-run --out DIR` it writes the
+  `.json.gz` files and the `.eml` messages to DIR instead and sends nothing;
+- `run` is the long-running sender: after each UTC midnight it builds the previous day's
+  reports, sends them after a random delay, retries failed deliveries; SIGTERM stops it.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import signal
+from pathlib import Path
+from typing import Any
+
 import click
 
-from mxguard.cli.output import emit_lint
+from mxguard.adapters.store import StoreError
+from mxguard.cli.output import EXIT_DEFERRED, emit_json, emit_lint
+from mxguard.config import ConfigError
+from mxguard.engine.context import engine
 from mxguard.protocol import tlsrpt as tlsrpt_record
+from mxguard.tlsrpt.reporter import Built, Delivery, reporter_for
 
 
 @click.group()
@@ -21,3 +39,138 @@ def check_record(ctx: click.Context, text: str, as_json: bool) -> None:
     """Lint an `_smtp._tls` TXT record, e.g. 'v=TLSRPTv1; rua=mailto:tlsrpt@example.com'."""
     fields, errors, warnings = tlsrpt_record.lint_record(text)
     ctx.exit(emit_lint("TLS-RPT record", fields, errors, warnings, as_json=as_json))
+
+
+def _day(ctx: click.Context, param: click.Parameter, value: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a date; use YYYY-MM-DD (UTC)") from None
+
+
+@tlsrpt.command("report")
+@click.option("--day", required=True, callback=_day, metavar="YYYY-MM-DD",
+              help="The UTC day to report.")  # fmt: skip
+@click.option("--dry-run", is_flag=True, help="Build and write files; send nothing.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the .json.gz reports and .eml files (with --dry-run).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, default=None, help="Machine-readable output.")
+@click.pass_context
+def report(
+    ctx: click.Context, day: dt.date, dry_run: bool, out: Path | None, as_json: bool | None
+) -> None:
+    """Build the aggregate reports of one UTC day and send them (RFC 8460 §4, §5).
+
+    Exit status: 0 every report accepted (or written), 75 some delivery failed (it stays in the
+    store and `mxguard tlsrpt run` retries it).
+    """
+    from mxguard.cli import settings
+
+    s = settings(ctx)
+    if dry_run and out is None:
+        raise click.UsageError("--dry-run needs --out DIR: where to write the reports")
+    if out is not None and not dry_run:
+        raise click.UsageError("--out is for --dry-run; without it the reports are sent")
+
+    async def work() -> tuple[list[Built], list[Delivery]]:
+        async with engine(s) as e:
+            r = reporter_for(e)
+            built = await r.build(day, store=not dry_run)
+            if dry_run:
+                return built, []
+            wanted = {b.pending.report_id for b in built if b.stored}
+            pending = [
+                p for p in await e.store.reports(start=built[0].pending.start, pending_only=True)
+                if p.report_id in wanted
+            ] if built else []  # fmt: skip
+            return built, [await r.deliver(p) for p in pending]
+
+    try:
+        built, deliveries = asyncio.run(work())
+    except (ConfigError, StoreError) as exc:
+        raise click.UsageError(str(exc)) from None
+    files: dict[str, list[str]] = {}
+    if dry_run and out is not None:
+        files = _write(built, out, s)
+    doc = [_report_json(b, files.get(b.pending.report_id, []), deliveries) for b in built]
+    if as_json or s.json:
+        emit_json({"day": day.isoformat(), "reports": doc})
+    else:
+        if not doc:
+            click.echo(f"no session results with a TLS-RPT rua on {day}: nothing to report")
+        for d in doc:
+            state = d["delivered_to"] or ("written" if dry_run else d["status"])
+            click.echo(
+                f"{d['policy_domain']}: {d['successful']} ok, {d['failed']} failed sessions; "
+                f"report {d['report_id']}: {state}"
+            )
+            for f in d["files"]:
+                click.echo(f"  {f}")
+            for a in d["attempts"]:
+                click.echo(f"  {a['uri']}: {'accepted' if a['ok'] else 'FAILED'} — {a['detail']}")
+    failed = any(not d.delivered_to for d in deliveries)
+    ctx.exit(EXIT_DEFERRED if failed else 0)
+
+
+def _write(built: list[Built], out: Path, s: Any) -> dict[str, list[str]]:
+    from mxguard.tlsrpt.reporter import config_from
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = config_from(s)
+    files: dict[str, list[str]] = {}
+    for b in built:
+        gz = out / b.pending.filename
+        gz.write_bytes(b.pending.body)
+        eml = out / (b.pending.filename.removesuffix(".json.gz") + ".eml")
+        eml.write_bytes(b.email(config, dt.datetime.now(dt.UTC)))
+        files[b.pending.report_id] = [str(gz), str(eml)]
+    return files
+
+
+def _report_json(b: Built, files: list[str], deliveries: list[Delivery]) -> dict[str, Any]:
+    d = next((x for x in deliveries if x.report_id == b.pending.report_id), None)
+    if not b.stored and d is None:
+        status = "written" if files else "already built"
+    else:
+        status = "delivered" if d and d.delivered_to else "pending"
+    return {
+        "policy_domain": b.pending.policy_domain,
+        "report_id": b.pending.report_id,
+        "filename": b.pending.filename,
+        "rua": list(b.pending.rua),
+        "successful": b.report.successful,
+        "failed": b.report.failed,
+        "status": status,
+        "delivered_to": d.delivered_to if d else None,
+        "next_attempt_at": d.next_attempt_at.isoformat() if d and d.next_attempt_at else None,
+        "attempts": [{"uri": a.uri, "ok": a.ok, "detail": a.detail} for a in d.attempts]
+        if d
+        else [],
+        "files": files,
+    }
+
+
+@tlsrpt.command("run")
+@click.option("--poll", type=float, default=60.0, show_default=True,
+              help="Seconds between checks for due deliveries.")  # fmt: skip
+@click.pass_context
+def run(ctx: click.Context, poll: float) -> None:
+    """Send reports forever: after each UTC midnight (plus a random delay) the previous day's,
+    and retry failed deliveries. SIGTERM or Ctrl-C stops it cleanly."""
+    from mxguard.cli import settings
+
+    s = settings(ctx)
+
+    async def work() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with engine(s) as e:
+            click.echo("mxguard tlsrpt run: sending TLS reports; SIGTERM stops", err=True)
+            await reporter_for(e).run(stop, poll=poll)
+
+    try:
+        asyncio.run(work())
+    except (ConfigError, StoreError) as exc:
+        raise click.UsageError(str(exc)) from None

@@ -63,11 +63,14 @@ def load_rules(settings: Settings) -> localrules.Rules | None:
 
 
 @contextlib.asynccontextmanager
-async def engine(settings: Settings) -> AsyncIterator[Engine]:
-    """The engine for one command or one server, closed (store included) on exit."""
+async def engine(settings: Settings, *, dns_cache: bool = False) -> AsyncIterator[Engine]:
+    """The engine for one command or one server, closed (store included) on exit.
+
+    ``dns_cache``: keep DNS answers for their TTL (long-running servers).
+    """
     rules = load_rules(settings)
     plist = load_policy_list(settings)
-    dns = DnsResolver(settings.resolvers or None)
+    dns = DnsResolver(settings.resolvers or None, cache=dns_cache)
     store = await open_store(settings.store or default_store_url())
     try:
         sts = StsResolver(

@@ -32,6 +32,7 @@ from typing import Protocol
 __all__ = [
     "POLICY_TYPES",
     "CachedPolicy",
+    "PendingReport",
     "SessionResult",
     "Store",
     "StoreError",
@@ -86,6 +87,27 @@ class SessionResult:
     reported: str | None  # the report-id that included it, once a report was accepted
 
 
+@dataclass(frozen=True, slots=True)
+class PendingReport:
+    """A built TLS-RPT report and its delivery state (RFC 8460 §5: keep the data until some
+    `rua` accepted it). One per policy domain and UTC day; `result_ids` are marked reported
+    in the same transaction that records the delivery."""
+
+    report_id: str
+    policy_domain: str
+    start: datetime  # 00:00:00Z of the day the report covers
+    filename: str  # RFC 8460 §5.1 file name
+    body: bytes  # the gzipped JSON report
+    rua: tuple[str, ...]  # where it goes (the domain's TLS-RPT record, RFC 8460 §3)
+    result_ids: tuple[int, ...]  # the session results it covers
+    created_at: datetime
+    next_attempt_at: datetime  # not before: the random delay, then back-off after failures
+    attempts: int = 0
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+    delivered_to: str | None = None  # the rua URI that accepted it
+
+
 class Store(Protocol):
     """What every backend offers. All methods are coroutines; writes are durable on return."""
 
@@ -117,6 +139,27 @@ class Store(Protocol):
 
     async def mark_reported(self, ids: Iterable[int], report_id: str) -> None:
         """Record that an accepted report `report_id` covered the results `ids`."""
+        ...
+
+    async def add_report(self, report: PendingReport) -> bool:
+        """Keep a built report; False (and nothing stored) when one for the same policy
+        domain and day already exists: a day is reported once."""
+        ...
+
+    async def reports(
+        self, *, start: datetime | None = None, pending_only: bool = False
+    ) -> list[PendingReport]:
+        """Reports (of the day beginning at `start`, or all; only undelivered ones if
+        `pending_only`), ordered by (next_attempt_at, report_id)."""
+        ...
+
+    async def report_failed(self, report_id: str, error: str, next_attempt_at: datetime) -> None:
+        """Record a delivery attempt that no `rua` accepted, and when to try again."""
+        ...
+
+    async def report_delivered(self, report_id: str, uri: str, at: datetime) -> None:
+        """Record that `uri` accepted the report and mark its results reported (one
+        transaction: a crash leaves either both or neither)."""
         ...
 
     async def close(self) -> None:
@@ -247,6 +290,22 @@ def check_result(result: SessionResult) -> SessionResult:
         )
     check_domain(result.policy_domain)
     return replace(result, at=as_utc(result.at, "at"))
+
+
+def check_report(report: PendingReport) -> PendingReport:
+    """`report` with UTC datetimes, after checking it can be stored."""
+    check_domain(report.policy_domain)
+    if not report.report_id:
+        raise StoreError("report_id is empty; pass the RFC 8460 §4.4 report-id")
+    return replace(
+        report,
+        start=as_utc(report.start, "start"),
+        created_at=as_utc(report.created_at, "created_at"),
+        next_attempt_at=as_utc(report.next_attempt_at, "next_attempt_at"),
+        delivered_at=None
+        if report.delivered_at is None
+        else as_utc(report.delivered_at, "delivered_at"),
+    )
 
 
 # Times are kept as fixed-width UTC text where the backend has no time type, so that text order

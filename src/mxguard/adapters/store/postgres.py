@@ -24,11 +24,13 @@ import psycopg.conninfo
 
 from mxguard.adapters.store import (
     CachedPolicy,
+    PendingReport,
     SessionResult,
     StoreError,
     as_utc,
     check_domain,
     check_policy,
+    check_report,
     check_result,
     redact_url,
 )
@@ -72,12 +74,35 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX session_results_at ON session_results (at)",
         "CREATE INDEX session_results_domain_at ON session_results (policy_domain, at)",
     ),
+    (
+        """CREATE TABLE tlsrpt_reports (
+            report_id       text PRIMARY KEY,
+            policy_domain   text NOT NULL,
+            start           timestamptz NOT NULL,
+            filename        text NOT NULL,
+            body            bytea NOT NULL,
+            rua             text[] NOT NULL,
+            result_ids      bigint[] NOT NULL,
+            created_at      timestamptz NOT NULL,
+            next_attempt_at timestamptz NOT NULL,
+            attempts        integer NOT NULL,
+            last_error      text,
+            delivered_at    timestamptz,
+            delivered_to    text,
+            UNIQUE (policy_domain, start)
+        )""",
+        "CREATE INDEX tlsrpt_reports_next ON tlsrpt_reports (next_attempt_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _RESULT_COLUMNS = (
     "at, policy_domain, policy_type, policy_strings, mx_patterns, result_type, sending_ip, "
     "receiving_mx, receiving_ip, receiving_helo, detail, rua, is_report, reported"
+)
+_REPORT_COLUMNS = (
+    "report_id, policy_domain, start, filename, body, rua, result_ids, created_at, "
+    "next_attempt_at, attempts, last_error, delivered_at, delivered_to"
 )
 _POLICY_COLUMNS = "domain, policy_id, policy_text, fetched_at, expires_at"
 
@@ -174,6 +199,72 @@ class PostgresStore:
                 "UPDATE session_results SET reported = %s WHERE id = ANY(%s)",
                 [(report_id, id_list)],
             )
+
+    # --- TLS-RPT reports awaiting delivery (RFC 8460 §5) ---
+
+    async def add_report(self, report: PendingReport) -> bool:
+        r = check_report(report)
+        row = (
+            r.report_id, r.policy_domain, r.start, r.filename, r.body, list(r.rua),
+            list(r.result_ids), r.created_at, r.next_attempt_at, r.attempts, r.last_error,
+            r.delivered_at, r.delivered_to,
+        )  # fmt: skip
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> bool:
+            cur = await conn.execute(
+                f"INSERT INTO tlsrpt_reports ({_REPORT_COLUMNS}) VALUES "
+                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (policy_domain, start) DO NOTHING",
+                row,
+            )
+            return cur.rowcount == 1
+
+        return await self._run(work, idempotent=False)
+
+    async def reports(
+        self, *, start: datetime | None = None, pending_only: bool = False
+    ) -> list[PendingReport]:
+        where, params = ["TRUE"], []
+        if start is not None:
+            where.append("start = %s")
+            params.append(as_utc(start, "start"))
+        if pending_only:
+            where.append("delivered_at IS NULL")
+        rows = await self._fetch(
+            f"SELECT {_REPORT_COLUMNS} FROM tlsrpt_reports WHERE {' AND '.join(where)} "
+            "ORDER BY next_attempt_at, report_id",
+            tuple(params),
+        )
+        return [_report_from_row(row) for row in rows]
+
+    async def report_failed(self, report_id: str, error: str, next_attempt_at: datetime) -> None:
+        await self._write(
+            "UPDATE tlsrpt_reports SET attempts = attempts + 1, last_error = %s, "
+            "next_attempt_at = %s WHERE report_id = %s",
+            [(error, as_utc(next_attempt_at, "next_attempt_at"), report_id)],
+            idempotent=False,
+        )
+
+    async def report_delivered(self, report_id: str, uri: str, at: datetime) -> None:
+        when = as_utc(at, "at")
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with conn.transaction():
+                cur = await conn.execute(
+                    "UPDATE tlsrpt_reports SET attempts = attempts + 1, last_error = NULL, "
+                    "delivered_at = %s, delivered_to = %s WHERE report_id = %s "
+                    "RETURNING result_ids",
+                    (when, uri, report_id),
+                )
+                row = await cur.fetchone()
+                if row is None:
+                    raise StoreError(f"no report {report_id!r} in the store; add it first")
+                await conn.execute(
+                    "UPDATE session_results SET reported = %s WHERE id = ANY(%s)",
+                    (report_id, list(row[0])),
+                )
+
+        await self._run(work, idempotent=True)
 
     async def close(self) -> None:
         async with self._lock:
@@ -313,4 +404,24 @@ def _result_from_row(row: tuple[Any, ...]) -> SessionResult:
         rua=tuple(rua),
         is_report=bool(is_report),
         reported=reported,
+    )
+
+
+def _report_from_row(row: tuple[Any, ...]) -> PendingReport:
+    (report_id, domain, start, name, body, rua, ids, created, next_at, attempts, error,
+     delivered_at, delivered_to) = row  # fmt: skip
+    return PendingReport(
+        report_id=report_id,
+        policy_domain=domain,
+        start=start.astimezone(UTC),
+        filename=name,
+        body=bytes(body),
+        rua=tuple(rua),
+        result_ids=tuple(int(i) for i in ids),
+        created_at=created.astimezone(UTC),
+        next_attempt_at=next_at.astimezone(UTC),
+        attempts=int(attempts),
+        last_error=error,
+        delivered_at=None if delivered_at is None else delivered_at.astimezone(UTC),
+        delivered_to=delivered_to,
     )

@@ -26,6 +26,7 @@ import redis.exceptions
 
 from mxguard.adapters.store import (
     CachedPolicy,
+    PendingReport,
     SessionResult,
     StoreError,
     check_domain,
@@ -135,6 +136,20 @@ class RedisStore:
         raise StoreError(_RESULTS_REFUSED)
 
     async def mark_reported(self, ids: Iterable[int], report_id: str) -> None:
+        raise StoreError(_RESULTS_REFUSED)
+
+    async def add_report(self, report: PendingReport) -> bool:
+        raise StoreError(_RESULTS_REFUSED)
+
+    async def reports(
+        self, *, start: datetime | None = None, pending_only: bool = False
+    ) -> list[PendingReport]:
+        raise StoreError(_RESULTS_REFUSED)
+
+    async def report_failed(self, report_id: str, error: str, next_attempt_at: datetime) -> None:
+        raise StoreError(_RESULTS_REFUSED)
+
+    async def report_delivered(self, report_id: str, uri: str, at: datetime) -> None:
         raise StoreError(_RESULTS_REFUSED)
 
     async def close(self) -> None:

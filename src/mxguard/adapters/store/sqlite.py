@@ -24,11 +24,13 @@ from typing import TypeVar
 
 from mxguard.adapters.store import (
     CachedPolicy,
+    PendingReport,
     SessionResult,
     StoreError,
     as_utc,
     check_domain,
     check_policy,
+    check_report,
     check_result,
     format_time,
     parse_time,
@@ -73,12 +75,37 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX session_results_at ON session_results (at)",
         "CREATE INDEX session_results_domain_at ON session_results (policy_domain, at)",
     ),
+    (
+        # Built TLS-RPT reports waiting for (or done with) delivery, RFC 8460 §5: the data is
+        # kept until some rua accepted it. One per policy domain and day. Tuples are JSON.
+        """CREATE TABLE tlsrpt_reports (
+            report_id       TEXT PRIMARY KEY,
+            policy_domain   TEXT NOT NULL,
+            start           TEXT NOT NULL,
+            filename        TEXT NOT NULL,
+            body            BLOB NOT NULL,
+            rua             TEXT NOT NULL,
+            result_ids      TEXT NOT NULL,
+            created_at      TEXT NOT NULL,
+            next_attempt_at TEXT NOT NULL,
+            attempts        INTEGER NOT NULL,
+            last_error      TEXT,
+            delivered_at    TEXT,
+            delivered_to    TEXT,
+            UNIQUE (policy_domain, start)
+        )""",
+        "CREATE INDEX tlsrpt_reports_next ON tlsrpt_reports (next_attempt_at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _RESULT_COLUMNS = (
     "at, policy_domain, policy_type, policy_strings, mx_patterns, result_type, sending_ip, "
     "receiving_mx, receiving_ip, receiving_helo, detail, rua, is_report, reported"
+)
+_REPORT_COLUMNS = (
+    "report_id, policy_domain, start, filename, body, rua, result_ids, created_at, "
+    "next_attempt_at, attempts, last_error, delivered_at, delivered_to"
 )
 
 
@@ -204,6 +231,78 @@ class SQLiteStore:
                 conn.executemany(
                     "UPDATE session_results SET reported = ? WHERE id = ?",
                     params,
+                )
+
+        await self._with_conn(work)
+
+    # --- TLS-RPT reports awaiting delivery (RFC 8460 §5) ---
+
+    async def add_report(self, report: PendingReport) -> bool:
+        row = _report_to_row(check_report(report))
+
+        def work(conn: sqlite3.Connection) -> bool:
+            with _write(conn):
+                cur = conn.execute(
+                    f"INSERT INTO tlsrpt_reports ({_REPORT_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (policy_domain, start) DO NOTHING",
+                    row,
+                )
+                return cur.rowcount == 1
+
+        return await self._with_conn(work)
+
+    async def reports(
+        self, *, start: datetime | None = None, pending_only: bool = False
+    ) -> list[PendingReport]:
+        where, params = ["1 = 1"], []
+        if start is not None:
+            where.append("start = ?")
+            params.append(format_time(as_utc(start, "start")))
+        if pending_only:
+            where.append("delivered_at IS NULL")
+
+        def work(conn: sqlite3.Connection) -> list[PendingReport]:
+            rows = conn.execute(
+                f"SELECT {_REPORT_COLUMNS} FROM tlsrpt_reports WHERE {' AND '.join(where)} "
+                "ORDER BY next_attempt_at, report_id",
+                params,
+            ).fetchall()
+            return [_report_from_row(row) for row in rows]
+
+        return await self._with_conn(work)
+
+    async def report_failed(self, report_id: str, error: str, next_attempt_at: datetime) -> None:
+        when = format_time(as_utc(next_attempt_at, "next_attempt_at"))
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.execute(
+                    "UPDATE tlsrpt_reports SET attempts = attempts + 1, last_error = ?, "
+                    "next_attempt_at = ? WHERE report_id = ?",
+                    (error, when, report_id),
+                )
+
+        await self._with_conn(work)
+
+    async def report_delivered(self, report_id: str, uri: str, at: datetime) -> None:
+        when = format_time(as_utc(at, "at"))
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                row = conn.execute(
+                    "SELECT result_ids FROM tlsrpt_reports WHERE report_id = ?", (report_id,)
+                ).fetchone()
+                if row is None:
+                    raise StoreError(f"no report {report_id!r} in the store; add it first")
+                conn.execute(
+                    "UPDATE tlsrpt_reports SET attempts = attempts + 1, last_error = NULL, "
+                    "delivered_at = ?, delivered_to = ? WHERE report_id = ?",
+                    (when, uri, report_id),
+                )
+                conn.executemany(
+                    "UPDATE session_results SET reported = ? WHERE id = ?",
+                    [(report_id, int(i)) for i in json.loads(row[0])],
                 )
 
         await self._with_conn(work)
@@ -368,3 +467,41 @@ def _json_tuple(value: object) -> tuple[str, ...]:
 
 def _opt(value: object) -> str | None:
     return None if value is None else str(value)
+
+
+def _report_to_row(r: PendingReport) -> tuple[object, ...]:
+    return (
+        r.report_id,
+        r.policy_domain,
+        format_time(r.start),
+        r.filename,
+        r.body,
+        json.dumps(list(r.rua)),
+        json.dumps(list(r.result_ids)),
+        format_time(r.created_at),
+        format_time(r.next_attempt_at),
+        r.attempts,
+        r.last_error,
+        None if r.delivered_at is None else format_time(r.delivered_at),
+        r.delivered_to,
+    )
+
+
+def _report_from_row(row: tuple[object, ...]) -> PendingReport:
+    (report_id, domain, start, name, body, rua, ids, created, next_at, attempts, error,
+     delivered_at, delivered_to) = row  # fmt: skip
+    return PendingReport(
+        report_id=str(report_id),
+        policy_domain=str(domain),
+        start=parse_time(str(start)),
+        filename=str(name),
+        body=bytes(body) if isinstance(body, bytes | memoryview) else str(body).encode(),
+        rua=_json_tuple(rua),
+        result_ids=tuple(int(i) for i in json.loads(str(ids))),
+        created_at=parse_time(str(created)),
+        next_attempt_at=parse_time(str(next_at)),
+        attempts=int(str(attempts)),
+        last_error=_opt(error),
+        delivered_at=None if delivered_at is None else parse_time(str(delivered_at)),
+        delivered_to=_opt(delivered_to),
+    )
