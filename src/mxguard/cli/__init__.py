@@ -90,6 +90,7 @@ from mxguard.cli import demo as _demo  # noqa: E402
 from mxguard.cli import lab as _lab  # noqa: E402
 from mxguard.cli import policy as _policy  # noqa: E402
 from mxguard.cli import send as _send  # noqa: E402
+from mxguard.cli import serve as _serve  # noqa: E402
 from mxguard.cli import sts as _sts  # noqa: E402
 from mxguard.cli import tlsrpt as _tlsrpt  # noqa: E402
 
@@ -100,3 +101,4 @@ main.add_command(_lab.lab)
 main.add_command(_policy.policy)
 main.add_command(_send.send)
 main.add_command(_demo.demo)
+main.add_command(_serve.serve)

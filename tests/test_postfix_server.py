@@ -1,0 +1,303 @@
+"""The Postfix policy server on real sockets, against the lab.
+
+Specification rows: every request gets a defined reply and the connection keeps serving;
+many connections at once share one resolution per domain; a stalled policy host delays only
+its own first lookup, and only up to the budget; cache hits need no DNS; metrics count what
+happened; stopping (and SIGTERM) leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mxguard.config import Settings, load
+from mxguard.lab.lab import Lab
+from mxguard.postfix.answers import Options
+from mxguard.postfix.netstring import NetstringDecoder, Request, encode
+from mxguard.postfix.server import PolicyServer
+
+pytestmark = pytest.mark.lab
+
+HOST = "127.207.0.1"  # this suite's own loopback range
+
+
+def lab_settings(lab: Lab, tmp_path: Path, **overrides: Any) -> Settings:
+    return load(lab.config_file).with_overrides(
+        store=f"sqlite:///{tmp_path / 'state.db'}", **overrides
+    )
+
+
+@pytest.fixture
+def server(lab: Lab, tmp_path: Path) -> Iterator[PolicyServer]:
+    with PolicyServer(
+        lab_settings(lab, tmp_path), listen=f"inet:{HOST}:0", tcp_table=f"inet:{HOST}:0",
+        metrics=f"inet:{HOST}:0", budget=2.0,
+    ) as s:  # fmt: skip
+        yield s
+
+
+class Client:
+    """A blocking socketmap client, like Postfix's: netstring requests, netstring replies."""
+
+    def __init__(self, address: Any) -> None:
+        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(address)
+        self.decoder = NetstringDecoder()
+        self.pending: list[bytes] = []
+
+    def send(self, raw: bytes) -> None:
+        self.sock.sendall(raw)
+
+    def replies(self, n: int) -> list[str]:
+        while len(self.pending) < n:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"closed after {len(self.pending)} of {n} replies")
+            for event in self.decoder.feed(data):
+                assert isinstance(event, Request), event
+                self.pending.append(event.payload)
+        out, self.pending = self.pending[:n], self.pending[n:]
+        return [r.decode() for r in out]
+
+    def ask(self, key: str) -> str:
+        self.send(encode(b"postfix " + key.encode()))
+        return self.replies(1)[0]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# (what is sent, what the reply starts with)
+HOSTILE = [
+    (b"abc,", "PERM netstring length expected digits"),
+    (b":,", "PERM netstring has no length"),
+    (b"3:abcX,", "PERM netstring payload is not followed by ','"),
+    (b"9999:" + b"x" * 9999 + b",", "PERM request of 9999 bytes is longer than the limit"),
+    (encode(b"postfix " + b"a" * 300 + b".test"), "PERM invalid key"),
+    (encode(b"postfix \xff\xfe.test"), "PERM invalid key: not valid UTF-8"),
+    (encode(b"postfix a..b"), "PERM invalid key: 'a..b' is not a valid domain name"),
+    (encode(b"postfix [192.0.2.1]"), "NOTFOUND "),
+    (encode(b"postfix [ipv6:2001:db8::1]"), "NOTFOUND "),
+    (encode(b"postfix [mx1.sts-enforce.test]:587"), "NOTFOUND "),
+    (encode(b"postfix .sts-enforce.test"), "NOTFOUND "),
+    (encode(b"nosuchmap sts-enforce.test"), "PERM unknown map"),
+    (encode(b"postfix"), "PERM request is not '<map name> <key>'"),
+    (encode(b"postfix sts-enforce.test"), "OK secure match=.sts-enforce.test"),
+    (encode(b"postfix dane-ee.test"), "OK dane-only"),
+]
+
+
+def test_every_request_gets_a_defined_reply_and_the_connection_keeps_serving(
+    server: PolicyServer,
+) -> None:
+    client = Client(server.socketmap_address)
+    # One at a time, then all of it again pipelined in a single write.
+    for raw, expected in HOSTILE:
+        client.send(raw)
+        assert client.replies(1)[0].startswith(expected), raw[:40]
+    client.send(b"".join(raw for raw, _ in HOSTILE))
+    got = client.replies(len(HOSTILE))
+    assert [g[: len(e)] for g, (_, e) in zip(got, HOSTILE, strict=True)] == [e for _, e in HOSTILE]
+    assert client.ask("nopolicy.test") == "NOTFOUND "
+    client.close()
+
+
+def test_tcp_table_protocol(server: PolicyServer) -> None:
+    sock = socket.create_connection(server.tcp_table_address, timeout=10)
+    sock.sendall(b"get dane-ee.test\nget bad%zz\nput x y\nget sts-enforce.test\nget .x.test\n")
+    data = b""
+    while data.count(b"\n") < 5:
+        data += sock.recv(65536)
+    sock.close()
+    assert data.decode().splitlines() == [
+        "200 dane-only",
+        "400 invalid%20key%20encoding:%20'%25'%20at%20offset%203%20is%20not%20followed%20by"
+        "%20two%20hex%20digits",
+        "400 only%20'get%20KEY'%20requests%20are%20supported",
+        "200 secure%20match=.sts-enforce.test%20servername=hostname",
+        "500 notfound",
+    ]
+
+
+def test_fifty_connections_share_one_resolution_and_one_fetch(server: PolicyServer) -> None:
+    barrier = threading.Barrier(50)
+
+    def one(_: int) -> str:
+        client = Client(server.socketmap_address)
+        barrier.wait()
+        try:
+            return client.ask("sts-enforce.test")
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(50) as pool:
+        got = list(pool.map(one, range(50)))
+    assert set(got) == {"OK secure match=.sts-enforce.test servername=hostname"}
+    assert server.engine.sts.fetches == 1
+    assert server.metrics.resolutions == 1
+
+
+def test_cache_hits_answer_without_dns_queries(server: PolicyServer) -> None:
+    client = Client(server.socketmap_address)
+    assert client.ask("dane-ee.test") == "OK dane-only"
+    queries = server.engine.dns.queries
+    started = time.perf_counter()
+    for _ in range(200):
+        assert client.ask("dane-ee.test") == "OK dane-only"
+    elapsed = time.perf_counter() - started
+    client.close()
+    assert server.engine.dns.queries == queries
+    assert server.metrics.cache_hits >= 200
+    assert elapsed < 2.0, f"200 warm lookups took {elapsed:.2f} s"
+
+
+def test_a_stalled_policy_host_delays_only_its_own_first_lookup(lab: Lab, tmp_path: Path) -> None:
+    settings = lab_settings(lab, tmp_path, fetch_timeout=1.5)
+    with PolicyServer(settings, listen=f"inet:{HOST}:0", budget=0.5) as server:
+        stalled, other = Client(server.socketmap_address), Client(server.socketmap_address)
+        timings: dict[str, tuple[float, str]] = {}
+
+        def timed(name: str, client: Client, key: str) -> None:
+            started = time.perf_counter()
+            reply = client.ask(key)
+            timings[name] = (time.perf_counter() - started, reply)
+
+        t = threading.Thread(target=timed, args=("stalled", stalled, "sts-stall.test"))
+        t.start()
+        time.sleep(0.05)
+        timed("other", other, "nopolicy.test")
+        t.join()
+        took, reply = timings["stalled"]
+        assert reply == "TEMP policy lookup in progress"
+        assert 0.4 < took < 1.0
+        assert timings["other"][0] < 0.4 and timings["other"][1] == "NOTFOUND "
+        # The resolution went on in the background; Postfix's retry is a cache hit.
+        deadline = time.monotonic() + 5
+        while server.call(_cached(server, "sts-stall.test")) is None:
+            assert time.monotonic() < deadline, "the background resolution never finished"
+            time.sleep(0.1)
+        started = time.perf_counter()
+        assert stalled.ask("sts-stall.test") == "NOTFOUND "
+        assert time.perf_counter() - started < 0.2
+        assert server.metrics.budget_expired == 1
+        assert server.metrics.failures.get("sts-policy-fetch-error") == 1
+        stalled.close()
+        other.close()
+
+
+async def _cached(server: PolicyServer, domain: str) -> Any:
+    return server.cached(domain)
+
+
+def test_the_refresher_keeps_hot_domains_in_the_cache(lab: Lab, tmp_path: Path) -> None:
+    with PolicyServer(
+        lab_settings(lab, tmp_path), listen=f"inet:{HOST}:0", answer_ttl=1.0,
+        refresh_interval=0.1,
+    ) as server:  # fmt: skip
+        client = Client(server.socketmap_address)
+        assert client.ask("dane-ee.test") == "OK dane-only"
+        for _ in range(12):  # 2.4 s: more than two answer lifetimes
+            time.sleep(0.2)
+            assert client.ask("dane-ee.test") == "OK dane-only"
+        client.close()
+        assert server.metrics.cache_misses == 1
+        assert server.metrics.refreshes >= 2
+
+
+def test_metrics_and_health(server: PolicyServer) -> None:
+    client = Client(server.socketmap_address)
+    client.ask("dane-ee.test")
+    client.ask("dane-ee.test")
+    client.ask("dane-bogus.test")
+    client.send(b"xx,")
+    client.replies(1)
+    client.close()
+    host, port = server.metrics_address
+    with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=5) as r:
+        assert r.status == 200 and r.read() == b"ok\n"
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for line in [
+        'mxguard_postfix_answers_total{kind="dane-only"} 2',
+        'mxguard_postfix_answers_total{kind="temp"} 1',
+        'mxguard_postfix_answers_total{kind="perm"} 1',
+        "mxguard_postfix_cache_hits_total 1",
+        "mxguard_postfix_cache_misses_total 2",
+        "mxguard_postfix_malformed_requests_total 1",
+        'mxguard_policy_failures_total{result_type="dnssec-invalid"} 1',
+        'mxguard_postfix_lookup_seconds_bucket{le="+Inf"} 4',
+        "mxguard_postfix_lookup_seconds_count 4",
+    ]:
+        assert line in text.splitlines(), line
+
+
+def test_stop_answers_what_was_received_and_leaves_nothing_running(
+    lab: Lab, tmp_path: Path
+) -> None:
+    path = tmp_path / "policy.sock"
+    server = PolicyServer(lab_settings(lab, tmp_path), listen=f"unix:{path}").start_in_thread()
+    client = Client(str(path))
+    assert client.ask("dane-ee.test") == "OK dane-only"
+    client.send(encode(b"postfix sts-enforce.test"))
+    server.stop_in_thread()
+    assert client.replies(1)[0].startswith("OK secure")
+    assert client.sock.recv(10) == b""  # closed after the reply
+    client.close()
+    assert not path.exists()
+    assert not [t for t in threading.enumerate() if t.name == "mxguard-postfix"]
+
+
+def test_sigterm_exits_0_and_sighup_reloads(lab: Lab, tmp_path: Path) -> None:
+    path = tmp_path / "cli.sock"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mxguard", "--config", str(lab.config_file), "--store",
+         f"sqlite:///{tmp_path / 'cli.db'}", "serve", "postfix", "--listen", f"unix:{path}"],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not path.exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        client = Client(str(path))
+        assert client.ask("dane-ee.test") == "OK dane-only"
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert client.ask("dane-ee.test") == "OK dane-only"
+        assert client.ask("nopolicy.test") == "NOTFOUND "
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert not path.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_options_reach_the_answers(lab: Lab, tmp_path: Path) -> None:
+    with PolicyServer(
+        lab_settings(lab, tmp_path), listen=f"inet:{HOST}:0",
+        options=Options(strict_testing=True, map_names=frozenset({"tls"})),
+    ) as server:  # fmt: skip
+        client = Client(server.socketmap_address)
+        client.send(encode(b"tls sts-testing.test"))
+        assert client.replies(1) == ["OK encrypt"]
+        client.close()
