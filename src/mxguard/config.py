@@ -206,7 +206,8 @@ def from_mapping(data: Mapping[str, Any], source: str) -> Settings:
     return s.with_overrides(**values)
 
 
-def load(path: Path) -> Settings:
+def load(path: Path | str) -> Settings:
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
