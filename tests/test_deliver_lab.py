@@ -320,3 +320,33 @@ def test_receiver_refusals_fail_for_good_or_defer(
     assert attempt["smtp_reply"].startswith("550" if code == 69 else "451")
     assert attempt["tls_version"] is not None  # refused after TLS, not because of it
     assert lab.receiver(f"mx.{domain}").messages == []
+
+
+@pytest.mark.parametrize(
+    ("refused", "code", "status"),
+    [("unknown-carol", 69, "failed"), ("busy-carol", 75, "deferred")],
+)
+def test_recipients_refused_beside_accepted_ones_are_not_reported_delivered(
+    lab: Lab, store: Path, refused: str, code: int, status: str
+) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["--config", str(lab.config_file), "--store", f"sqlite:///{store}", "send",
+         "--from", "alice@client.test", "--to", "bob@dane-ee.test",
+         "--to", f"{refused}@dane-ee.test", "--json"],
+    )  # fmt: skip
+    out = json.loads(result.stdout)
+    assert (result.exit_code, out["status"]) == (code, status)
+    assert [(r["address"], r["status"]) for r in out["recipients"]] == [
+        ("bob@dane-ee.test", "delivered"),
+        (f"{refused}@dane-ee.test", status),
+    ]
+    (message,) = lab.receiver("mx.dane-ee.test").messages
+    assert message.rcpt_tos == ("bob@dane-ee.test",)
+
+
+def test_a_domain_too_long_for_the_dns_is_an_answer_not_a_crash(lab: Lab, store: Path) -> None:
+    # 248 octets: a valid domain, but "_mta-sts." in front of it exceeds 255.
+    domain = ".".join(["a" * 60] * 4) + ".test"
+    sent = send(lab, store, domain)
+    assert (sent.code, sent.result["status"]) == (69, "failed")  # it does not exist

@@ -178,7 +178,18 @@ class DnsResolver:
 
     async def _query(self, name: str, rdtype: str) -> DnsAnswer:
         self.queries += 1
-        qname = dns.name.from_text(name)
+        try:
+            qname = dns.name.from_text(name)
+        except dns.exception.DNSException as exc:
+            # A name longer than 255 octets (or with an empty or 64+ octet label) cannot exist
+            # in the DNS at all (RFC 1035 §2.3.4): that is a certainty, not a lookup failure.
+            # It happens for real when a long domain gets "_mta-sts." or "_25._tcp." in front.
+            text = name.lower().rstrip(".")
+            return DnsAnswer(
+                text, rdtype, Outcome.NXDOMAIN,
+                DnssecStatus.SECURE if self.trusted else DnssecStatus.INSECURE,
+                canonical=text, detail=f"{text[:60]}… cannot exist in the DNS: {exc}",
+            )  # fmt: skip
         text = _text(qname)
         query = dns.message.make_query(qname, rdtype, use_edns=0, payload=1232)
         # AD in a query asks a validating resolver to report the validation (RFC 6840 §5.7).

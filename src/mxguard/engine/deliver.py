@@ -61,6 +61,7 @@ class Attempt:
     helo: str | None = None  # the host name the server announced
     sending_ip: str | None = None
     session: bool = False  # a TCP session took place (it counts for TLS-RPT)
+    refused: tuple[tuple[str, str], ...] = ()  # recipients the server refused: (address, reply)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,12 +93,31 @@ class DomainResult:
     def delivered(self) -> bool:
         return self.status is Outcome.DELIVERED
 
+    def recipient_outcomes(self) -> list[tuple[str, str, str | None]]:
+        """(address, delivered|deferred|failed, the server's refusal if any) per recipient."""
+        done = next((a for a in self.attempts if a.delivered), None)
+        if done is None:
+            return [(r, self.status.value, None) for r in self.recipients]
+        refused = dict(done.refused)
+        out: list[tuple[str, str, str | None]] = []
+        for r in self.recipients:
+            reply = refused.get(r)
+            if reply is None:
+                out.append((r, Outcome.DELIVERED.value, None))
+            else:
+                status = Outcome.FAILED if reply.startswith("5") else Outcome.DEFERRED
+                out.append((r, status.value, reply))
+        return out
+
     def to_json(self) -> dict[str, Any]:
         return {
             "domain": self.domain,
             "status": self.status.value,
             "delivered": self.delivered,
-            "recipients": list(self.recipients),
+            "recipients": [
+                {"address": r, "status": status, "reply": reply}
+                for r, status, reply in self.recipient_outcomes()
+            ],
             "policy": {
                 "source": self.policy.source.value if self.policy else None,
                 "mode": self.policy.mode.value if self.policy else None,
@@ -235,6 +255,17 @@ class Sender:
                 )
         elif any(a.result_type for a in attempts):
             result_type = next(a.result_type for a in attempts if a.result_type)
+        if outcome is Outcome.DELIVERED:
+            # Recipients the server refused while accepting others are not delivered: a 5xx
+            # fails them for good, a 4xx leaves them to be tried again (RFC 5321 §4.2.1).
+            done = next(a for a in attempts if a.delivered)
+            if done.refused:
+                for_good = any(reply.startswith("5") for _, reply in done.refused)
+                outcome = Outcome.FAILED if for_good else Outcome.DEFERRED
+                final_detail = (
+                    f"delivered to {len(rcpts) - len(done.refused)} of {len(rcpts)} recipients; "
+                    + "; ".join(f"{a} refused: {reply}" for a, reply in done.refused)
+                )
         return DomainResult(
             domain, outcome, tuple(rcpts), policy, tuple(attempts), result_type, final_detail
         )
@@ -339,16 +370,19 @@ class Sender:
             return _with(
                 base, detail=f"MAIL FROM refused: {reply}", smtp_reply=str(reply)
             ), reply.permanent
-        accepted, refusals = 0, []
+        accepted: list[str] = []
+        refusals: list[tuple[str, Reply]] = []
         for rcpt in rcpts:
             r = await client.rcpt_to(rcpt)
             if r.positive:
-                accepted += 1
+                accepted.append(rcpt)
             else:
-                refusals.append(r)
+                refusals.append((rcpt, r))
+        refused = tuple((address, str(r)) for address, r in refusals)
+        base = _with(base, refused=refused)
         if not accepted:
-            worst = refusals[-1]
-            permanent = all(r.permanent for r in refusals)
+            worst = refusals[-1][1]
+            permanent = all(r.permanent for _, r in refusals)
             return _with(
                 base, detail=f"every recipient refused: {worst}", smtp_reply=str(worst)
             ), permanent

@@ -154,10 +154,13 @@ class Resolver:
             )  # fmt: skip
         usable = [x for x in answers if x.outcome is not Outcome.ERROR]
         addresses = tuple(str(r.address) for x in usable for r in x.records)
-        if not usable:
+        if not addresses and len(usable) < len(answers):
+            # One lookup failed and the other found nothing: the host may well have an
+            # address we could not see now. That is temporary, never "no address".
+            failed = next(x for x in answers if x.outcome is Outcome.ERROR)
             return _HostFacts(
                 (), DnssecStatus.INDETERMINATE, host,
-                defer=Failure(ResultType.VALIDATION_FAILURE, f"address lookup: {a.detail}"),
+                defer=Failure(ResultType.VALIDATION_FAILURE, f"address lookup: {failed.detail}"),
             )  # fmt: skip
         canonical = next((x.canonical for x in usable if x.records), usable[0].canonical)
         notes: list[str] = [x.detail for x in answers if x.outcome is Outcome.ERROR]

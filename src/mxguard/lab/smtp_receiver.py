@@ -55,10 +55,16 @@ class _Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        # A scenario can make the receiver refuse recipients (temporarily or for good).
+        # A scenario can make the receiver refuse recipients (temporarily or for good); and
+        # every lab receiver refuses local parts that say so, for mixed-recipient tests.
         refusal = self._receiver.host.rcpt_reply
         if refusal:
             return refusal
+        local = address.partition("@")[0].lower()
+        if local.startswith("unknown-"):
+            return "550 5.1.1 no such user here"
+        if local.startswith("busy-"):
+            return "451 4.2.1 mailbox busy, try again later"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
