@@ -531,6 +531,9 @@ class Case:
 CASES = (
     Case("sts-enforce-honest", "sts-enforce.test", "pass"),
     Case("sts-enforce-stripped", "sts-enforce.test", "strip"),
+    # A lab-CA certificate for another name under the domain (not-mx1.sts-enforce.test):
+    # RFC 8461 §4.2 wants a certificate valid for the MX host itself.
+    Case("sts-enforce-intercepted", "sts-enforce.test", "intercept-wrong-name"),
     Case("sts-testing-stripped", "sts-testing.test", "strip"),
     Case("dane-honest", "dane-ee.test", "pass"),
     Case("dane-mismatch", "dane-mismatch.test", "pass"),

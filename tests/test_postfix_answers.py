@@ -36,7 +36,6 @@ from mxguard.postfix.answers import (
     parse_key_bytes,
     parse_request,
     policy_answer,
-    postfix_pattern,
 )
 from mxguard.postfix.server import query
 from mxguard.protocol import localrules
@@ -68,7 +67,9 @@ STS_HOST = mx("mx1.a.test", Tls.REQUIRED, Auth.PKIX, source=Source.MTA_STS)
 PLAIN = mx("mx2.a.test")
 ENFORCE = sts_state("enforce", ("*.a.test", "mail.b.test"))
 TESTING = sts_state("testing", ("*.a.test",))
-SECURE = "secure match=.a.test:mail.b.test servername=hostname"
+# The allowed MX hosts' own names, never the wildcard patterns (a certificate for any name
+# under the domain must not pass for mx1), and never hostname alone (a spoofed MX must not).
+SECURE = "secure match=mx1.a.test servername=hostname"
 FETCH_ERROR = Failure(ResultType.STS_POLICY_FETCH_ERROR, "timed out")
 BOGUS = Failure(ResultType.DNSSEC_INVALID, "MX lookup: DNSSEC validation failed")
 
@@ -87,7 +88,7 @@ CASES = [
      Options(), "OK encrypt"),
     ("only unusable TLSA, option dane -> dane", policy(Source.DANE, Mode.ENFORCE, UNUSABLE_TLSA),
      Options(unusable_tlsa="dane"), "OK dane"),
-    ("MTA-STS enforce -> secure match=patterns, *. becomes .",
+    ("MTA-STS enforce -> secure match=the allowed MX hosts",
      policy(Source.MTA_STS, Mode.ENFORCE, STS_HOST, mta_sts=ENFORCE), Options(), f"OK {SECURE}"),
     ("MTA-STS enforce with TLS-RPT attributes (Postfix >= 3.10)",
      policy(Source.MTA_STS, Mode.ENFORCE, STS_HOST, mta_sts=ENFORCE),
@@ -113,10 +114,10 @@ CASES = [
             mta_sts=StsState(None, None, None, (), (), None, None, False, FETCH_ERROR)),
      Options(tlsrpt_attributes=True),
      "OK may policy_type=sts policy_domain=a.test policy_failure=sts-policy-fetch-error"),
-    ("static list enforce -> secure match=list patterns",
+    ("static list enforce -> secure match=the allowed MX hosts",
      policy(Source.LIST, Mode.ENFORCE, mx("mx.a.test", Tls.REQUIRED, Auth.PKIX,
                                           source=Source.LIST)),
-     Options(), "OK secure match=.a.test servername=hostname"),
+     Options(), "OK secure match=mx.a.test servername=hostname"),
     ("local floor tls -> encrypt",
      policy(Source.LOCAL, Mode.ENFORCE, mx("mx.a.test", Tls.REQUIRED, source=Source.LOCAL),
             local_floor="tls"), Options(), "OK encrypt"),
@@ -149,14 +150,6 @@ def test_temp_reasons_are_one_bounded_printable_line() -> None:
     reason = policy_answer(p).text
     assert len(reason) <= 200
     assert reason.isprintable()
-
-
-@pytest.mark.parametrize(
-    ("pattern", "postfix"),
-    [("*.example.com", ".example.com"), ("mx.example.com", "mx.example.com")],
-)
-def test_mta_sts_wildcard_becomes_postfix_dot_prefix(pattern: str, postfix: str) -> None:
-    assert postfix_pattern(pattern) == postfix
 
 
 # --- keys ----------------------------------------------------------------------------------
@@ -232,14 +225,17 @@ def test_a_domain_key_needs_a_policy() -> None:
 # --- end to end through the lab ------------------------------------------------------------
 
 LAB_CASES = [
-    ("sts-enforce.test", "OK secure match=.sts-enforce.test servername=hostname"),
+    (
+        "sts-enforce.test",
+        "OK secure match=mx1.sts-enforce.test:mx2.sts-enforce.test servername=hostname",
+    ),
     ("sts-testing.test", "NOTFOUND "),
     ("dane-ee.test", "OK dane-only"),
     ("dane-sts.test", "OK dane-only"),
     ("dane-unusable.test", "OK encrypt"),
     ("dane-bogus.test", "TEMP dane-bogus.test: dnssec-invalid"),
     ("nopolicy.test", "NOTFOUND "),
-    ("list.test", "OK secure match=.list.test servername=hostname"),
+    ("list.test", "OK secure match=mx.list.test servername=hostname"),
     ("local-rule.test", "OK secure match=hostname servername=hostname"),
     ("nullmx.test", "NOTFOUND "),
 ]

@@ -43,6 +43,9 @@ OUTCOMES = {
     "sts-enforce-honest": ("sent", "2", "", "Verified"),
     # RFC 8461 §5: enforce and STARTTLS missing -> no delivery; Postfix's `secure` level says so.
     "sts-enforce-stripped": ("deferred", "4", "TLS is required, but was not offered", None),
+    # RFC 8461 §4.2: the certificate must be valid for the MX host name, not any name below
+    # the domain; `secure match=<the allowed MX hosts>` makes Postfix check exactly that.
+    "sts-enforce-intercepted": ("deferred", "4", "Server certificate not verified", "Untrusted"),
     # RFC 8461 §5: testing mode delivers anyway (and would only report).
     "sts-testing-stripped": ("sent", "2", "", None),
     # RFC 7672 §3.1.1: DANE-EE 3 1 1 matches the self-signed certificate -> Verified.
@@ -56,6 +59,7 @@ OUTCOMES = {
 RECEIVED = {
     "sts-enforce-honest": "tls",
     "sts-enforce-stripped": None,
+    "sts-enforce-intercepted": None,
     "sts-testing-stripped": "plain",
     "dane-honest": "tls",
     "dane-mismatch": None,

@@ -97,7 +97,7 @@ HOSTILE = [
     (encode(b"postfix .sts-enforce.test"), "NOTFOUND "),
     (encode(b"nosuchmap sts-enforce.test"), "PERM unknown map"),
     (encode(b"postfix"), "PERM request is not '<map name> <key>'"),
-    (encode(b"postfix sts-enforce.test"), "OK secure match=.sts-enforce.test"),
+    (encode(b"postfix sts-enforce.test"), "OK secure match=mx1.sts-enforce.test:"),
     (encode(b"postfix dane-ee.test"), "OK dane-only"),
 ]
 
@@ -129,7 +129,7 @@ def test_tcp_table_protocol(server: PolicyServer) -> None:
         "400 invalid%20key%20encoding:%20'%25'%20at%20offset%203%20is%20not%20followed%20by"
         "%20two%20hex%20digits",
         "400 only%20'get%20KEY'%20requests%20are%20supported",
-        "200 secure%20match=.sts-enforce.test%20servername=hostname",
+        "200 secure%20match=mx1.sts-enforce.test:mx2.sts-enforce.test%20servername=hostname",
         "500 notfound",
     ]
 
@@ -147,7 +147,9 @@ def test_fifty_connections_share_one_resolution_and_one_fetch(server: PolicyServ
 
     with ThreadPoolExecutor(50) as pool:
         got = list(pool.map(one, range(50)))
-    assert set(got) == {"OK secure match=.sts-enforce.test servername=hostname"}
+    assert set(got) == {
+        "OK secure match=mx1.sts-enforce.test:mx2.sts-enforce.test servername=hostname"
+    }
     assert server.engine.sts.fetches == 1
     assert server.metrics.resolutions == 1
 

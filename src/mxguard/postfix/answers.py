@@ -319,27 +319,26 @@ def _host_level(tls: Tls, auth: Auth) -> _Level:
     return _Level.MAY
 
 
-def postfix_pattern(pattern: str) -> str:
-    """An MTA-STS ``mx`` pattern in Postfix ``match=`` syntax (``*.a.example`` -> ``.a.example``).
-
-    Postfix's leading dot matches any depth below the name; MTA-STS's ``*.`` exactly one
-    label (RFC 8461 §4.1). The wider Postfix match is the best Postfix < 3.10.5 can do.
-    """
-    return "." + pattern[2:] if pattern.startswith("*.") else pattern
-
-
 def _secure(policy: DeliveryPolicy, options: Options, list_patterns: Sequence[str]) -> str:
-    patterns: Sequence[str]
-    if policy.source is Source.MTA_STS and policy.mta_sts is not None and policy.mta_sts.mx:
-        patterns = policy.mta_sts.mx
-    elif policy.source is Source.LIST and list_patterns:
-        patterns = list_patterns
-    else:
+    """``secure`` with ``match=`` the MX host names the policy allows, as mxguard resolved them.
+
+    Postfix checks the certificate against *any* ``match=`` entry. With the policy's patterns
+    (``.example.com``) a certificate for any name below the domain would pass on a connection
+    to ``mx1.example.com``, which RFC 8461 §4.2 forbids (the certificate must be valid for the
+    MX host itself); with ``match=hostname`` alone a spoofed MX pointing at the attacker's own
+    host, with a certificate valid for that host, would pass. The allowed hosts' own names
+    close both: an impostor needs a certificate for one of the domain's real, policy-approved
+    MX hosts.
+    """
+    allowed = [m.host for m in policy.mx if m.allowed and m.auth is Auth.PKIX]
+    sts_or_list = policy.source is Source.MTA_STS or (
+        policy.source is Source.LIST and bool(list_patterns)
+    )
+    if not sts_or_list or not allowed:
         # A local "verified" floor: the certificate must be valid for the MX host name, as
         # mxguard's own delivery checks it.
         return "secure match=hostname servername=hostname"
-    text = f"secure match={':'.join(dict.fromkeys(postfix_pattern(p) for p in patterns))}"
-    text += " servername=hostname"
+    text = f"secure match={':'.join(dict.fromkeys(allowed))} servername=hostname"
     if options.tlsrpt_attributes and policy.source is Source.MTA_STS:
         text += _sts_attributes(policy)
     return text
