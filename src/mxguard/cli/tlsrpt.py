@@ -5,7 +5,9 @@
   results and sends them to each domain's `rua` (§5); with `--dry-run --out DIR` it writes the
   `.json.gz` files and the `.eml` messages to DIR instead and sends nothing;
 - `run` is the long-running sender: after each UTC midnight it builds the previous day's
-  reports, sends them after a random delay, retries failed deliveries; SIGTERM stops it.
+  reports, sends them after a random delay, retries failed deliveries; SIGTERM stops it;
+- `collect-postfix --log FILE [--follow] [--state FILE]` records the SMTP sessions of a Postfix
+  log as session results, resuming where it stopped (collector.py).
 """
 
 from __future__ import annotations
@@ -174,3 +176,66 @@ def run(ctx: click.Context, poll: float) -> None:
         asyncio.run(work())
     except (ConfigError, StoreError) as exc:
         raise click.UsageError(str(exc)) from None
+
+
+@tlsrpt.command("collect-postfix")
+@click.option("--log", "log_file", required=True, metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Postfix's log: its maillog_file, or the syslog file it writes to.")  # fmt: skip
+@click.option("--state", "state_file", metavar="FILE", type=click.Path(path_type=Path),
+              help="Where reading stopped (default: under $XDG_STATE_HOME/mxguard/).")  # fmt: skip
+@click.option("--follow", is_flag=True, help="Keep reading as Postfix writes; SIGTERM stops.")
+@click.option("--poll", type=float, default=1.0, show_default=True,
+              help="Seconds between reads with --follow.")  # fmt: skip
+@click.option("--sending-ip", metavar="IP",
+              help="Postfix's smtp_bind_address, for sending-mta-ip.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, default=None, help="Machine-readable output.")
+@click.pass_context
+def collect_postfix(
+    ctx: click.Context,
+    log_file: Path,
+    state_file: Path | None,
+    follow: bool,
+    poll: float,
+    sending_ip: str | None,
+    as_json: bool | None,
+) -> None:
+    """Record the SMTP sessions in a Postfix log as TLS-RPT results (RFC 8460 §4).
+
+    Reads from where the last run stopped (log rotation and truncation included); each session
+    to an MX host becomes one result, under the policy mxguard serves for its domain.
+    """
+    from mxguard.cli import settings
+    from mxguard.tlsrpt.collector import Collector, CollectorError, Counts, EnginePolicies
+
+    s = settings(ctx)
+
+    async def work() -> Counts:
+        async with engine(s) as e:
+            c = Collector(
+                log_file, e.store, EnginePolicies(e.resolver), state_path=state_file,
+                sending_ip=sending_ip,
+            )  # fmt: skip
+            if not follow:
+                return await c.collect()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            return await c.follow(stop, poll=poll)
+
+    try:
+        counts = asyncio.run(work())
+    except (ConfigError, StoreError, CollectorError) as exc:
+        raise click.UsageError(str(exc)) from None
+    doc = {"log": str(log_file), **counts.to_json()}
+    if as_json or s.json:
+        emit_json(doc)
+        return
+    results = ", ".join(f"{n} {k}" for k, n in doc["results"].items()) or "none"
+    click.echo(f"{log_file}: {counts.lines} new lines, {counts.sessions} sessions ({results})")
+    for flag in ("rotated", "truncated"):
+        if doc[flag]:
+            click.echo(f"  the log was {flag} since the last run")
+    if counts.skipped_long:
+        click.echo(f"  {counts.skipped_long} over-long line(s) skipped")

@@ -1,0 +1,425 @@
+"""Postfix log lines -> SMTP sessions with their TLS outcome (RFC 8460 §4: sessions count).
+
+Postfix (3.x, ``smtp_tls_loglevel = 1``) does not log one line per session. A session to an
+MX host shows up as a few lines of one ``postfix/smtp[pid]`` process:
+
+- before the transaction, *without* a queue id: ``server certificate verification failed for
+  HOST[IP]:PORT: <why>`` and ``<Trust> TLS connection established to HOST[IP]:PORT: ...``,
+  where Trust is Anonymous, Untrusted, Trusted or Verified (``reused`` instead of
+  ``established`` is a cached connection: the same session again);
+- a session that Postfix gives up to try the next MX host ends in a queue-id line that names
+  why: ``QID: TLS is required, but was not offered by host HOST[IP]``, ``QID: Server
+  certificate not verified``, ``QID: host HOST[IP] said: ...``;
+- the last session of a delivery attempt ends in the status line(s), one per recipient:
+  ``QID: to=<rcpt>, relay=HOST[IP]:PORT, ..., dsn=X.Y.Z, status=sent|deferred|bounced (...)``;
+  ``relay=none`` means no session took place (DNS failure, every connection refused), and
+  ``conn_use=N`` (N > 1) means a cached connection carried it: not a new session.
+
+``parse_line`` reads one line in the ``maillog_file`` / traditional syslog format (``Nov 29
+11:10:06 host postfix/smtp[123]: ...``) or with an ISO 8601 timestamp (rsyslog's high-precision
+file format, ``journalctl -o short-iso``), optionally behind a syslog ``<PRI>``. ``Joiner``
+follows every smtp process's lines and yields one ``Session`` per TCP session to an MX host,
+with what the log says about its TLS; ``result_type`` then names its outcome in the RFC 8460
+§4.3 vocabulary under the domain's policy. Its state is plain data (``to_json``/``from_json``)
+so that a collector can stop between any two lines and resume. Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mxguard.protocol.results import ResultType
+
+MAX_LINE = 8192  # bytes; syslog daemons cap lines lower than this, Postfix at ~2 KiB of text
+MAX_PROCESSES = 4096  # smtp processes followed at once; the oldest is forgotten beyond it
+MAX_SESSIONS_PER_PROCESS = 64  # finished sessions awaiting their delivery's status line
+SMTP_PROGRAMS = frozenset({"smtp", "relay"})  # the last part of `postfix/smtp`, `postfix/relay`
+
+_MONTHS = {
+    m: i
+    for i, m in enumerate(
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
+    )
+}
+# "Nov 29 11:10:06 host prog[pid]: msg"  or  "2024-11-29T11:10:06.123+01:00 host prog[pid]: msg"
+_LINE = re.compile(
+    r"^(?:<\d{1,3}>)?"
+    r"(?:(?P<mon>[A-Z][a-z]{2}) (?P<day>[ \d]\d) (?P<hms>\d\d:\d\d:\d\d)"
+    r"|(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?))"
+    r" (?P<host>\S{1,255}) (?P<program>[\w.-]{1,64}(?:/[\w.-]{1,64}){0,4})\[(?P<pid>\d{1,10})\]: "
+    r"(?P<message>.*)$"
+)
+_PEER = r"(?P<host>[^\s\[\]]{1,255})\[(?P<ip>[0-9A-Fa-f:.]{1,45})\]"
+_TLS = re.compile(
+    r"^(?P<trust>Anonymous|Untrusted|Trusted|Verified) TLS connection (?P<how>established|reused)"
+    rf" to {_PEER}:(?P<port>\d{{1,5}}): (?P<protocol>\S+)"
+)
+# tls_verify.c: "%s certificate verification failed for %s: ..." ("server" or nothing).
+_CERT = re.compile(
+    rf"^(?:server )?certificate verification failed for {_PEER}:\d{{1,5}}: (?P<why>.*)$"
+)
+_QUEUED = re.compile(r"^(?P<qid>[0-9A-Za-z]{5,32}): (?P<text>.*)$")
+_STATUS = re.compile(
+    r"^to=<(?P<rcpt>[^>]{0,1000})>, (?:orig_to=<[^>]{0,1000}>, )?relay=(?P<relay>[^,\s]+), "
+    r"(?:conn_use=(?P<conn_use>\d+), )?.*\bstatus=(?P<status>\w+)(?: \((?P<reason>.*)\))?$"
+)
+_RELAY = re.compile(rf"^{_PEER}(?::(?P<port>\d{{1,5}}))?$")
+# "host H[IP] said: …", "lost connection with H[IP] while …", "TLS is required, but … host H[IP]"
+_ANY_PEER = re.compile(rf"\b(?:host|with) {_PEER}")
+_OPENSSL_ERROR = re.compile(r"^num=(?P<num>\d+):")
+
+# X509_V_ERR_* codes (openssl/x509_vfy.h) that Postfix logs as "num=N:text".
+_EXPIRED = frozenset({9, 10})  # not yet valid, expired
+_UNTRUSTED = frozenset({2, 18, 19, 20, 21, 27, 28})  # no issuer, self-signed, untrusted, rejected
+_HOST_MISMATCH = frozenset({62})  # hostname mismatch
+
+
+class Trust:
+    """The words Postfix puts before "TLS connection established" (postconf(5) smtp_tls)."""
+
+    ANONYMOUS = "Anonymous"
+    UNTRUSTED = "Untrusted"
+    TRUSTED = "Trusted"  # the chain verified, the name was not (or not checked)
+    VERIFIED = "Verified"  # chain and name (or DANE) verified
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """One parsed line; `at` is aware (RFC 3164 dates get the year and zone given)."""
+
+    at: dt.datetime
+    host: str
+    program: str
+    pid: int
+    message: str
+
+    @property
+    def process(self) -> str:
+        """Identifies the process across lines: host, program and pid."""
+        return f"{self.host} {self.program}[{self.pid}]"
+
+
+def parse_line(text: str, *, now: dt.datetime, tz: dt.tzinfo | None = None) -> LogLine | None:
+    """One log line, or None when it is not a syslog-style line (or longer than MAX_LINE).
+
+    Traditional syslog dates have no year and no zone: the zone is `tz` (default: `now`'s),
+    the year is `now`'s unless that puts the line more than a day in the future (a December
+    line read in January).
+    """
+    if len(text) > MAX_LINE:
+        return None
+    m = _LINE.match(text.rstrip("\r\n"))
+    if m is None:
+        return None
+    if m["iso"] is not None:
+        try:
+            at = dt.datetime.fromisoformat(m["iso"].replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=tz or now.tzinfo or dt.UTC)
+    else:
+        zone = tz or now.tzinfo or dt.UTC
+        local_now = now.astimezone(zone)
+        try:
+            h, mi, s = (int(x) for x in m["hms"].split(":"))
+            at = dt.datetime(
+                local_now.year, _MONTHS[m["mon"]], int(m["day"]), h, mi, s, tzinfo=zone
+            )
+            if at > local_now + dt.timedelta(days=1):
+                at = at.replace(year=local_now.year - 1)
+        except (KeyError, ValueError):
+            return None
+    return LogLine(at, m["host"], m["program"], int(m["pid"]), m["message"])
+
+
+def certificate_failure(why: str) -> ResultType:
+    """The RFC 8460 §4.3.1 result type of Postfix's "certificate verification failed" reason."""
+    code = _OPENSSL_ERROR.match(why)
+    if code is not None:
+        num = int(code["num"])
+        if num in _EXPIRED:
+            return ResultType.CERTIFICATE_EXPIRED
+        if num in _UNTRUSTED:
+            return ResultType.CERTIFICATE_NOT_TRUSTED
+        if num in _HOST_MISMATCH:
+            return ResultType.CERTIFICATE_HOST_MISMATCH
+        # e.g. num=65 "no matching DANE TLSA records": RFC 8460 §4.3.1 validation-failure.
+        return ResultType.VALIDATION_FAILURE
+    if why.startswith(("certificate has expired", "certificate not yet valid")):
+        return ResultType.CERTIFICATE_EXPIRED
+    if why.startswith(("self-signed certificate", "untrusted issuer", "not trusted by")):
+        return ResultType.CERTIFICATE_NOT_TRUSTED
+    return ResultType.VALIDATION_FAILURE
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One SMTP session of Postfix to an MX host, as its log lines tell it."""
+
+    at: dt.datetime  # when the line that ended it was logged
+    queue_id: str
+    domain: str  # the recipient domain: Postfix's next hop and policy lookup key
+    mx_host: str
+    mx_ip: str
+    tls: str | None  # Trust.* of the TLS session, None: no TLS (plain text or failed before)
+    certificate_failure: ResultType | None  # from "certificate verification failed" lines
+    refused: ResultType | None  # why Postfix itself refused the session (its TLS policy)
+    status: str  # "sent" | "deferred" | "bounced" | ... of the delivery, or "next-mx"
+    detail: str  # the line that ended it, for people
+
+
+def result_type(session: Session, policy_type: str) -> ResultType | None:
+    """The RFC 8460 §4.3 outcome of `session` under a policy of `policy_type`; None = success.
+
+    Postfix's own refusals come first (it enforced what mxguard's policy server told it). A
+    session Postfix did not refuse still fails the domain's published policy when the log shows
+    that it could not have met it: no TLS at all (§4.3.1 starttls-not-supported) or a
+    certificate that did not verify. With no policy there is nothing to fail (RFC 8460 §4.4
+    no-policy-found sessions are counted as they are).
+    """
+    if session.refused is not None:
+        return session.refused
+    if policy_type == "no-policy-found":
+        return None
+    if session.tls is None:
+        return ResultType.STARTTLS_NOT_SUPPORTED
+    if session.certificate_failure is not None:
+        return session.certificate_failure
+    if session.tls in (Trust.UNTRUSTED, Trust.ANONYMOUS):
+        # RFC 7672 §3.1 / RFC 8461 §4.2: an unauthenticated server fails either policy.
+        return (
+            ResultType.VALIDATION_FAILURE
+            if policy_type == "tlsa"
+            else ResultType.CERTIFICATE_NOT_TRUSTED
+        )
+    # Verified, or Trusted: a trusted chain under a level that checks no name (a `testing`
+    # policy answered NOTFOUND/may); Postfix refuses a name mismatch where the name is checked.
+    return None
+
+
+@dataclass(slots=True)
+class _Pending:
+    """What one smtp process logged about its current session so far."""
+
+    host: str | None = None
+    ip: str | None = None
+    tls: str | None = None
+    reused: bool = False
+    certificate_failure: str | None = None  # ResultType value
+
+
+@dataclass(slots=True)
+class _Finished:
+    """A session that ended before its delivery's status line named the recipient domain."""
+
+    at: str
+    queue_id: str
+    host: str
+    ip: str
+    tls: str | None
+    certificate_failure: str | None
+    refused: str | None
+    detail: str
+
+
+@dataclass(slots=True)
+class _Process:
+    pending: _Pending = field(default_factory=_Pending)
+    active: bool = False  # something of a session was logged since the last one ended
+    finished: list[_Finished] = field(default_factory=list)
+    last_end: tuple[str, str] | None = None  # (queue id, relay) of the last status line
+
+
+class Joiner:
+    """Turns log lines, in order, into `Session`s. Feed it lines; keep it between reads."""
+
+    def __init__(self, programs: frozenset[str] = SMTP_PROGRAMS) -> None:
+        self.programs = programs
+        self._procs: OrderedDict[str, _Process] = OrderedDict()
+
+    def feed(self, line: LogLine) -> Iterator[Session]:
+        """The sessions that `line` completes (none, one, or several of one delivery)."""
+        if line.program.rsplit("/", 1)[-1] not in self.programs:
+            return
+        proc = self._procs.pop(line.process, None) or _Process()
+        self._procs[line.process] = proc  # most recently used last
+        while len(self._procs) > MAX_PROCESSES:
+            self._procs.popitem(last=False)
+        yield from self._feed(proc, line)
+
+    def _feed(self, proc: _Process, line: LogLine) -> Iterator[Session]:
+        msg = line.message
+        if (m := _CERT.match(msg)) is not None:
+            self._touch(proc, m["host"], m["ip"])
+            proc.pending.certificate_failure = certificate_failure(m["why"]).value
+            return
+        if (m := _TLS.match(msg)) is not None:
+            self._touch(proc, m["host"], m["ip"])
+            proc.pending.tls = m["trust"]
+            proc.pending.reused = m["how"] == "reused"
+            return
+        q = _QUEUED.match(msg)
+        if q is None:
+            return
+        qid, text = q["qid"], q["text"]
+        if (s := _STATUS.match(text)) is not None:
+            yield from self._status(proc, line, qid, s)
+            return
+        # A session that ended without delivering; Postfix goes on to the next MX host.
+        refused = _refusal(text, proc.pending)
+        # "connect to H[IP]:25: refused": no TCP session, it does not count (RFC 8460 §4).
+        peer = None if text.startswith("connect to ") else _ANY_PEER.search(text)
+        if peer is not None:
+            self._touch(proc, peer["host"], peer["ip"])
+        if refused is None and peer is None:
+            return  # not about a session (e.g. "enabling PIX workarounds")
+        p = proc.pending
+        if p.host is not None and p.ip is not None and not p.reused:
+            proc.finished.append(
+                _Finished(
+                    line.at.isoformat(),
+                    qid,
+                    p.host,
+                    p.ip,
+                    p.tls,
+                    p.certificate_failure,
+                    refused.value if refused else None,
+                    text,
+                )
+            )
+            del proc.finished[:-MAX_SESSIONS_PER_PROCESS]
+        proc.pending, proc.active, proc.last_end = _Pending(), False, None
+
+    def _status(
+        self, proc: _Process, line: LogLine, qid: str, s: re.Match[str]
+    ) -> Iterator[Session]:
+        relay = s["relay"]
+        if proc.last_end == (qid, relay) and not proc.active:
+            return  # the next recipient of the same session
+        rcpt = s["rcpt"]
+        domain = rcpt.rpartition("@")[2].lower().rstrip(".")
+        peer = _RELAY.match(relay)
+        p = proc.pending
+        reused = p.reused or int(s["conn_use"] or 1) > 1
+        refused = _refusal(s["reason"] or "", p) if s["status"] != "sent" else None
+        if peer is not None and not reused:
+            proc.finished.append(
+                _Finished(
+                    line.at.isoformat(),
+                    qid,
+                    peer["host"],
+                    peer["ip"],
+                    p.tls,
+                    p.certificate_failure,
+                    refused.value if refused else None,
+                    f"status={s['status']}" + (f" ({s['reason']})" if s["reason"] else ""),
+                )
+            )
+        # relay=none: no session took place at the end (lookup failure, connections refused).
+        for f in proc.finished:
+            if f.queue_id != qid:
+                continue  # left over from a delivery whose status line we never saw
+            yield Session(
+                at=dt.datetime.fromisoformat(f.at),
+                queue_id=qid,
+                domain=domain,
+                mx_host=f.host.lower().rstrip("."),
+                mx_ip=f.ip,
+                tls=f.tls,
+                certificate_failure=ResultType(f.certificate_failure)
+                if f.certificate_failure
+                else None,
+                refused=ResultType(f.refused) if f.refused else None,
+                status=s["status"] if f is proc.finished[-1] and peer is not None else "next-mx",
+                detail=f.detail,
+            )
+        proc.finished.clear()
+        proc.pending, proc.active, proc.last_end = _Pending(), False, (qid, relay)
+
+    @staticmethod
+    def _touch(proc: _Process, host: str, ip: str) -> None:
+        if proc.pending.host is not None and (proc.pending.host, proc.pending.ip) != (host, ip):
+            proc.pending = _Pending()  # a new session began without the old one ending
+        proc.pending.host, proc.pending.ip = host, ip
+        proc.active = True
+
+    # --- state, so that a collector can stop anywhere and resume ------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            key: {
+                "pending": asdict(p.pending),
+                "active": p.active,
+                "finished": [asdict(f) for f in p.finished],
+                "last_end": list(p.last_end) if p.last_end else None,
+            }
+            for key, p in self._procs.items()
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], programs: frozenset[str] = SMTP_PROGRAMS) -> Joiner:
+        """A joiner in the state `to_json` saved; ValueError when the data is not such state."""
+        j = cls(programs)
+        try:
+            for key, p in list(data.items())[-MAX_PROCESSES:]:
+                last = p["last_end"]
+                j._procs[str(key)] = _Process(
+                    pending=_Pending(**p["pending"]),
+                    active=bool(p["active"]),
+                    finished=[_Finished(**f) for f in p["finished"]][-MAX_SESSIONS_PER_PROCESS:],
+                    last_end=(str(last[0]), str(last[1])) if last else None,
+                )
+        except (KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise ValueError(f"not a saved Postfix log joiner state: {exc!r}") from exc
+        return j
+
+
+def _refusal(text: str, p: _Pending) -> ResultType | None:
+    """Why Postfix's TLS policy ended a session, from the text it logged (smtp_proto.c)."""
+    if text.startswith("TLS is required, but "):  # "was not offered", "refused to start TLS"
+        return ResultType.STARTTLS_NOT_SUPPORTED
+    if text.startswith(("Server certificate not verified", "Server certificate not trusted")):
+        return _certificate_refusal(p)
+    if text.startswith("Cannot start TLS"):
+        return ResultType.VALIDATION_FAILURE  # the handshake failed: §4.3.1's general failure
+    return None
+
+
+def _certificate_refusal(p: _Pending) -> ResultType:
+    """Why Postfix said "Server certificate not verified": the cause it logged before, if any;
+    else what the trust level implies (a trusted chain that failed: the name)."""
+    if p.certificate_failure is not None:
+        return ResultType(p.certificate_failure)
+    if p.tls == Trust.TRUSTED:
+        return ResultType.CERTIFICATE_HOST_MISMATCH
+    return ResultType.CERTIFICATE_NOT_TRUSTED
+
+
+def sessions(lines: Iterator[str] | list[str], *, now: dt.datetime) -> list[Session]:
+    """Every session in `lines` (a whole log at once; tests and one-off use)."""
+    j = Joiner()
+    out: list[Session] = []
+    for text in lines:
+        parsed = parse_line(text, now=now)
+        if parsed is not None:
+            out.extend(j.feed(parsed))
+    return out
+
+
+__all__ = [
+    "MAX_LINE",
+    "Joiner",
+    "LogLine",
+    "Session",
+    "Trust",
+    "certificate_failure",
+    "parse_line",
+    "result_type",
+    "sessions",
+]

@@ -1,0 +1,349 @@
+"""Postfix log lines -> sessions and RFC 8460 result types (mxguard.tlsrpt.postfix_log).
+
+The lines are written here in the formats Postfix 3.7 really uses with smtp_tls_loglevel = 1
+(checked against the log of the Postfix integration test): the `maillog_file` / traditional
+syslog format and the ISO 8601 timestamps of rsyslog's high-precision format.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from mxguard.protocol.results import ResultType as R
+from mxguard.tlsrpt.postfix_log import (
+    MAX_LINE,
+    Joiner,
+    Session,
+    certificate_failure,
+    parse_line,
+    result_type,
+    sessions,
+)
+
+NOW = dt.datetime(2025, 11, 30, 12, 0, tzinfo=dt.UTC)
+P = "Nov 29 11:17:03 client postfix/smtp[4554]: "
+CIPHER = ": TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)"
+
+
+def status(qid: str, rcpt: str, relay: str, st: str, reason: str, extra: str = "") -> str:
+    dsn = {"sent": "2.0.0", "deferred": "4.7.4", "bounced": "5.1.1"}[st]
+    return (
+        f"{P}{qid}: to=<{rcpt}>, relay={relay}, {extra}delay=0.02, delays=0/0/0.01/0, "
+        f"dsn={dsn}, status={st} ({reason})"
+    )
+
+
+def tls(trust: str, host: str, ip: str, how: str = "established") -> str:
+    return f"{P}{trust} TLS connection {how} to {host}[{ip}]:25{CIPHER}"
+
+
+# --- one line ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "at", "program", "pid"),
+    [
+        (  # maillog_file and traditional syslog: no year, no zone (the reader's are used)
+            "Nov 29 11:17:03 client postfix/smtp[4554]: x",
+            dt.datetime(2025, 11, 29, 11, 17, 3, tzinfo=dt.UTC), "postfix/smtp", 4554,
+        ),
+        (  # a day with one digit is padded with a space
+            "Nov  2 01:02:03 mail postfix-out/smtp[7]: x",
+            dt.datetime(2025, 11, 2, 1, 2, 3, tzinfo=dt.UTC), "postfix-out/smtp", 7,
+        ),
+        (  # December read in January belongs to the year before
+            "Dec 31 23:59:59 mail postfix/smtp[1]: x",
+            dt.datetime(2025, 12, 31, 23, 59, 59, tzinfo=dt.UTC), "postfix/smtp", 1,
+        ),
+        (  # rsyslog high precision / journalctl -o short-iso: zone given
+            "2025-11-29T12:17:03.123456+01:00 mail postfix/smtp[9]: x",
+            dt.datetime(2025, 11, 29, 11, 17, 3, 123456, tzinfo=dt.UTC), "postfix/smtp", 9,
+        ),
+        (  # syslog <PRI> in front
+            "<22>2025-11-29T11:17:03Z mail postfix/relay/smtp[9]: x",
+            dt.datetime(2025, 11, 29, 11, 17, 3, tzinfo=dt.UTC), "postfix/relay/smtp", 9,
+        ),
+    ],
+)  # fmt: skip
+def test_syslog_and_maillog_file_formats_are_parsed(
+    text: str, at: dt.datetime, program: str, pid: int
+) -> None:
+    now = NOW if not text.startswith("Dec") else dt.datetime(2026, 1, 1, 0, 5, tzinfo=dt.UTC)
+    line = parse_line(text, now=now)
+    assert line is not None
+    assert (line.at, line.program, line.pid, line.message) == (at, program, pid, "x")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "garbage",
+        "Nov 29 11:17:03 client postfix/smtp: no pid",
+        "Foo 29 11:17:03 client postfix/smtp[1]: not a month",
+        "Nov 29 11:17:03 client postfix/smtp[1]: " + "x" * MAX_LINE,  # over-long
+    ],
+)
+def test_lines_that_are_not_log_lines_are_ignored(text: str) -> None:
+    assert parse_line(text, now=NOW) is None
+
+
+@pytest.mark.parametrize(
+    ("why", "expected"),
+    [
+        ("num=65:no matching DANE TLSA records", R.VALIDATION_FAILURE),  # RFC 7672 §3.1
+        ("certificate has expired", R.CERTIFICATE_EXPIRED),
+        ("certificate not yet valid", R.CERTIFICATE_EXPIRED),
+        ("num=10:certificate has expired", R.CERTIFICATE_EXPIRED),
+        ("self-signed certificate", R.CERTIFICATE_NOT_TRUSTED),
+        ("untrusted issuer /CN=Evil CA", R.CERTIFICATE_NOT_TRUSTED),
+        ("not trusted by local or TLSA policy", R.CERTIFICATE_NOT_TRUSTED),
+        ("num=20:unable to get local issuer certificate", R.CERTIFICATE_NOT_TRUSTED),
+        ("num=62:hostname mismatch", R.CERTIFICATE_HOST_MISMATCH),
+        ("something new", R.VALIDATION_FAILURE),  # §4.3.1: the general failure
+    ],
+)
+def test_certificate_verification_failures_map_to_rfc8460_result_types(
+    why: str, expected: R
+) -> None:
+    assert certificate_failure(why) == expected
+
+
+# --- sessions ---------------------------------------------------------------------------
+
+# name -> (log lines, [(mx host, tls, result under sts, under tlsa, under no-policy-found)])
+CASES: dict[str, tuple[list[str], list[tuple[str, str | None, R | None, R | None, R | None]]]] = {
+    "verified and delivered: one successful session": (
+        [
+            tls("Verified", "mx1.a.test", "192.0.2.1"),
+            status("AAAAA1", "b@a.test", "mx1.a.test[192.0.2.1]:25", "sent", "250 ok"),
+        ],
+        [("mx1.a.test", "Verified", None, None, None)],
+    ),
+    "STARTTLS stripped on both MX hosts: two sessions, both starttls-not-supported": (
+        [
+            f"{P}AAAAA2: TLS is required, but was not offered by host mx1.a.test[192.0.2.1]",
+            status(
+                "AAAAA2",
+                "b@a.test",
+                "mx2.a.test[192.0.2.2]:25",
+                "deferred",
+                "TLS is required, but was not offered by host mx2.a.test[192.0.2.2]",
+            ),
+        ],
+        [
+            (
+                "mx1.a.test",
+                None,
+                R.STARTTLS_NOT_SUPPORTED,
+                R.STARTTLS_NOT_SUPPORTED,
+                R.STARTTLS_NOT_SUPPORTED,
+            ),
+            (
+                "mx2.a.test",
+                None,
+                R.STARTTLS_NOT_SUPPORTED,
+                R.STARTTLS_NOT_SUPPORTED,
+                R.STARTTLS_NOT_SUPPORTED,
+            ),
+        ],
+    ),
+    "STARTTLS answered with 454: starttls-not-supported": (
+        [
+            f"{P}AAAAA3: TLS is required, but host mx1.a.test[192.0.2.1] refused to start TLS: "
+            "454 4.7.0 TLS not available due to temporary reason",
+            tls("Verified", "mx2.a.test", "192.0.2.2"),
+            status("AAAAA3", "b@a.test", "mx2.a.test[192.0.2.2]:25", "sent", "250 ok"),
+        ],
+        [
+            (
+                "mx1.a.test",
+                None,
+                R.STARTTLS_NOT_SUPPORTED,
+                R.STARTTLS_NOT_SUPPORTED,
+                R.STARTTLS_NOT_SUPPORTED,
+            ),
+            ("mx2.a.test", "Verified", None, None, None),
+        ],
+    ),
+    "expired certificate on the primary, delivered to the backup": (
+        [
+            f"{P}server certificate verification failed for mx1.a.test[192.0.2.1]:25: "
+            "certificate has expired",
+            tls("Untrusted", "mx1.a.test", "192.0.2.1"),
+            f"{P}AAAAA4: Server certificate not verified",
+            tls("Verified", "mx2.a.test", "192.0.2.2"),
+            status("AAAAA4", "b@a.test", "mx2.a.test[192.0.2.2]:25", "sent", "250 ok"),
+        ],
+        [
+            (
+                "mx1.a.test",
+                "Untrusted",
+                R.CERTIFICATE_EXPIRED,
+                R.CERTIFICATE_EXPIRED,
+                R.CERTIFICATE_EXPIRED,
+            ),
+            ("mx2.a.test", "Verified", None, None, None),
+        ],
+    ),
+    "DANE mismatch: validation-failure": (
+        [
+            f"{P}server certificate verification failed for mx.d.test[192.0.2.9]:25: "
+            "num=65:no matching DANE TLSA records",
+            tls("Untrusted", "mx.d.test", "192.0.2.9"),
+            status(
+                "AAAAA5",
+                "b@d.test",
+                "mx.d.test[192.0.2.9]:25",
+                "deferred",
+                "Server certificate not verified",
+            ),
+        ],
+        [
+            (
+                "mx.d.test",
+                "Untrusted",
+                R.VALIDATION_FAILURE,
+                R.VALIDATION_FAILURE,
+                R.VALIDATION_FAILURE,
+            )
+        ],
+    ),
+    "trusted chain, name not verified, refused: certificate-host-mismatch": (
+        [
+            tls("Trusted", "mx.a.test", "192.0.2.1"),
+            f"{P}AAAAA6: Server certificate not verified",
+            tls("Verified", "mx2.a.test", "192.0.2.2"),
+            status("AAAAA6", "b@a.test", "mx2.a.test[192.0.2.2]:25", "sent", "250 ok"),
+        ],
+        [
+            (
+                "mx.a.test",
+                "Trusted",
+                R.CERTIFICATE_HOST_MISMATCH,
+                R.CERTIFICATE_HOST_MISMATCH,
+                R.CERTIFICATE_HOST_MISMATCH,
+            ),
+            ("mx2.a.test", "Verified", None, None, None),
+        ],
+    ),
+    "plain text delivery: fails a policy, counts as success without one": (
+        [status("AAAAA7", "b@a.test", "mx.a.test[192.0.2.1]:25", "sent", "250 ok")],
+        [("mx.a.test", None, R.STARTTLS_NOT_SUPPORTED, R.STARTTLS_NOT_SUPPORTED, None)],
+    ),
+    "untrusted TLS delivered opportunistically": (
+        [
+            tls("Untrusted", "mx.a.test", "192.0.2.1"),
+            status("AAAAA8", "b@a.test", "mx.a.test[192.0.2.1]:25", "sent", "250 ok"),
+        ],
+        [("mx.a.test", "Untrusted", R.CERTIFICATE_NOT_TRUSTED, R.VALIDATION_FAILURE, None)],
+    ),
+    "two recipients in one session: one session": (
+        [
+            tls("Verified", "mx.a.test", "192.0.2.1"),
+            status("AAAAA9", "b@a.test", "mx.a.test[192.0.2.1]:25", "sent", "250 ok"),
+            status("AAAAA9", "c@a.test", "mx.a.test[192.0.2.1]:25", "sent", "250 ok"),
+        ],
+        [("mx.a.test", "Verified", None, None, None)],
+    ),
+    "connection refused and relay=none: no session took place": (
+        [
+            f"{P}connect to mx.a.test[192.0.2.1]:25: Connection refused",
+            status(
+                "AAAAB1",
+                "b@a.test",
+                "none",
+                "deferred",
+                "connect to mx.a.test[192.0.2.1]:25: Connection refused",
+            ),
+        ],
+        [],
+    ),
+    "a cached connection (conn_use=2, or TLS reused) is not a new session": (
+        [
+            status(
+                "AAAAB2",
+                "b@a.test",
+                "mx.a.test[192.0.2.1]:25",
+                "sent",
+                "250 ok",
+                extra="conn_use=2, ",
+            ),
+            tls("Verified", "mx.a.test", "192.0.2.1", how="reused"),
+            status("AAAAB3", "b@a.test", "mx.a.test[192.0.2.1]:25", "sent", "250 ok"),
+        ],
+        [],
+    ),
+    "an SMTP failure on the first MX host ends its session": (
+        [
+            tls("Verified", "mx1.a.test", "192.0.2.1"),
+            f"{P}AAAAB4: host mx1.a.test[192.0.2.1] said: 421 4.3.2 busy (in reply to MAIL FROM)",
+            tls("Verified", "mx2.a.test", "192.0.2.2"),
+            status("AAAAB4", "b@a.test", "mx2.a.test[192.0.2.2]:25", "sent", "250 ok"),
+        ],
+        [
+            ("mx1.a.test", "Verified", None, None, None),
+            ("mx2.a.test", "Verified", None, None, None),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_each_session_to_an_mx_host_is_one_result(name: str) -> None:
+    lines, expected = CASES[name]
+    found = sessions(lines, now=NOW)
+    got = [
+        (s.mx_host, s.tls, result_type(s, "sts"), result_type(s, "tlsa"),
+         result_type(s, "no-policy-found"))
+        for s in found
+    ]  # fmt: skip
+    assert got == expected, name
+    assert {s.domain for s in found} <= {"a.test", "d.test"}
+
+
+def test_processes_are_joined_separately_when_their_lines_interleave() -> None:
+    other = "Nov 29 11:17:03 client postfix/smtp[9999]: "
+    lines = [
+        tls("Verified", "mx.a.test", "192.0.2.1"),
+        f"{other}Untrusted TLS connection established to mx.e.test[192.0.2.5]:25{CIPHER}",
+        status("AAAAC1", "b@a.test", "mx.a.test[192.0.2.1]:25", "sent", "250 ok"),
+        f"{other}AAAAC2: to=<x@e.test>, relay=mx.e.test[192.0.2.5]:25, delay=1, dsn=2.0.0, "
+        "status=sent (250 ok)",
+    ]
+    got = [(s.queue_id, s.domain, s.tls) for s in sessions(lines, now=NOW)]
+    assert got == [("AAAAC1", "a.test", "Verified"), ("AAAAC2", "e.test", "Untrusted")]
+
+
+def test_other_programs_lines_are_not_sessions() -> None:
+    lines = [
+        "Nov 29 11:17:03 client postfix/lmtp[5]: AAAAD1: to=<b@a.test>, "
+        "relay=mx.a.test[192.0.2.1]:24, delay=1, dsn=2.0.0, status=sent (250 ok)",
+        "Nov 29 11:17:03 client postfix/qmgr[4]: AAAAD1: removed",
+    ]
+    assert sessions(lines, now=NOW) == []
+
+
+def test_joiner_state_survives_a_stop_between_any_two_lines() -> None:
+    lines = CASES["expired certificate on the primary, delivered to the backup"][0]
+    whole = sessions(lines, now=NOW)
+    for cut in range(len(lines) + 1):
+        j = Joiner()
+        got: list[Session] = []
+        for text in lines[:cut]:
+            line = parse_line(text, now=NOW)
+            assert line is not None
+            got.extend(j.feed(line))
+        j = Joiner.from_json(j.to_json())
+        for text in lines[cut:]:
+            line = parse_line(text, now=NOW)
+            assert line is not None
+            got.extend(j.feed(line))
+        assert got == whole, f"stopped after {cut} lines"
+
+
+def test_damaged_joiner_state_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a saved Postfix log joiner state"):
+        Joiner.from_json({"x": {"pending": 1}})
