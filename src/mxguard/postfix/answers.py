@@ -271,6 +271,20 @@ def policy_answer(
     usable = policy.usable_mx
     levels = [_host_level(m.tls, m.auth) for m in usable]
     top = max(levels, default=_Level.MAY)
+    # Hosts mxguard must skip because a DNSSEC or lookup failure hides their TLSA or address
+    # (RFC 7672 §2.2). One answer covers the whole domain, so Postfix cannot be told to skip
+    # just them: never answer a level that would let Postfix use them unauthenticated.
+    skipped = [
+        m
+        for m in policy.mx
+        if m.allowed and m.defer is not None and m.defer.result_type is not ResultType.DANE_REQUIRED
+    ]
+    if skipped and top is _Level.MAY:
+        # Postfix's per-host "dane" does exactly what mxguard does: it looks the TLSA records
+        # up itself, skips a host whose lookup fails, and uses the others as they are.
+        return Answer(Kind.OK, "dane")
+    if skipped and top is _Level.ENCRYPT:
+        return temp(_defer_reason(policy))
     if top is _Level.DANE_ONLY:
         # Postfix's "dane" applies DANE per host (usable TLSA: verified; only unusable TLSA:
         # encrypt; no TLSA: may). That equals our per-host decision when every other host is
