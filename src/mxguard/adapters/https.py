@@ -102,8 +102,31 @@ def policy_url(domain: str, port: int = 443) -> str:
     return f"https://{host}{'' if port == 443 else f':{port}'}{POLICY_PATH}"
 
 
+_contexts: dict[tuple[str | None, int], ssl.SSLContext] = {}
+
+
 def client_context(ca_file: Path | None = None) -> ssl.SSLContext:
-    """The TLS context of the fetch: WebPKI (system store + ``ca_file``), TLS 1.2 or newer."""
+    """The TLS context of the fetch: WebPKI (system store + ``ca_file``), TLS 1.2 or newer.
+
+    Loading the system store costs about 20 ms, half of a cold policy resolution (measured in
+    bench/), so contexts are shared; a changed ``ca_file`` (new mtime) gets a new one.
+    """
+    try:
+        version = ca_file.stat().st_mtime_ns if ca_file is not None else 0
+    except OSError:
+        version = -1  # unreadable: let load_verify_locations say why, below
+    key = (str(ca_file) if ca_file is not None else None, version)
+    ctx = _contexts.get(key)
+    if ctx is None:
+        ctx = _new_context(ca_file)
+        if version >= 0:
+            if len(_contexts) > 16:
+                _contexts.clear()
+            _contexts[key] = ctx
+    return ctx
+
+
+def _new_context(ca_file: Path | None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if ca_file is not None:
         ctx.load_verify_locations(cafile=str(ca_file))

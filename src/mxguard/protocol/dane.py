@@ -312,8 +312,26 @@ def _signed_by_key(cert: x509.Certificate, key: Any) -> bool:
     return True
 
 
+# A presented chain is the attacker's to choose: certificates that all share one subject and
+# key each "issue" every other, and a naive path search then grows factorially. The whole
+# verification gets this many signature checks; past it the chain is refused.
+MAX_SIGNATURE_CHECKS = 64
+
+
+class ChainTooComplex(Exception):
+    """The presented chain needs more than MAX_SIGNATURE_CHECKS signature checks."""
+
+
+_checks: list[int] = [0]  # signature checks spent by the current verify_chain call
+
+
 def _directly_issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     # Checks issuer/subject name linkage and the signature (RSA, ECDSA, Ed25519, Ed448).
+    if cert.issuer != issuer.subject:
+        return False
+    _checks[0] += 1
+    if _checks[0] > MAX_SIGNATURE_CHECKS:
+        raise ChainTooComplex
     try:
         cert.verify_directly_issued_by(issuer)
     except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
@@ -509,6 +527,31 @@ def verify_chain(
     """
     if now.tzinfo is None:
         raise ValueError("verify_chain needs a timezone-aware 'now', e.g. datetime.now(UTC)")
+    _checks[0] = 0
+    try:
+        return _verify_chain(records, chain, names=names, now=now)
+    except ChainTooComplex:
+        return DaneVerdict(
+            False, None, None, ResultType.VALIDATION_FAILURE,
+            f"the presented chain needs more than {MAX_SIGNATURE_CHECKS} signature checks "
+            "to search (refused: a chain crafted to stall the verifier)",
+        )  # fmt: skip
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # cryptography parses extensions and keys lazily: a malformed certificate in the
+        # presented chain surfaces here, and is the server's failure, never ours.
+        return DaneVerdict(
+            False, None, None, ResultType.VALIDATION_FAILURE,
+            f"a presented certificate is malformed: {exc}",
+        )  # fmt: skip
+
+
+def _verify_chain(
+    records: Iterable[Tlsa],
+    chain: Sequence[x509.Certificate],
+    *,
+    names: Sequence[str],
+    now: dt.datetime,
+) -> DaneVerdict:
     tlsa_set = classify(records)
     if not tlsa_set.usable:
         # RFC 8460 §4.3.2.1: "tlsa-invalid" is the TLSA RRset itself being unusable, which

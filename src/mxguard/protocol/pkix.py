@@ -81,9 +81,23 @@ def _der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
+# The presented chain is the attacker's to choose; see dane.MAX_SIGNATURE_CHECKS.
+MAX_SIGNATURE_CHECKS = 64
+
+
+class ChainTooComplex(Exception):
+    """The presented chain needs more than MAX_SIGNATURE_CHECKS signature checks."""
+
+
+_checks: list[int] = [0]  # signature checks spent by the current verify_pkix call
+
+
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     if cert.issuer != issuer.subject:
         return False
+    _checks[0] += 1
+    if _checks[0] > MAX_SIGNATURE_CHECKS:
+        raise ChainTooComplex
     try:
         cert.verify_directly_issued_by(issuer)
     except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
@@ -153,6 +167,28 @@ def verify_pkix(
     """
     if now.tzinfo is None:
         raise ValueError("verify_pkix needs a timezone-aware 'now', e.g. datetime.now(UTC)")
+    _checks[0] = 0
+    try:
+        return _verify_pkix(chain, name=name, roots=roots, now=now)
+    except ChainTooComplex:
+        return _fail(
+            ResultType.VALIDATION_FAILURE,
+            f"the presented chain needs more than {MAX_SIGNATURE_CHECKS} signature checks to "
+            "search (refused: a chain crafted to stall the verifier)",
+        )
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # A malformed certificate (cryptography parses extensions lazily) is the server's
+        # failure, never a crash of ours.
+        return _fail(ResultType.VALIDATION_FAILURE, f"a presented certificate is malformed: {exc}")
+
+
+def _verify_pkix(
+    chain: Sequence[x509.Certificate],
+    *,
+    name: str,
+    roots: Sequence[x509.Certificate],
+    now: dt.datetime,
+) -> PkixVerdict:
     if not chain:
         return _fail(ResultType.VALIDATION_FAILURE, "the server presented no certificate")
     leaf = chain[0]
