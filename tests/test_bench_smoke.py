@@ -1,0 +1,105 @@
+"""The Postfix policy benchmark (bench/postfix_policy.py) still runs: a tiny configuration.
+
+This guards the benchmark code against rot, not the numbers: it asserts that every
+measurement ran against a real server process, got the answers the lab's policies call for,
+and produced numbers. It never asserts timings (those belong in bench/README.md, measured on
+one machine in one run).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from mxguard.lab.lab import Lab
+
+pytestmark = pytest.mark.lab
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "postfix_policy.py"
+HOST = "127.211.1.1"  # this suite's own loopback address for the servers under test
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_postfix_policy", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+TINY = bench.Config(
+    domains=3, warm_domains=3, warm_lookups=60, warm_seconds=1.0, connections=(1, 4),
+    cold_connections=2, herd=6, fail_lookups=8, fail_seconds=0.4, fail_connections=2,
+    stall_others=2, fetch_timeout=0.5, cold_seconds=20.0,
+)  # fmt: skip
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def bench_lab(lab: Lab) -> Iterator[Lab]:
+    """The session lab switched to the benchmark's scenario (conftest puts it back)."""
+    lab.apply(bench.scenario(TINY.domains, TINY.stall_others))
+    yield lab
+
+
+def numbers(summary: dict[str, Any]) -> list[float]:
+    return [summary["per_second"], summary["p50_ms"], summary["p99_ms"], summary["max_ms"]]
+
+
+def test_every_measurement_runs_against_mxguard_and_yields_numbers(
+    bench_lab: Lab, tmp_path: Path
+) -> None:
+    server = bench.Mxguard(bench_lab, tmp_path, (HOST, free_port(HOST)), TINY.fetch_timeout)
+    results = bench.run(bench_lab, [server], TINY)
+    got = results["servers"]["mxguard"]
+    assert got["version"]
+    for n in TINY.connections:
+        warm = got["warm"][f"c{n}"]
+        assert warm["lookups"] > 0 and warm["replies"] == {bench.EXPECTED: warm["lookups"]}
+        assert all(math.isfinite(x) and x > 0 for x in numbers(warm))
+    assert got["warm"]["rss_kib"] > 0
+    assert got["cold"]["replies"] == {bench.EXPECTED: TINY.domains}
+    assert got["cold"]["fetches"] == TINY.domains
+    assert got["herd"]["replies"] == {bench.EXPECTED: TINY.herd}
+    assert got["herd"]["fetches"] >= 1
+    assert got["failing"]["replies"] == {"NOTFOUND": TINY.fail_lookups}
+    assert got["failing"]["fetches"] >= 1
+    stalled = got["stalled"]
+    assert stalled["others"]["replies"] == {bench.EXPECTED: TINY.stall_others}
+    assert stalled["fetches"] >= 1 and stalled["first_ms"] > 0 and stalled["retry_ms"] > 0
+    table = bench.markdown(results)
+    assert "| warm lookups/s, 4 connection(s) (higher is better) |" in table
+    assert server.proc is None  # every fresh process was stopped
+
+
+def test_the_competitor_runs_against_the_same_lab(bench_lab: Lab, tmp_path: Path) -> None:
+    why = bench.Competitor.available()
+    if why:
+        pytest.skip(why)
+    server = bench.Competitor(bench_lab, tmp_path, (HOST, free_port(HOST)), TINY.fetch_timeout)
+    results = bench.run(bench_lab, [server], TINY, only=["warm", "herd"])
+    got = results["servers"][server.name]
+    assert got["version"]
+    # Its DNS went through the lab's resolver and its fetch trusted the lab CA: it answers
+    # with the lab domain's enforce policy.
+    assert got["warm"]["c1"]["replies"] == {bench.EXPECTED: got["warm"]["c1"]["lookups"]}
+    assert got["herd"]["replies"] == {bench.EXPECTED: TINY.herd}
+    assert got["herd"]["fetches"] >= 1
+    assert all(math.isfinite(x) and x > 0 for x in numbers(got["warm"]["c4"]))
