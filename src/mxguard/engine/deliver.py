@@ -317,6 +317,9 @@ class Sender:
                 detail=str(exc),
                 smtp_reply=_reply(exc.reply),
             ), False
+        except Exception as exc:  # a bug of ours must defer the message, never crash or leak
+            log.exception("unexpected error while delivering to %s [%s]", m.host, ip)
+            return _with(base, detail=f"internal error, deferred: {exc!r}"), False
         finally:
             await client.close()
 
