@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from mxguard.protocol import certpath
 from mxguard.protocol.results import ResultType
 
 # RFC 6698 §2.1.1 / RFC 7218 §2: certificate usages, selectors and matching types.
@@ -312,33 +313,6 @@ def _signed_by_key(cert: x509.Certificate, key: Any) -> bool:
     return True
 
 
-# A presented chain is the attacker's to choose: certificates that all share one subject and
-# key each "issue" every other, and a naive path search then grows factorially. The whole
-# verification gets this many signature checks; past it the chain is refused.
-MAX_SIGNATURE_CHECKS = 64
-
-
-class ChainTooComplex(Exception):
-    """The presented chain needs more than MAX_SIGNATURE_CHECKS signature checks."""
-
-
-_checks: list[int] = [0]  # signature checks spent by the current verify_chain call
-
-
-def _directly_issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    # Checks issuer/subject name linkage and the signature (RSA, ECDSA, Ed25519, Ed448).
-    if cert.issuer != issuer.subject:
-        return False
-    _checks[0] += 1
-    if _checks[0] > MAX_SIGNATURE_CHECKS:
-        raise ChainTooComplex
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
-        return False
-    return True
-
-
 @dataclass(frozen=True, slots=True)
 class _Path:
     """Leaf first; ``anchor`` is the certificate carried in DNS when it is not in ``certs``."""
@@ -357,7 +331,9 @@ class _Failure:
 _NO_MATCH, _CHAIN, _DATES, _NAME = 0, 1, 2, 3
 
 
-def _ta_paths(record: Tlsa, chain: Sequence[x509.Certificate]) -> Iterator[_Path | _Failure]:
+def _ta_paths(
+    record: Tlsa, chain: Sequence[x509.Certificate], budget: certpath.Budget
+) -> Iterator[_Path | _Failure]:
     """Every path from the leaf up to a trust anchor that ``record`` designates.
 
     RFC 7671 §5.2: a DANE-TA record designates an issuing CA; the server is expected to send
@@ -381,7 +357,7 @@ def _ta_paths(record: Tlsa, chain: Sequence[x509.Certificate]) -> Iterator[_Path
             return
         if dns_key is not None and _signed_by_key(top, dns_key):
             yield _Path(path)
-        if dns_cert is not None and _directly_issued(top, dns_cert):
+        if dns_cert is not None and certpath.issued_by(top, dns_cert, budget):
             reason = _may_issue(dns_cert, len(path) - 1)
             if reason is None:
                 yield _Path(path, anchor_cert=dns_cert)
@@ -390,7 +366,9 @@ def _ta_paths(record: Tlsa, chain: Sequence[x509.Certificate]) -> Iterator[_Path
         if len(path) >= _MAX_CHAIN_DEPTH:
             return
         for candidate in pool:
-            if any(candidate is seen for seen in path) or not _directly_issued(top, candidate):
+            if any(candidate is seen for seen in path) or not certpath.issued_by(
+                top, candidate, budget
+            ):
                 continue
             reason = _may_issue(candidate, len(path) - 1)
             if reason is not None:
@@ -476,13 +454,17 @@ def _name_failure(leaf: x509.Certificate, names: Sequence[str]) -> str | None:
 
 
 def _verify_ta(
-    record: Tlsa, chain: Sequence[x509.Certificate], names: Sequence[str], now: dt.datetime
+    record: Tlsa,
+    chain: Sequence[x509.Certificate],
+    names: Sequence[str],
+    now: dt.datetime,
+    budget: certpath.Budget,
 ) -> _Failure | None:
     """None if ``record`` (DANE-TA) authenticates ``chain``, else the furthest failure."""
     best = _Failure(
         _NO_MATCH, ResultType.VALIDATION_FAILURE, "matches no issuer in the presented chain"
     )
-    for found in _ta_paths(record, chain):
+    for found in _ta_paths(record, chain, budget):
         if isinstance(found, _Failure):
             failure = found
         else:
@@ -527,15 +509,10 @@ def verify_chain(
     """
     if now.tzinfo is None:
         raise ValueError("verify_chain needs a timezone-aware 'now', e.g. datetime.now(UTC)")
-    _checks[0] = 0
     try:
-        return _verify_chain(records, chain, names=names, now=now)
-    except ChainTooComplex:
-        return DaneVerdict(
-            False, None, None, ResultType.VALIDATION_FAILURE,
-            f"the presented chain needs more than {MAX_SIGNATURE_CHECKS} signature checks "
-            "to search (refused: a chain crafted to stall the verifier)",
-        )  # fmt: skip
+        return _verify_chain(records, chain, names=names, now=now, budget=certpath.Budget())
+    except certpath.ChainTooComplex as exc:
+        return DaneVerdict(False, None, None, ResultType.VALIDATION_FAILURE, str(exc))
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         # cryptography parses extensions and keys lazily: a malformed certificate in the
         # presented chain surfaces here, and is the server's failure, never ours.
@@ -551,6 +528,7 @@ def _verify_chain(
     *,
     names: Sequence[str],
     now: dt.datetime,
+    budget: certpath.Budget,
 ) -> DaneVerdict:
     tlsa_set = classify(records)
     if not tlsa_set.usable:
@@ -583,7 +561,7 @@ def _verify_chain(
                 _NO_MATCH, ResultType.VALIDATION_FAILURE, "does not match the leaf certificate"
             )
         else:
-            found = _verify_ta(record, chain, names, now)
+            found = _verify_ta(record, chain, names, now, budget)
             if found is None:
                 return DaneVerdict(
                     True,

@@ -33,12 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import DNSName
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from mxguard.protocol import certpath
 from mxguard.protocol.dane import certificate_names, name_matches
 from mxguard.protocol.results import ResultType
 
@@ -81,32 +82,10 @@ def _der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-# The presented chain is the attacker's to choose; see dane.MAX_SIGNATURE_CHECKS.
-MAX_SIGNATURE_CHECKS = 64
-
-
-class ChainTooComplex(Exception):
-    """The presented chain needs more than MAX_SIGNATURE_CHECKS signature checks."""
-
-
-_checks: list[int] = [0]  # signature checks spent by the current verify_pkix call
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if cert.issuer != issuer.subject:
-        return False
-    _checks[0] += 1
-    if _checks[0] > MAX_SIGNATURE_CHECKS:
-        raise ChainTooComplex
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
-        return False
-    return True
-
-
 def _path_to_root(
-    chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate]
+    chain: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    budget: certpath.Budget,
 ) -> tuple[x509.Certificate, ...] | None:
     """A signature-linked path from ``chain[0]`` through ``chain[1:]`` to one of ``roots``.
 
@@ -123,7 +102,7 @@ def _path_to_root(
         if len(path) > _MAX_DEPTH:
             return None
         for candidate in (*roots, *intermediates):
-            if candidate in path or not _issued_by(last, candidate):
+            if candidate in path or not certpath.issued_by(last, candidate, budget):
                 continue
             found = walk((*path, candidate))
             if found is not None:
@@ -167,15 +146,10 @@ def verify_pkix(
     """
     if now.tzinfo is None:
         raise ValueError("verify_pkix needs a timezone-aware 'now', e.g. datetime.now(UTC)")
-    _checks[0] = 0
     try:
         return _verify_pkix(chain, name=name, roots=roots, now=now)
-    except ChainTooComplex:
-        return _fail(
-            ResultType.VALIDATION_FAILURE,
-            f"the presented chain needs more than {MAX_SIGNATURE_CHECKS} signature checks to "
-            "search (refused: a chain crafted to stall the verifier)",
-        )
+    except certpath.ChainTooComplex as exc:
+        return _fail(ResultType.VALIDATION_FAILURE, str(exc))
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         # A malformed certificate (cryptography parses extensions lazily) is the server's
         # failure, never a crash of ours.
@@ -192,7 +166,7 @@ def _verify_pkix(
     if not chain:
         return _fail(ResultType.VALIDATION_FAILURE, "the server presented no certificate")
     leaf = chain[0]
-    path = _path_to_root(chain, roots) if roots else None
+    path = _path_to_root(chain, roots, certpath.Budget()) if roots else None
     if path is None:
         if not roots:
             why = "no trusted root certificates are configured"
