@@ -260,18 +260,22 @@ def select_record(txt_strings: Sequence[str]) -> StsRecord | None:
     return parse_record(candidates[0])
 
 
+def presentation_format_error(text: str) -> str | None:
+    """The common mistake of pasting a TXT record as `dig` shows it, quotes and all."""
+    if text.startswith('"'):
+        return (
+            "the record starts with a quote: pass the TXT content, not its presentation "
+            "format (join the strings with nothing between them)"
+        )
+    return None
+
+
 def lint_record(text: str) -> tuple[dict[str, Any], list[str], list[str]]:
     """(fields, errors, warnings) for one `_mta-sts` TXT record, for the command line."""
     warnings: list[str] = []
-    if text.startswith('"'):
-        return (
-            {},
-            [
-                "the record starts with a quote: pass the TXT content, not its presentation "
-                "format (join the strings with nothing between them)"
-            ],
-            warnings,
-        )
+    quoted = presentation_format_error(text)
+    if quoted:
+        return {}, [quoted], warnings
     try:
         record = parse_record(text)
     except StsRecordError as exc:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from mxguard.protocol.mtasts import normalise_host, split_fields
+from mxguard.protocol.mtasts import normalise_host, presentation_format_error, split_fields
 
 TLSRPT_VERSION = "TLSRPTv1"
 # RFC 3986 §2: the characters a URI may contain, minus "," and "!" (RFC 8460 §3 requires them
@@ -152,15 +152,9 @@ def select_record(txt_strings: Sequence[str]) -> TlsRptRecord | None:
 def lint_record(text: str) -> tuple[dict[str, Any], list[str], list[str]]:
     """(fields, errors, warnings) for one `_smtp._tls` TXT record, for the command line."""
     warnings: list[str] = []
-    if text.startswith('"'):
-        return (
-            {},
-            [
-                "the record starts with a quote: pass the TXT content, not its presentation "
-                "format (join the strings with nothing between them)"
-            ],
-            warnings,
-        )
+    quoted = presentation_format_error(text)
+    if quoted:
+        return {}, [quoted], warnings
     try:
         record = parse_record(text)
     except TlsRptRecordError as exc:
