@@ -62,6 +62,9 @@ class Attempt:
     sending_ip: str | None = None
     session: bool = False  # a TCP session took place (it counts for TLS-RPT)
     refused: tuple[tuple[str, str], ...] = ()  # recipients the server refused: (address, reply)
+    # What TLS-RPT may tell the receiving domain (and whoever runs its rua): TLS facts only,
+    # never SMTP replies, which can carry addresses.
+    tls_detail: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -206,6 +209,12 @@ class Sender:
         outcome = Outcome.DEFERRED
         final_detail = ""
         for m in policy.mx:
+            if self.is_report and m.addresses:
+                # RFC 8460 §5.3 / RFC 8689 (TLS-Required: No): a report must get through even
+                # when the receiver's TLS is broken, for that is what it reports. Every MX host
+                # is tried, with opportunistic TLS and no certificate checks.
+                m = replace(m, allowed=True, defer=None, tls=Tls.OPPORTUNISTIC, auth=Auth.NONE,
+                            report_only=False)  # fmt: skip
             if not m.allowed:
                 attempts.append(
                     Attempt(
@@ -315,6 +324,10 @@ class Sender:
                 base,
                 result_type=exc.result_type or base.result_type,
                 detail=str(exc),
+                # Only a TLS failure's own words may go into a report, never an SMTP reply.
+                tls_detail=exc.message
+                if exc.result_type and exc.reply is None
+                else base.tls_detail,
                 smtp_reply=_reply(exc.reply),
             ), False
         except Exception as exc:  # a bug of ours must defer the message, never crash or leak
@@ -433,11 +446,7 @@ class Sender:
                 receiving_mx=a.mx,
                 receiving_ip=a.ip,
                 receiving_helo=a.helo,
-                detail=(
-                    f"{sts_failure.detail}; {a.detail}"
-                    if sts_failure and not a.result_type
-                    else a.detail
-                )
+                detail=(sts_failure.detail if sts_failure and not a.result_type else a.tls_detail)
                 or None,
                 rua=policy.tlsrpt_rua,
                 is_report=self.is_report,
@@ -469,12 +478,12 @@ def _with(a: Attempt, **changes: Any) -> Attempt:
 
 def _stop(a: Attempt, result: ResultType, detail: str) -> tuple[Attempt, bool]:
     """The message must not be sent over this session."""
-    return _with(a, result_type=result, detail=detail), False
+    return _with(a, result_type=result, detail=detail, tls_detail=detail), False
 
 
 def _go(a: Attempt, result: ResultType | None, detail: str) -> tuple[Attempt, bool]:
     """Carry on (opportunistic or report-only), keeping what was seen."""
-    return _with(a, result_type=result, detail=detail), True
+    return _with(a, result_type=result, detail=detail, tls_detail=detail), True
 
 
 def _reply(r: Reply | None) -> str | None:
