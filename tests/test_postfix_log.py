@@ -14,6 +14,7 @@ import pytest
 from mxguard.protocol.results import ResultType as R
 from mxguard.tlsrpt.postfix_log import (
     MAX_LINE,
+    Ending,
     Joiner,
     Session,
     certificate_failure,
@@ -276,6 +277,93 @@ CASES: dict[str, tuple[list[str], list[tuple[str, str | None, R | None, R | None
         ],
         [],
     ),
+    # RFC 8460 §4.3.1: starttls-not-supported is a server that answered EHLO without STARTTLS.
+    # One that failed at the greeting or at EHLO/HELO (smtp_proto.c) had no TLS session.
+    "greeting refused with 421 on the first MX host: no session": (
+        [
+            f"{P}AAAAE1: host mx1.a.test[192.0.2.1] refused to talk to me: "
+            "421 4.7.0 Too many connections",
+            tls("Verified", "mx2.a.test", "192.0.2.2"),
+            status("AAAAE1", "b@a.test", "mx2.a.test[192.0.2.2]:25", "sent", "250 ok"),
+        ],
+        [("mx2.a.test", "Verified", None, None, None)],
+    ),
+    "greeting refused on the last MX host (its status line): no session": (
+        [
+            status(
+                "AAAAE2",
+                "b@a.test",
+                "mx.a.test[192.0.2.1]:25",
+                "bounced",
+                "host mx.a.test[192.0.2.1] refused to talk to me: 554 5.7.1 No service",
+            ),
+        ],
+        [],
+    ),
+    "connection lost while receiving the greeting: no session": (
+        [
+            f"{P}AAAAE3: lost connection with mx1.a.test[192.0.2.1] while receiving the initial "
+            "server greeting",
+            status(
+                "AAAAE3",
+                "b@a.test",
+                "none",
+                "deferred",
+                "connect to mx2.a.test[192.0.2.2]:25: Connection refused",
+            ),
+        ],
+        [],
+    ),
+    "timed out during the EHLO handshake: no session": (
+        [
+            status(
+                "AAAAE4",
+                "b@a.test",
+                "mx.a.test[192.0.2.1]:25",
+                "deferred",
+                "conversation with mx.a.test[192.0.2.1] timed out while performing the EHLO "
+                "handshake",
+            ),
+        ],
+        [],
+    ),
+    "EHLO and then HELO refused (4xx/5xx to EHLO falls back to HELO): no session": (
+        [
+            status(
+                "AAAAE5",
+                "b@a.test",
+                "mx.a.test[192.0.2.1]:25",
+                "deferred",
+                "host mx.a.test[192.0.2.1] refused to talk to me: 451 4.3.0 try later",
+            ),
+        ],
+        [],
+    ),
+    "421 to the EHLO after STARTTLS: a TLS session, counted": (
+        [
+            tls("Verified", "mx.a.test", "192.0.2.1"),
+            status(
+                "AAAAE6",
+                "b@a.test",
+                "mx.a.test[192.0.2.1]:25",
+                "deferred",
+                "host mx.a.test[192.0.2.1] refused to talk to me: 421 4.3.2 shutting down",
+            ),
+        ],
+        [("mx.a.test", "Verified", None, None, None)],
+    ),
+    "connection lost after EHLO, at STARTTLS: starttls-not-supported": (
+        [
+            status(
+                "AAAAE7",
+                "b@a.test",
+                "mx.a.test[192.0.2.1]:25",
+                "deferred",
+                "lost connection with mx.a.test[192.0.2.1] while receiving the STARTTLS response",
+            ),
+        ],
+        [("mx.a.test", None, R.STARTTLS_NOT_SUPPORTED, R.STARTTLS_NOT_SUPPORTED, None)],
+    ),
     "an SMTP failure on the first MX host ends its session": (
         [
             tls("Verified", "mx1.a.test", "192.0.2.1"),
@@ -302,6 +390,79 @@ def test_each_session_to_an_mx_host_is_one_result(name: str) -> None:
     ]  # fmt: skip
     assert got == expected, name
     assert {s.domain for s in found} <= {"a.test", "d.test"}
+
+
+# Sessions carry no text of Postfix's: replies quote addresses (RFC 8460 §4.4 goes to others).
+ENDINGS: list[tuple[list[str], list[Ending]]] = [
+    (
+        [
+            tls("Untrusted", "mx.a.test", "192.0.2.1"),
+            status(
+                "AAAAF1",
+                "alice.secret@a.test",
+                "mx.a.test[192.0.2.1]:25",
+                "bounced",
+                "host mx.a.test[192.0.2.1] said: 550 5.1.1 <alice.secret@a.test>: Recipient "
+                "address rejected: User unknown (in reply to RCPT TO command)",
+            ),
+        ],
+        [Ending.SMTP_ERROR],
+    ),
+    (
+        [
+            f"{P}AAAAF2: TLS is required, but host mx1.a.test[192.0.2.1] refused to start TLS: "
+            "454 4.7.0 <bob@a.test> not today",
+            f"{P}AAAAF2: TLS is required, but was not offered by host mx2.a.test[192.0.2.2]",
+            f"{P}AAAAF2: lost connection with mx3.a.test[192.0.2.3] while sending RCPT TO",
+            f"{P}server certificate verification failed for mx4.a.test[192.0.2.4]:25: "
+            "certificate has expired",
+            tls("Untrusted", "mx4.a.test", "192.0.2.4"),
+            f"{P}AAAAF2: Server certificate not verified",
+            f"{P}SSL_connect error to mx6.a.test[192.0.2.6]:25: -1",
+            f"{P}AAAAF2: Cannot start TLS: handshake failure",
+            status("AAAAF2", "bob@a.test", "mx5.a.test[192.0.2.5]:25", "sent", "250 <bob@a.test>"),
+        ],
+        [
+            Ending.STARTTLS_REFUSED,
+            Ending.STARTTLS_NOT_OFFERED,
+            Ending.CONNECTION_LOST,
+            Ending.CERTIFICATE_NOT_VERIFIED,
+            Ending.TLS_HANDSHAKE_FAILED,
+            Ending.DELIVERED,
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(("lines", "endings"), ENDINGS)
+def test_sessions_say_how_they_ended_in_a_fixed_vocabulary(
+    lines: list[str], endings: list[Ending]
+) -> None:
+    found = sessions(lines, now=NOW)
+    assert [s.ending for s in found] == endings
+    assert all(isinstance(s.ending, Ending) for s in found)
+
+
+def test_state_saved_with_postfix_text_resumes_without_it() -> None:
+    j = Joiner()
+    first = parse_line(
+        f"{P}AAAAF3: host mx1.a.test[192.0.2.1] said: 450 4.2.0 <alice@a.test>: mailbox busy "
+        "(in reply to RCPT TO command)",
+        now=NOW,
+    )
+    assert first is not None
+    assert list(j.feed(first)) == []
+    state = j.to_json()
+    (proc,) = state.values()
+    assert proc["finished"][0]["detail"] == Ending.SMTP_ERROR.value
+    # A state file of the first release kept the text itself.
+    proc["finished"][0]["detail"] = "host mx1.a.test[192.0.2.1] said: 450 4.2.0 <alice@a.test>"
+    last = parse_line(
+        status("AAAAF3", "alice@a.test", "mx2.a.test[192.0.2.2]:25", "sent", "250 ok"), now=NOW
+    )
+    assert last is not None
+    found = list(Joiner.from_json(state).feed(last))
+    assert [s.ending for s in found] == [Ending.SMTP_ERROR, Ending.DELIVERED]
 
 
 def test_processes_are_joined_separately_when_their_lines_interleave() -> None:

@@ -21,8 +21,19 @@ many stored results matched its sessions' keys (time, MX address, result) before
 crash between the two writes, the next run counts again: the batch was recorded exactly when
 the count grew by its size; it is then skipped, otherwise read again.
 
+Only sessions to the recipient domain's MX hosts are results (RFC 8460 §4: the report is
+about the policy domain's MX hosts). Postfix's next hop is often something else: a content
+filter (amavis at ``127.0.0.1:10024``), a ``relayhost``, an internal server of
+``postfix/relay``. A session is kept when its host name or address is one of the MX hosts of
+the resolved policy (`ReportPolicy.is_mx`); the others are counted as "not to an MX host".
+A recipient domain is converted to the A-label form the store keys on (IDNA: SMTPUTF8
+recipients such as ``anna@bücher.example``); a session whose domain or result still cannot be
+stored is counted and skipped, so that one bad line never fails its batch (which would fail
+again on every run).
+
 Bounded: lines longer than MAX_LINE are skipped (counted), a batch holds at most BATCH_LINES
-lines, the joiner follows at most MAX_PROCESSES processes.
+lines, the joiner follows at most MAX_PROCESSES processes, the policy cache holds at most
+MAX_CACHED_POLICIES domains for at most POLICY_TTL (RETRY_TTL for a deferred lookup).
 """
 
 from __future__ import annotations
@@ -31,23 +42,34 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import ipaddress
 import json
 import os
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from mxguard.adapters.store import SessionResult, Store
+from mxguard.adapters.store import SessionResult, Store, StoreError, check_result
 from mxguard.engine.deliver import _policy_for_report
-from mxguard.engine.policy import DeliveryPolicy
-from mxguard.engine.resolve import DomainError, Resolver
+from mxguard.engine.policy import DeliveryPolicy, Status
+from mxguard.engine.resolve import DomainError, normalise_domain
 from mxguard.tlsrpt.postfix_log import MAX_LINE, Joiner, Session, parse_line, result_type
 
 BATCH_LINES = 10_000
 FINGERPRINT_BYTES = 256
 MAX_ROTATED_CANDIDATES = 64  # files next to the log looked at to find the rotated one
 STATE_VERSION = 1
+POLICY_TTL = 3600.0  # seconds a resolved policy is used for (--follow runs for months)
+RETRY_TTL = 60.0  # seconds a deferred lookup (DNS trouble: MX hosts unknown) is used for
+MAX_CACHED_POLICIES = 10_000
+
+# Why a session the log shows is not a result (`Counts.dropped` keys).
+NOT_TO_MX = "not to an MX host"
+MX_UNKNOWN = "MX hosts unknown"
+BAD_DOMAIN = "recipient domain unusable"
 
 
 class CollectorError(Exception):
@@ -62,6 +84,14 @@ class ReportPolicy:
     strings: tuple[str, ...]
     mx_patterns: tuple[str, ...]
     rua: tuple[str, ...]
+    # The domain's MX hosts (names as published and CNAME-expanded) and their addresses.
+    mx_hosts: frozenset[str] = frozenset()
+    mx_addresses: frozenset[str] = frozenset()
+    deferred: bool = False  # the lookup failed for now: MX hosts may be missing
+
+    def is_mx(self, host: str, ip: str) -> bool:
+        """Whether a session to `host`[`ip`] was one to an MX host of this domain."""
+        return _host_key(host) in self.mx_hosts or _ip_key(ip) in self.mx_addresses
 
 
 NO_POLICY = ReportPolicy("no-policy-found", (), (), ())
@@ -71,32 +101,82 @@ class PolicySource(Protocol):
     async def __call__(self, domain: str) -> ReportPolicy: ...
 
 
+def _host_key(host: str) -> str:
+    try:
+        return normalise_domain(host)
+    except DomainError:
+        return host.lower().rstrip(".")
+
+
+def _ip_key(ip: str) -> str:
+    try:
+        return ipaddress.ip_address(ip).compressed
+    except ValueError:
+        return ip
+
+
 def report_policy(policy: DeliveryPolicy) -> ReportPolicy:
     kind, strings, patterns = _policy_for_report(policy)
-    return ReportPolicy(kind, strings, patterns, policy.tlsrpt_rua)
+    return ReportPolicy(
+        kind,
+        strings,
+        patterns,
+        policy.tlsrpt_rua,
+        mx_hosts=frozenset(
+            _host_key(h) for m in policy.mx for h in (m.host, m.canonical) if h is not None
+        ),
+        mx_addresses=frozenset(_ip_key(a) for m in policy.mx for a in m.addresses),
+        deferred=policy.status is Status.DEFER,
+    )
+
+
+class _Resolves(Protocol):
+    async def resolve(self, domain: str) -> DeliveryPolicy: ...
 
 
 class EnginePolicies:
     """The policy mxguard's policy server would serve for a domain: resolved by the engine
-    with the same settings, once per domain per collector run."""
+    with the same settings, then used for `ttl` seconds (`retry_ttl` when the lookup was
+    deferred), so that a collector that follows the log for months sees policy and MX changes.
+    """
 
-    def __init__(self, resolver: Resolver) -> None:
+    def __init__(
+        self,
+        resolver: _Resolves,
+        *,
+        ttl: float = POLICY_TTL,
+        retry_ttl: float = RETRY_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._resolver = resolver
-        self._cache: dict[str, ReportPolicy] = {}
+        self._ttl, self._retry_ttl, self._clock = ttl, retry_ttl, clock
+        self._cache: OrderedDict[str, tuple[float, ReportPolicy]] = OrderedDict()
 
     async def __call__(self, domain: str) -> ReportPolicy:
-        if domain not in self._cache:
-            try:
-                self._cache[domain] = report_policy(await self._resolver.resolve(domain))
-            except DomainError:
-                self._cache[domain] = NO_POLICY
-        return self._cache[domain]
+        now = self._clock()
+        cached = self._cache.get(domain)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            policy = report_policy(await self._resolver.resolve(domain))
+        except DomainError:
+            policy = NO_POLICY
+        self._cache.pop(domain, None)
+        self._cache[domain] = (now + (self._retry_ttl if policy.deferred else self._ttl), policy)
+        while len(self._cache) > MAX_CACHED_POLICIES:
+            self._cache.popitem(last=False)  # the oldest lookup
+        return policy
 
 
 def to_result(session: Session, policy: ReportPolicy, *, sending_ip: str | None) -> SessionResult:
     """The store's record of one Postfix session (the shape deliver.py's `_record` writes)."""
     failure = result_type(session, policy.policy_type)
     tls = f"{session.tls} TLS" if session.tls else "no TLS"
+    # Only TLS facts in our own words: this text may reach the domain's report (RFC 8460 §4.4
+    # additional-information), so no SMTP reply, address or queue id.
+    detail = [f"Postfix: {tls}", session.ending.value]
+    if session.certificate_failure is not None:
+        detail.append(f"certificate: {session.certificate_failure.value}")
     return SessionResult(
         id=None,
         at=session.at,
@@ -109,8 +189,7 @@ def to_result(session: Session, policy: ReportPolicy, *, sending_ip: str | None)
         receiving_mx=session.mx_host,
         receiving_ip=session.mx_ip,
         receiving_helo=None,  # Postfix does not log the server's EHLO name
-        # No queue id or address: this text may reach the domain's report (additional-information).
-        detail=f"Postfix: {tls}; {session.detail}",
+        detail="; ".join(detail),
         rua=policy.rua,
         is_report=False,
         reported=None,
@@ -225,9 +304,24 @@ class Counts:
     skipped_long: int = 0
     sessions: int = 0
     results: dict[str, int] = field(default_factory=dict)  # result type or "success" -> n
+    dropped: dict[str, int] = field(default_factory=dict)  # NOT_TO_MX, ... -> sessions
     rotated: bool = False
     truncated: bool = False
     recovered: str | None = None  # "recorded" | "re-read": what became of an interrupted batch
+
+    def drop(self, why: str) -> None:
+        self.dropped[why] = self.dropped.get(why, 0) + 1
+
+    def add(self, other: Counts) -> None:
+        """Add `other`'s counts to these (the totals of `follow`)."""
+        self.lines += other.lines
+        self.skipped_long += other.skipped_long
+        self.sessions += other.sessions
+        self.rotated |= other.rotated
+        self.truncated |= other.truncated
+        for mine, theirs in ((self.results, other.results), (self.dropped, other.dropped)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -235,6 +329,7 @@ class Counts:
             "skipped_long_lines": self.skipped_long,
             "sessions": self.sessions,
             "results": dict(sorted(self.results.items())),
+            "dropped": dict(sorted(self.dropped.items())),
             "rotated": self.rotated,
             "truncated": self.truncated,
             "recovered_batch": self.recovered,
@@ -372,12 +467,10 @@ class Collector:
     async def _commit(
         self, before: State, after: State, found: list[Session], counts: Counts
     ) -> None:
-        if not found:
+        results = await self._results(found, counts)
+        if not results:
             save_state(self.state_path, after)
             return
-        results = [
-            to_result(s, await self.policies(s.domain), sending_ip=self.sending_ip) for s in found
-        ]
         start, end = min(r.at for r in results), max(r.at for r in results)
         keys = sorted({_key(r) for r in results})
         # Announce the batch first: if we die after add_results, the next run can tell.
@@ -396,6 +489,28 @@ class Collector:
         for r in results:
             key = r.result_type or "success"
             counts.results[key] = counts.results.get(key, 0) + 1
+
+    async def _results(self, found: Iterable[Session], counts: Counts) -> list[SessionResult]:
+        """The results of the sessions to an MX host of their domain that can be stored."""
+        out = []
+        for s in found:
+            try:
+                # RFC 6531 recipients (SMTPUTF8) name U-labels; policies and the store use A-labels.
+                domain = normalise_domain(s.domain)
+            except DomainError:
+                counts.drop(BAD_DOMAIN)
+                continue
+            policy = await self.policies(domain)
+            if not policy.is_mx(s.mx_host, s.mx_ip):
+                counts.drop(MX_UNKNOWN if policy.deferred and not policy.mx_hosts else NOT_TO_MX)
+                continue
+            s = replace(s, domain=domain, mx_host=_host_key(s.mx_host))  # A-labels too
+            result = to_result(s, policy, sending_ip=self.sending_ip)
+            try:
+                out.append(check_result(result))
+            except StoreError:
+                counts.drop(BAD_DOMAIN)  # one bad result must not fail (and wedge) its batch
+        return out
 
     async def _recover(self, state: State, counts: Counts) -> State:
         """Finish a batch interrupted between the store write and the state write."""
@@ -426,14 +541,7 @@ class Collector:
         """`collect()` every `poll` seconds until `stop` is set; the totals."""
         total = Counts()
         while True:
-            c = await self.collect()
-            total.lines += c.lines
-            total.skipped_long += c.skipped_long
-            total.sessions += c.sessions
-            total.rotated |= c.rotated
-            total.truncated |= c.truncated
-            for k, v in c.results.items():
-                total.results[k] = total.results.get(k, 0) + v
+            total.add(await self.collect())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), poll)
             if stop.is_set():

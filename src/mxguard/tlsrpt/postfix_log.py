@@ -13,7 +13,22 @@ MX host shows up as a few lines of one ``postfix/smtp[pid]`` process:
 - the last session of a delivery attempt ends in the status line(s), one per recipient:
   ``QID: to=<rcpt>, relay=HOST[IP]:PORT, ..., dsn=X.Y.Z, status=sent|deferred|bounced (...)``;
   ``relay=none`` means no session took place (DNS failure, every connection refused), and
-  ``conn_use=N`` (N > 1) means a cached connection carried it: not a new session.
+  ``conn_use=N`` (N > 1) means a cached connection carried it: not a new session;
+- a session that ended before STARTTLS could have been offered (smtp_proto.c: ``host H[IP]
+  refused to talk to me: ...`` for a non-2xx greeting, a 421 to EHLO or a refused HELO; ``lost
+  connection with H[IP] while receiving the initial server greeting`` or ``... while performing
+  the EHLO handshake``, and ``conversation with H[IP] timed out while ...``) is not a TLS
+  session: RFC 8460 §4.3.1 starttls-not-supported needs a server that answered EHLO without
+  offering STARTTLS, so such a session is not counted at all.
+
+The relay of a status line is whatever Postfix's next hop was: an MX host, but also a content
+filter (``127.0.0.1[127.0.0.1]:10024``), a ``relayhost`` or an internal server of
+``postfix/relay``. This module cannot tell them apart; the collector keeps only sessions to an
+MX host of the recipient domain (RFC 8460 §4: sessions to the policy domain's MX hosts).
+
+A ``Session`` carries no text Postfix logged, only facts in a fixed vocabulary (``Ending``):
+what ends up in a report goes to a third party (RFC 8460 §4.4 additional-information), and
+Postfix's reasons quote SMTP replies, which name addresses.
 
 ``parse_line`` reads one line in the ``maillog_file`` / traditional syslog format (``Nov 29
 11:10:06 host postfix/smtp[123]: ...``) or with an ISO 8601 timestamp (rsyslog's high-precision
@@ -27,6 +42,7 @@ so that a collector can stop between any two lines and resume. Pure: no I/O, no 
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import re
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -63,6 +79,8 @@ _TLS = re.compile(
 _CERT = re.compile(
     rf"^(?:server )?certificate verification failed for {_PEER}:\d{{1,5}}: (?P<why>.*)$"
 )
+# tls_client.c: "SSL_connect error to %s: ..." (then the queue-id line "Cannot start TLS").
+_SSL_CONNECT = re.compile(rf"^SSL_connect error to {_PEER}:\d{{1,5}}: ")
 _QUEUED = re.compile(r"^(?P<qid>[0-9A-Za-z]{5,32}): (?P<text>.*)$")
 _STATUS = re.compile(
     r"^to=<(?P<rcpt>[^>]{0,1000})>, (?:orig_to=<[^>]{0,1000}>, )?relay=(?P<relay>[^,\s]+), "
@@ -72,6 +90,13 @@ _RELAY = re.compile(rf"^{_PEER}(?::(?P<port>\d{{1,5}}))?$")
 # "host H[IP] said: …", "lost connection with H[IP] while …", "TLS is required, but … host H[IP]"
 _ANY_PEER = re.compile(rf"\b(?:host|with) {_PEER}")
 _OPENSSL_ERROR = re.compile(r"^num=(?P<num>\d+):")
+# smtp_proto.c smtp_helo(): the greeting, EHLO, HELO or LHLO failed (before any STARTTLS).
+_SOME_PEER = r"[^\s\[\]]{1,255}\[[0-9A-Fa-f:.]{1,45}\]"
+_BEFORE_STARTTLS = re.compile(
+    rf"^host {_SOME_PEER} refused to talk to me: "
+    rf"|^(?:lost connection with {_SOME_PEER}|conversation with {_SOME_PEER} timed out) while "
+    r"(?:receiving the initial server greeting|performing the (?:EHLO|HELO|LHLO) handshake)$"
+)
 
 # X509_V_ERR_* codes (openssl/x509_vfy.h) that Postfix logs as "num=N:text".
 _EXPIRED = frozenset({9, 10})  # not yet valid, expired
@@ -86,6 +111,42 @@ class Trust:
     UNTRUSTED = "Untrusted"
     TRUSTED = "Trusted"  # the chain verified, the name was not (or not checked)
     VERIFIED = "Verified"  # chain and name (or DANE) verified
+
+
+class Ending(enum.StrEnum):
+    """How a session ended, in words of our own: never the text Postfix logged (RFC 8460 §4.4
+    additional-information reaches a third party; SMTP replies can carry addresses)."""
+
+    DELIVERED = "delivered"
+    STARTTLS_NOT_OFFERED = "STARTTLS not offered"
+    STARTTLS_REFUSED = "STARTTLS refused by the server"
+    TLS_UNAVAILABLE = "TLS unavailable"
+    TLS_HANDSHAKE_FAILED = "TLS handshake failed"
+    CERTIFICATE_NOT_VERIFIED = "certificate not verified"
+    SMTP_ERROR = "the server answered with an error"
+    CONNECTION_LOST = "connection lost or timed out"
+    NOT_DELIVERED = "not delivered"
+
+
+def ending(text: str, status: str | None = None) -> Ending:
+    """The `Ending` of a session that ended with `text` (a queue-id line or a status reason)."""
+    if status == "sent":
+        return Ending.DELIVERED
+    if text.startswith("TLS is required, but was not offered"):
+        return Ending.STARTTLS_NOT_OFFERED
+    if text.startswith("TLS is required, but host ") and "refused to start TLS" in text:
+        return Ending.STARTTLS_REFUSED
+    if text.startswith("TLS is required, but "):
+        return Ending.TLS_UNAVAILABLE
+    if text.startswith(("Server certificate not verified", "Server certificate not trusted")):
+        return Ending.CERTIFICATE_NOT_VERIFIED
+    if text.startswith("Cannot start TLS"):
+        return Ending.TLS_HANDSHAKE_FAILED
+    if text.startswith(("lost connection with ", "conversation with ")):
+        return Ending.CONNECTION_LOST
+    if text.startswith("host ") and (" said: " in text or " refused to talk to me" in text):
+        return Ending.SMTP_ERROR
+    return Ending.NOT_DELIVERED
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +232,7 @@ class Session:
     certificate_failure: ResultType | None  # from "certificate verification failed" lines
     refused: ResultType | None  # why Postfix itself refused the session (its TLS policy)
     status: str  # "sent" | "deferred" | "bounced" | ... of the delivery, or "next-mx"
-    detail: str  # the line that ended it, for people
+    ending: Ending  # how it ended (no text of Postfix's: see Ending)
 
 
 def result_type(session: Session, policy_type: str) -> ResultType | None:
@@ -225,7 +286,7 @@ class _Finished:
     tls: str | None
     certificate_failure: str | None
     refused: str | None
-    detail: str
+    detail: str  # an Ending value (older state files: the text that ended the session)
 
 
 @dataclass(slots=True)
@@ -259,6 +320,9 @@ class Joiner:
             self._touch(proc, m["host"], m["ip"])
             proc.pending.certificate_failure = certificate_failure(m["why"]).value
             return
+        if (m := _SSL_CONNECT.match(msg)) is not None:
+            self._touch(proc, m["host"], m["ip"])  # the handshake failed: which session
+            return
         if (m := _TLS.match(msg)) is not None:
             self._touch(proc, m["host"], m["ip"])
             proc.pending.tls = m["trust"]
@@ -280,7 +344,7 @@ class Joiner:
         if refused is None and peer is None:
             return  # not about a session (e.g. "enabling PIX workarounds")
         p = proc.pending
-        if p.host is not None and p.ip is not None and not p.reused:
+        if p.host is not None and p.ip is not None and not p.reused and not _before_tls(text, p):
             proc.finished.append(
                 _Finished(
                     line.at.isoformat(),
@@ -290,7 +354,7 @@ class Joiner:
                     p.tls,
                     p.certificate_failure,
                     refused.value if refused else None,
-                    text,
+                    ending(text).value,
                 )
             )
             del proc.finished[:-MAX_SESSIONS_PER_PROCESS]
@@ -307,8 +371,10 @@ class Joiner:
         peer = _RELAY.match(relay)
         p = proc.pending
         reused = p.reused or int(s["conn_use"] or 1) > 1
-        refused = _refusal(s["reason"] or "", p) if s["status"] != "sent" else None
-        if peer is not None and not reused:
+        reason = s["reason"] or ""
+        refused = _refusal(reason, p) if s["status"] != "sent" else None
+        before_tls = s["status"] != "sent" and _before_tls(reason, p)
+        if peer is not None and not reused and not before_tls:
             proc.finished.append(
                 _Finished(
                     line.at.isoformat(),
@@ -318,10 +384,11 @@ class Joiner:
                     p.tls,
                     p.certificate_failure,
                     refused.value if refused else None,
-                    f"status={s['status']}" + (f" ({s['reason']})" if s["reason"] else ""),
+                    ending(reason, s["status"]).value,
                 )
             )
         # relay=none: no session took place at the end (lookup failure, connections refused).
+        last = proc.finished[-1] if peer is not None and not reused and not before_tls else None
         for f in proc.finished:
             if f.queue_id != qid:
                 continue  # left over from a delivery whose status line we never saw
@@ -336,8 +403,8 @@ class Joiner:
                 if f.certificate_failure
                 else None,
                 refused=ResultType(f.refused) if f.refused else None,
-                status=s["status"] if f is proc.finished[-1] and peer is not None else "next-mx",
-                detail=f.detail,
+                status=s["status"] if f is last else "next-mx",
+                ending=_saved_ending(f.detail),
             )
         proc.finished.clear()
         proc.pending, proc.active, proc.last_end = _Pending(), False, (qid, relay)
@@ -380,6 +447,22 @@ class Joiner:
         return j
 
 
+def _before_tls(text: str, p: _Pending) -> bool:
+    """The session ended at the greeting or EHLO, before STARTTLS could have been offered.
+
+    Not after TLS: the EHLO that follows the handshake fails with the same words, and then
+    the "TLS connection established" line (or a certificate failure) came first.
+    """
+    return p.tls is None and p.certificate_failure is None and bool(_BEFORE_STARTTLS.match(text))
+
+
+def _saved_ending(detail: str) -> Ending:
+    try:
+        return Ending(detail)
+    except ValueError:  # state saved before sessions kept no text: read it, keep none of it
+        return ending(detail)
+
+
 def _refusal(text: str, p: _Pending) -> ResultType | None:
     """Why Postfix's TLS policy ended a session, from the text it logged (smtp_proto.c)."""
     if text.startswith("TLS is required, but "):  # "was not offered", "refused to start TLS"
@@ -414,11 +497,13 @@ def sessions(lines: Iterator[str] | list[str], *, now: dt.datetime) -> list[Sess
 
 __all__ = [
     "MAX_LINE",
+    "Ending",
     "Joiner",
     "LogLine",
     "Session",
     "Trust",
     "certificate_failure",
+    "ending",
     "parse_line",
     "result_type",
     "sessions",
