@@ -14,26 +14,40 @@ import datetime as dt
 import email
 import email.policy
 import os
+import random
 import signal
+import ssl
 import subprocess
 import sys
 import textwrap
-from collections.abc import Awaitable, Callable
+import time
+import types
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import parsedmarc
 import pytest
+from click.testing import CliRunner
 
-from mxguard.adapters.store import open_store
+from mxguard.adapters.dns import Outcome
+from mxguard.adapters.store import SessionResult, Store, open_store
+from mxguard.cli import main
 from mxguard.config import Settings
 from mxguard.engine.context import Engine, engine
 from mxguard.lab.lab import Lab
+from mxguard.lab.pki import LabPKI
 from mxguard.protocol import tlsrpt_report as tr
-from mxguard.tlsrpt.reporter import reporter_for
+from mxguard.tlsrpt.reporter import (
+    HttpsPoster,
+    PostOutcome,
+    Reporter,
+    ReporterConfig,
+    reporter_for,
+)
 from tlsrpt_helpers import lab_settings
 
-pytestmark = pytest.mark.lab
+pytest_plugins = ["servers"]
 T = TypeVar("T")
 
 
@@ -58,6 +72,7 @@ def https_rua(lab: Lab, domain: str) -> str:
     return f"https://mta-sts.{domain}:{lab.ports.https}/report"
 
 
+@pytest.mark.lab
 def test_mailto_report_arrives_at_the_lab_mx_and_its_sessions_are_not_reported_again(
     lab: Lab, tmp_path: Path
 ) -> None:
@@ -89,6 +104,7 @@ def test_mailto_report_arrives_at_the_lab_mx_and_its_sessions_are_not_reported_a
     assert parsed["report"]["policies"][0]["successful_session_count"] == 1
 
 
+@pytest.mark.lab
 def test_https_report_arrives_as_a_post_of_the_gzip_body(lab: Lab, tmp_path: Path) -> None:
     domain = "sts-testing.test"
     set_rua(lab, domain, https_rua(lab, domain))
@@ -114,6 +130,7 @@ def test_https_report_arrives_as_a_post_of_the_gzip_body(lab: Lab, tmp_path: Pat
     assert post.body == body
 
 
+@pytest.mark.lab
 def test_failing_endpoint_is_retried_later_and_the_data_stays_until_it_succeeds(
     lab: Lab, tmp_path: Path
 ) -> None:
@@ -164,6 +181,7 @@ RECORDER = textwrap.dedent(
 )
 
 
+@pytest.mark.lab
 def test_killing_the_process_after_recording_loses_no_result(lab: Lab, tmp_path: Path) -> None:
     db = tmp_path / "state.db"
     config = tmp_path / "mxguard.toml"
@@ -206,6 +224,7 @@ def test_killing_the_process_after_recording_loses_no_result(lab: Lab, tmp_path:
     assert sorted(p.suffix for p in (tmp_path / "out").iterdir()) == [".eml", ".gz"]
 
 
+@pytest.mark.lab
 def test_run_reports_yesterday_survives_sigkill_and_stops_on_sigterm(
     lab: Lab, tmp_path: Path
 ) -> None:
@@ -218,8 +237,6 @@ def test_run_reports_yesterday_survives_sigkill_and_stops_on_sigterm(
     yesterday = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
 
     async def record() -> None:
-        from mxguard.adapters.store import SessionResult
-
         store = await open_store(f"sqlite://{db}")
         try:
             await store.add_results(
@@ -259,7 +276,7 @@ def test_run_reports_yesterday_survives_sigkill_and_stops_on_sigterm(
         )
         return subprocess.Popen(
             [sys.executable, "-m", "mxguard", "--config", str(config), "tlsrpt", "run",
-             "--poll", "0.2"], stderr=subprocess.PIPE, text=True)  # fmt: skip
+             "--poll", "0.2", "--grace", "0"], stderr=subprocess.PIPE, text=True)  # fmt: skip
 
     async def reports() -> list[object]:
         store = await open_store(f"sqlite://{db}")
@@ -292,3 +309,322 @@ def test_run_reports_yesterday_survives_sigkill_and_stops_on_sigterm(
     assert proc.wait(timeout=10) == 0
     report = tr.parse_report(lab.policy_host(domain).posts[0].body)
     assert (report.successful, report.failed) == (2, 1)
+
+
+# --- scheduling and delivery rules, on a store with fake endpoints (no lab) -------------------
+
+D = dt.date(2026, 5, 1)
+MIDNIGHT = dt.datetime(2026, 5, 2, tzinfo=dt.UTC)  # the end of D
+RUA = ("https://r.example.test/tlsrpt",)
+
+
+def result(at: dt.datetime, rt: str | None = None, domain: str = "example.com") -> SessionResult:
+    return SessionResult(
+        id=None, at=at, policy_domain=domain, policy_type="no-policy-found", policy_strings=(),
+        mx_patterns=(), result_type=rt, sending_ip="192.0.2.1", receiving_mx=f"mx.{domain}",
+        receiving_ip="198.51.100.1", receiving_helo=None, detail=None, rua=RUA,
+        is_report=False, reported=None,
+    )  # fmt: skip
+
+
+class Clock:
+    def __init__(self, now: dt.datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+@dataclasses.dataclass
+class FakePoster:
+    """An https: rua that answers `outcome` after `delay` seconds and records every POST."""
+
+    outcome: PostOutcome = dataclasses.field(default_factory=lambda: PostOutcome(True, "200"))
+    delay: float = 0.0
+    posts: list[bytes] = dataclasses.field(default_factory=list)
+    active: int = 0
+    most_active: int = 0
+
+    async def post(self, uri: str, body: bytes) -> PostOutcome:
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.active -= 1
+        self.posts.append(body)
+        return self.outcome
+
+
+@dataclasses.dataclass
+class FakeMail:
+    status: str  # what mxguard's Sender would say: delivered | deferred | failed
+
+    async def deliver(self, mail_from: str, recipients: Sequence[str], data: bytes) -> object:
+        return types.SimpleNamespace(status=self.status)
+
+
+def reporter(
+    store: Store, clock: Clock, poster: FakePoster | None = None, **config: Any
+) -> Reporter:
+    cfg = ReporterConfig("o", "c@sender.example", "mx.sender.example", "r@sender.example",
+                         delay_window=0, **config)  # fmt: skip
+    return Reporter(store, cfg, mail=FakeMail("delivered"), poster=poster or FakePoster(),
+                    clock=clock, rng=random.Random(1))  # fmt: skip
+
+
+def on_store(work: Callable[[Store], Awaitable[T]], url: str | None = None) -> T:
+    async def run() -> T:
+        store = await open_store(url or "sqlite:///:memory:")
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def test_a_day_is_built_only_after_the_grace_period() -> None:
+    async def work(store: Store) -> None:
+        await store.add_results([result(MIDNIGHT - dt.timedelta(hours=1))])
+        clock = Clock(MIDNIGHT + dt.timedelta(seconds=5))
+        r = reporter(store, clock, grace=3600)
+        assert await r.build_due() == []
+        clock.now = MIDNIGHT + dt.timedelta(hours=1, seconds=1)
+        [built] = await r.build_due()
+        assert built.stored and built.pending.start == MIDNIGHT - dt.timedelta(days=1)
+
+    on_store(work)
+
+
+def test_results_recorded_late_go_into_a_further_report_with_its_own_report_id() -> None:
+    async def work(store: Store) -> None:
+        clock = Clock(MIDNIGHT + dt.timedelta(hours=2))
+        poster = FakePoster()
+        r = reporter(store, clock, poster)
+        await store.add_results([result(MIDNIGHT - dt.timedelta(hours=14))])
+        [first] = await r.build_due()
+        assert [d.delivered_to for d in await r.deliver_due()] == [RUA[0]]
+        # The collector was behind: a session of 23:59:58 is recorded only now.
+        await store.add_results(
+            [result(MIDNIGHT - dt.timedelta(seconds=2), "starttls-not-supported")]
+        )
+        clock.now += dt.timedelta(minutes=1)
+        [second] = await r.build_due()
+        assert second.pending.start == first.pending.start
+        assert second.pending.report_id != first.pending.report_id
+        assert (second.report.successful, second.report.failed) == (0, 1)
+        await r.deliver_due()
+        assert [tr.parse_report(b).report_id for b in poster.posts] == [
+            first.pending.report_id,
+            second.pending.report_id,
+        ]
+        start, end = tr.day_range(D)
+        assert await store.results_between(start, end, unreported_only=True) == []
+        assert await r.build_due() == []
+
+    on_store(work)
+
+
+def test_downtime_over_midnight_skips_no_day_within_the_backfill_window() -> None:
+    async def work(store: Store) -> None:
+        days = [D - dt.timedelta(days=n) for n in (40, 3, 1, 0)]
+        await store.add_results([result(tr.day_range(d)[0] + dt.timedelta(hours=9)) for d in days])
+        # Down from D-3 until D+1 03:00: run() catches up with every complete day.
+        clock = Clock(MIDNIGHT + dt.timedelta(hours=3))
+        r = reporter(store, clock, backfill_days=31)
+        stop = asyncio.Event()
+
+        async def stopper() -> None:
+            await asyncio.sleep(0.3)
+            stop.set()
+
+        await asyncio.gather(r.run(stop, poll=0.05), stopper())
+        reported = sorted(p.start.date() for p in await store.reports())
+        assert reported == [D - dt.timedelta(days=3), D - dt.timedelta(days=1), D]
+
+    on_store(work)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_reporters_on_one_store_send_each_report_once(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    else:
+        url = str(request.getfixturevalue("postgres_server").create_database())
+
+    async def work() -> None:
+        a, b = await open_store(url), await open_store(url)
+        try:
+            clock = Clock(MIDNIGHT + dt.timedelta(hours=6))
+            poster = FakePoster(delay=0.2)
+            ra, rb = reporter(a, clock, poster), reporter(b, clock, poster)
+            await a.add_results([result(MIDNIGHT - dt.timedelta(hours=5)) for _ in range(3)])
+            built = await asyncio.gather(ra.build_due(), rb.build_due())
+            # Both may build; only one gets the results (the other's report is refused).
+            assert [x.stored for x in built[0] + built[1]].count(True) == 1
+            deliveries = await asyncio.gather(ra.deliver_due(), rb.deliver_due())
+            assert len(poster.posts) == 1
+            assert sum(len(d) for d in deliveries) == 1
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(work())
+
+
+PERMANENCE = [
+    # (rule, rua, mail status, https outcome, dropped)
+    ("http_4xx_is_permanent", RUA, "delivered", PostOutcome(False, "404", True), True),
+    ("http_429_is_retried", RUA, "delivered", PostOutcome(False, "429"), False),
+    ("smtp_5xx_is_permanent", ("mailto:t@example.com",), "failed", PostOutcome(True, ""), True),
+    ("smtp_4xx_is_retried", ("mailto:t@example.com",), "deferred", PostOutcome(True, ""), False),
+    ("a_bad_address_is_permanent", ("mailto:a%0D%0ABcc:%20x@evil.example%0D%0A@example.com",),
+     "delivered", PostOutcome(True, ""), True),
+    ("an_unknown_scheme_is_permanent", ("ftp://r.example/x",), "delivered",
+     PostOutcome(True, ""), True),
+    ("one_temporary_failure_among_permanent_ones_keeps_it",
+     ("mailto:t@example.com", *RUA), "failed", PostOutcome(False, "503"), False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("rua", "mail", "outcome", "dropped"),
+    [r[1:] for r in PERMANENCE],
+    ids=[r[0] for r in PERMANENCE],
+)
+def test_a_report_every_rua_refuses_for_good_is_dropped_others_are_retried(
+    rua: tuple[str, ...], mail: str, outcome: PostOutcome, dropped: bool
+) -> None:
+    async def work(store: Store) -> None:
+        clock = Clock(MIDNIGHT + dt.timedelta(hours=2))
+        r = reporter(store, clock, FakePoster(outcome))
+        r.mail = FakeMail(mail)
+        await store.add_results([dataclasses.replace(result(MIDNIGHT - dt.timedelta(hours=1)),
+                                                     rua=rua)])  # fmt: skip
+        await r.build_due()
+        [d] = await r.deliver_due()
+        assert d.delivered_to is None
+        assert d.dropped is dropped and (d.next_attempt_at is None) is dropped
+        assert len(await store.reports(pending_only=True)) == (0 if dropped else 1)
+
+    on_store(work)
+
+
+def test_a_report_undeliverable_for_the_give_up_time_is_dropped() -> None:
+    async def work(store: Store) -> None:
+        clock = Clock(MIDNIGHT + dt.timedelta(hours=2))
+        r = reporter(store, clock, FakePoster(PostOutcome(False, "503")), give_up_after=7 * 86400)
+        await store.add_results([result(MIDNIGHT - dt.timedelta(hours=1))])
+        await r.build_due()
+        clock.now += dt.timedelta(days=7) - dt.timedelta(seconds=1)
+        [retry] = await r.deliver_due(force=True)
+        assert not retry.dropped
+        clock.now += dt.timedelta(seconds=1)
+        [last] = await r.deliver_due(force=True)
+        assert last.dropped
+        [p] = await store.reports()
+        assert p.dropped_at == clock.now and "undeliverable for 7.0 days" in str(p.last_error)
+
+    on_store(work)
+
+
+def test_due_reports_are_delivered_concurrently_up_to_the_limit() -> None:
+    async def work(store: Store) -> None:
+        clock = Clock(MIDNIGHT + dt.timedelta(hours=2))
+        poster = FakePoster(delay=0.2)
+        r = reporter(store, clock, poster, concurrency=3)
+        at = MIDNIGHT - dt.timedelta(hours=1)
+        await store.add_results([result(at, domain=f"d{n}.example") for n in range(7)])
+        await r.build_due()
+        started = time.monotonic()
+        assert len(await r.deliver_due()) == 7
+        assert poster.most_active == 3
+        assert time.monotonic() - started < 7 * 0.2
+
+    on_store(work)
+
+
+def test_report_refuses_a_day_that_is_not_over(tmp_path: Path) -> None:
+    now = dt.datetime.now(dt.UTC).date()
+    store = ["--store", f"sqlite:///{tmp_path / 'state.db'}"]
+    for day in (now, now + dt.timedelta(days=1)):
+        out = CliRunner().invoke(main, [*store, "tlsrpt", "report", "--day", day.isoformat()])
+        assert out.exit_code == 2 and "is not over yet" in out.output, out.output
+    out = CliRunner().invoke(main, [*store, "tlsrpt", "report", "--day", now.isoformat(),
+                                    "--dry-run", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert out.exit_code == 0, out.output
+
+
+# --- the HTTPS poster against a real TLS endpoint ---------------------------------------------
+
+
+class Endpoint:
+    """An HTTPS report endpoint on loopback that answers `status` and then a body that never
+    ends (it writes until the client hangs up)."""
+
+    def __init__(self, tmp_path: Path, status: int) -> None:
+        self.pki = LabPKI(tmp_path / "pki")
+        self.identity = self.pki.issue("reports.example.test")
+        self.status = status
+        self.sent = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))  # fmt: skip
+            await reader.readexactly(length)
+            writer.write(f"HTTP/1.1 {self.status} X\r\nContent-Length: 1000000000\r\n\r\n".encode())
+            while True:
+                writer.write(b"x" * 65536)
+                self.sent += 65536
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+
+class FixedDns:
+    servers = ("fixed",)
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    async def query(self, name: str, rdtype: str) -> Any:
+        if rdtype != "A":
+            return types.SimpleNamespace(outcome=Outcome.NODATA, records=(), failed=False)
+        record = types.SimpleNamespace(address=self.address)
+        return types.SimpleNamespace(outcome=Outcome.OK, records=(record,), failed=False)
+
+
+@pytest.mark.parametrize(
+    ("status", "ok", "permanent"),
+    [(200, True, False), (202, True, False), (404, False, True), (413, False, True),
+     (408, False, False), (429, False, False), (503, False, False)],
+)  # fmt: skip
+def test_https_poster_reads_a_few_kib_of_the_answer_then_hangs_up(
+    tmp_path: Path, status: int, ok: bool, permanent: bool
+) -> None:
+    endpoint = Endpoint(tmp_path, status)
+    host = f"{os.environ.get('MXGUARD_TEST_LAB_NET', '127.228')}.9.1"
+
+    async def work() -> PostOutcome:
+        server = await asyncio.start_server(
+            endpoint.handle, host, 0, ssl=endpoint.identity.server_context()
+        )
+        port = server.sockets[0].getsockname()[1]
+        poster = HttpsPoster(FixedDns(host), endpoint.pki.ca_file, timeout=5)  # type: ignore[arg-type]
+        try:
+            return await poster.post(f"https://reports.example.test:{port}/r", b"\x1f\x8bbody")
+        finally:
+            server.close()
+
+    started = time.monotonic()
+    outcome = asyncio.run(work())
+    assert (outcome.ok, outcome.permanent) == (ok, permanent), outcome.detail
+    assert time.monotonic() - started < 3  # not the 5 s timeout of reading 1 GB
+    assert endpoint.sent < 64 * 1024 * 1024

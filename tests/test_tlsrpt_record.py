@@ -58,6 +58,13 @@ VALID = [
         (("x-opt", "1"), ("z", "2")),
     ),
     ("repeated_rua_fields_all_used", f"v=TLSRPTv1; rua={MAILTO}; rua={HTTPS}", (MAILTO, HTTPS), ()),
+    (
+        "quoted_local_part_may_hold_a_space",
+        "v=TLSRPTv1; rua=mailto:%22a%20b%22@example.com",
+        ("mailto:%22a%20b%22@example.com",),
+        (),
+    ),
+    ("address_literal", "v=TLSRPTv1; rua=mailto:a@[192.0.2.1]", ("mailto:a@[192.0.2.1]",), ()),
 ]
 
 
@@ -98,6 +105,19 @@ INVALID = [
         "percent-encoded",
     ),
     ("no_spaces_inside_a_uri", "v=TLSRPTv1; rua=https://r.example/a b", "may not"),
+    (
+        "decoded_crlf_cannot_inject_headers",
+        "v=TLSRPTv1; rua=mailto:a%0D%0ABcc:%20victim@evil.example%0D%0A@example.com",
+        "control characters",
+    ),
+    ("decoded_nul_is_refused", "v=TLSRPTv1; rua=mailto:a%00b@example.com", "control characters"),
+    ("decoded_address_has_one_at_sign", "v=TLSRPTv1; rua=mailto:a%40b@example.com", "dot-string"),
+    ("decoded_space_outside_quotes", "v=TLSRPTv1; rua=mailto:a%20b@example.com", "dot-string"),
+    ("no_angle_brackets", "v=TLSRPTv1; rua=mailto:a%3E%3Cb@example.com", "dot-string"),
+    ("no_empty_dot_atom", "v=TLSRPTv1; rua=mailto:a..b@example.com", "dot-string"),
+    ("address_literal_is_an_ip", "v=TLSRPTv1; rua=mailto:a@[evil]", "address literal"),
+    ("percent_encoding_is_utf_8", "v=TLSRPTv1; rua=mailto:a%FF@example.com", "not UTF-8"),
+    ("local_part_at_most_64_octets", f"v=TLSRPTv1; rua=mailto:{'a' * 65}@example.com", "too long"),
     ("extension_value_without_equals", f"v=TLSRPTv1; rua={MAILTO}; x=a=b", "printable ASCII"),
 ]
 
@@ -184,3 +204,23 @@ def test_parse_record_raises_only_its_error(text: str) -> None:
 def test_select_record_on_decoded_bytes_raises_only_its_error(records: list[bytes]) -> None:
     with contextlib.suppress(TlsRptRecordError):
         select_record([r.decode("utf-8", errors="replace") for r in records])
+
+
+MAILBOXES = [
+    # (rule, uri, the address mail goes to, or None: no mail at all)
+    ("plain", "mailto:tlsrpt@example.com", "tlsrpt@example.com"),
+    ("percent_decoded", "mailto:a%2Bb@example.com", "a+b@example.com"),
+    ("headers_in_the_uri_are_ignored", "mailto:a@example.com?bcc=x@evil.example", "a@example.com"),
+    ("crlf_injection", "mailto:a%0D%0ABcc:%20victim@evil.example%0D%0A@example.com", None),
+    ("lf_alone", "mailto:a%0ABcc:x@evil.example@example.com", None),
+    ("not_mailto", "https://example.com/x", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("uri", "address"), [r[1:] for r in MAILBOXES], ids=[r[0] for r in MAILBOXES]
+)
+def test_report_mail_goes_only_to_a_valid_rfc5321_mailbox(uri: str, address: str | None) -> None:
+    from mxguard.tlsrpt.reporter import mailto_address
+
+    assert mailto_address(uri) == address

@@ -1,11 +1,13 @@
 """`mxguard tlsrpt`: TLS reporting: record linting and aggregate reports (RFC 8460).
 
 - `check-record TEXT` lints an `_smtp._tls` TXT record (§3);
-- `report --day YYYY-MM-DD` builds the day's aggregate reports (§4) from the recorded session
-  results and sends them to each domain's `rua` (§5); with `--dry-run --out DIR` it writes the
-  `.json.gz` files and the `.eml` messages to DIR instead and sends nothing;
-- `run` is the long-running sender: after each UTC midnight it builds the previous day's
-  reports, sends them after a random delay, retries failed deliveries; SIGTERM stops it;
+- `report --day YYYY-MM-DD` builds the aggregate reports (§4) of a past day from the session
+  results no report covers yet and sends them to each domain's `rua` (§5); with `--dry-run
+  --out DIR` it writes the `.json.gz` files and the `.eml` messages to DIR instead and sends
+  nothing (a dry run may look at today so far; a real report only at a day that is over);
+- `run` is the long-running sender: a grace period after each UTC midnight it builds every
+  complete day with results no report covers yet (late results included), sends the reports
+  after a random delay, retries failed deliveries; SIGTERM stops it;
 - `collect-postfix --log FILE [--follow] [--state FILE]` records the SMTP sessions of a Postfix
   log as session results, resuming where it stopped (collector.py).
 """
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import signal
 from pathlib import Path
@@ -25,7 +28,7 @@ from mxguard.cli.output import EXIT_DEFERRED, emit_json, emit_lint
 from mxguard.config import ConfigError
 from mxguard.engine.context import engine
 from mxguard.protocol import tlsrpt as tlsrpt_record
-from mxguard.tlsrpt.reporter import Built, Delivery, reporter_for
+from mxguard.tlsrpt.reporter import GRACE, Built, Delivery, reporter_for
 
 
 @click.group()
@@ -73,6 +76,15 @@ def report(
         raise click.UsageError("--dry-run needs --out DIR: where to write the reports")
     if out is not None and not dry_run:
         raise click.UsageError("--out is for --dry-run; without it the reports are sent")
+    today = dt.datetime.now(dt.UTC).date()
+    # RFC 8460 §4.1: a report covers a whole UTC day; sending one for a day that is not over
+    # would leave the rest of that day for a second report, and a future day has no results.
+    if day > today or (day == today and not dry_run):
+        raise click.UsageError(
+            f"--day {day.isoformat()} is not over yet (today is {today.isoformat()} UTC); "
+            "a report covers a whole UTC day (RFC 8460 §4.1): pass an earlier day, or "
+            "--dry-run --out DIR to look at today so far"
+        )
 
     async def work() -> tuple[list[Built], list[Delivery]]:
         async with engine(s) as e:
@@ -81,11 +93,9 @@ def report(
             if dry_run:
                 return built, []
             wanted = {b.pending.report_id for b in built if b.stored}
-            pending = [
-                p for p in await e.store.reports(start=built[0].pending.start, pending_only=True)
-                if p.report_id in wanted
-            ] if built else []  # fmt: skip
-            return built, [await r.deliver(p) for p in pending]
+            if not wanted:
+                return built, []
+            return built, await r.deliver_due(force=True, only=wanted)
 
     try:
         built, deliveries = asyncio.run(work())
@@ -99,7 +109,7 @@ def report(
         emit_json({"day": day.isoformat(), "reports": doc})
     else:
         if not doc:
-            click.echo(f"no session results with a TLS-RPT rua on {day}: nothing to report")
+            click.echo(f"{day}: no session results with a TLS-RPT rua left to report")
         for d in doc:
             state = d["delivered_to"] or ("written" if dry_run else d["status"])
             click.echo(
@@ -132,9 +142,11 @@ def _write(built: list[Built], out: Path, s: Any) -> dict[str, list[str]]:
 def _report_json(b: Built, files: list[str], deliveries: list[Delivery]) -> dict[str, Any]:
     d = next((x for x in deliveries if x.report_id == b.pending.report_id), None)
     if not b.stored and d is None:
-        status = "written" if files else "already built"
+        status = "written" if files else "built elsewhere"
+    elif d and d.delivered_to:
+        status = "delivered"
     else:
-        status = "delivered" if d and d.delivered_to else "pending"
+        status = "dropped" if d and d.dropped else "pending"
     return {
         "policy_domain": b.pending.policy_domain,
         "report_id": b.pending.report_id,
@@ -154,11 +166,16 @@ def _report_json(b: Built, files: list[str], deliveries: list[Delivery]) -> dict
 
 @tlsrpt.command("run")
 @click.option("--poll", type=float, default=60.0, show_default=True,
-              help="Seconds between checks for due deliveries.")  # fmt: skip
+              help="Seconds between checks for due deliveries and late results.")  # fmt: skip
+@click.option("--grace", type=click.FloatRange(0, 86400), default=GRACE, show_default=True,
+              help="Seconds after UTC midnight before the day is built: longer than the "
+                   "results collector lags behind.")  # fmt: skip
 @click.pass_context
-def run(ctx: click.Context, poll: float) -> None:
-    """Send reports forever: after each UTC midnight (plus a random delay) the previous day's,
-    and retry failed deliveries. SIGTERM or Ctrl-C stops it cleanly."""
+def run(ctx: click.Context, poll: float, grace: float) -> None:
+    """Send reports forever: a grace period after each UTC midnight (plus a random delay)
+    every complete day not reported yet, also after downtime; results recorded late go into a
+    further report for their day; failed deliveries are retried. SIGTERM or Ctrl-C stops it
+    cleanly. Several nodes may run it on one PostgreSQL store: each report is sent once."""
     from mxguard.cli import settings
 
     s = settings(ctx)
@@ -170,7 +187,9 @@ def run(ctx: click.Context, poll: float) -> None:
             loop.add_signal_handler(sig, stop.set)
         async with engine(s) as e:
             click.echo("mxguard tlsrpt run: sending TLS reports; SIGTERM stops", err=True)
-            await reporter_for(e).run(stop, poll=poll)
+            r = reporter_for(e)
+            r.config = dataclasses.replace(r.config, grace=grace)
+            await r.run(stop, poll=poll)
 
     try:
         asyncio.run(work())
@@ -234,6 +253,8 @@ def collect_postfix(
         return
     results = ", ".join(f"{n} {k}" for k, n in doc["results"].items()) or "none"
     click.echo(f"{log_file}: {counts.lines} new lines, {counts.sessions} sessions ({results})")
+    for why, n in doc["dropped"].items():
+        click.echo(f"  {n} session(s) not recorded: {why}")
     for flag in ("rotated", "truncated"):
         if doc[flag]:
             click.echo(f"  the log was {flag} since the last run")

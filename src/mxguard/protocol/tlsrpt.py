@@ -12,13 +12,17 @@ trailing `;`. Decisions:
   does not implement TLS-RPT, but the reason is worth showing).
 - The grammar allows `rua` more than once (`1*(field-delim tlsrpt-field)`); mxguard then uses
   every URI, in order, and `lint_record` warns.
-- Each URI is checked: `mailto:` needs an address with a local part, `@` and a domain;
-  `https:` needs a host. Other schemes are errors (§3: only these two are defined). Commas and
-  `!` inside a URI must be percent-encoded (§3), which the comma split enforces naturally.
+- Each URI is checked: `mailto:` needs, once percent-decoded, one RFC 5321 §4.1.2 mailbox
+  (`mailbox_of`): a dot-string local part (or a quoted string of printable characters), one
+  `@`, a host name or address literal, no control characters or spaces (a decoded CR LF
+  would otherwise write headers into the report e-mail); `https:` needs a host. Other
+  schemes are errors (§3: only these two are defined). Commas and `!` inside a URI must be
+  percent-encoded (§3), which the comma split enforces naturally.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +57,71 @@ class TlsRptRecord:
         return "; ".join([f"v={TLSRPT_VERSION}", *fields])
 
 
+# RFC 5321 §4.1.2 Dot-string: atext (RFC 5322 §3.2.3) with single inner dots; RFC 6531 §3.3
+# adds UTF-8 beyond ASCII. Quoted-string: printable ASCII (qtextSMTP, or a quoted-pair).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]"
+_DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+_QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
+MAX_LOCAL_PART = 64  # RFC 5321 §4.5.3.1.1 (octets)
+MAX_MAILBOX = 254  # RFC 5321 §4.5.3.1.3 path limit (256) minus the angle brackets
+
+
+def mailbox_of(uri: str) -> str:
+    """The mailbox a `mailto:` rua names, percent-decoded and checked against RFC 5321
+    §4.1.2; TlsRptRecordError says what is wrong. The `?` part (RFC 6068 headers) is ignored:
+    a report goes to the address, never with headers the record chose."""
+    scheme, colon, rest = uri.partition(":")
+    if not colon or scheme.lower() != "mailto":
+        raise TlsRptRecordError(f"rua URI {uri!r} is not a mailto: URI")
+    try:
+        address = unquote(rest.partition("?")[0], errors="strict")
+    except UnicodeDecodeError:
+        raise TlsRptRecordError(
+            f"rua URI {uri!r}: the percent-encoded address is not UTF-8"
+        ) from None
+    # A decoded CR LF would end the address and start a header in the report e-mail.
+    controls = [c for c in address if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0]
+    if controls:
+        raise TlsRptRecordError(
+            f"rua URI {uri!r}: the address contains control characters "
+            f"({''.join(controls)!r}); RFC 5321 §4.1.2 allows none"
+        )
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        raise TlsRptRecordError(
+            f"rua URI {uri!r}: a mailto: URI needs an address like mailto:tlsrpt@example.com"
+        )
+    if not (_DOT_STRING.fullmatch(local) or _QUOTED_STRING.fullmatch(local)):
+        raise TlsRptRecordError(
+            f"rua URI {uri!r}: local part {local!r} is not an RFC 5321 §4.1.2 dot-string or "
+            "quoted string (one '@' only; no spaces, brackets or commas outside quotes)"
+        )
+    if len(local.encode()) > MAX_LOCAL_PART or len(address.encode()) > MAX_MAILBOX:
+        raise TlsRptRecordError(
+            f"rua URI {uri!r}: the address is too long (RFC 5321 §4.5.3.1: local part at most "
+            f"{MAX_LOCAL_PART} octets, the whole address at most {MAX_MAILBOX})"
+        )
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        try:
+            # RFC 5321 §4.1.3: IPv4 dotted quad, or "IPv6:" and an IPv6 address.
+            if literal[:5].lower() == "ipv6:":
+                ipaddress.IPv6Address(literal[5:])
+            else:
+                ipaddress.IPv4Address(literal)
+        except ValueError:
+            raise TlsRptRecordError(
+                f"rua URI {uri!r}: bad address literal {domain!r}; use [192.0.2.1] or "
+                "[IPv6:2001:db8::1] (RFC 5321 §4.1.3)"
+            ) from None
+    else:
+        try:
+            normalise_host(domain)
+        except ValueError as exc:
+            raise TlsRptRecordError(f"rua URI {uri!r}: bad mail domain: {exc}") from None
+    return address
+
+
 def check_uri(uri: str) -> str:
     """Validate one `rua` URI (RFC 8460 §3); return it unchanged or raise TlsRptRecordError."""
     if not _URI_CHARS.fullmatch(uri):
@@ -65,17 +134,7 @@ def check_uri(uri: str) -> str:
         raise TlsRptRecordError(f"rua URI {uri!r} has no scheme; use mailto: or https:")
     scheme = scheme.lower()  # RFC 3986 §3.1: schemes are case-insensitive
     if scheme == "mailto":
-        address = unquote(rest.partition("?")[0])
-        local, at, domain = address.rpartition("@")
-        if not at or not local or not domain:
-            raise TlsRptRecordError(
-                f"rua URI {uri!r}: a mailto: URI needs an address like mailto:tlsrpt@example.com"
-            )
-        if not (domain.startswith("[") and domain.endswith("]")):
-            try:
-                normalise_host(domain)
-            except ValueError as exc:
-                raise TlsRptRecordError(f"rua URI {uri!r}: bad mail domain: {exc}") from None
+        mailbox_of(uri)
         return uri
     if scheme == "https":
         try:

@@ -90,8 +90,12 @@ class SessionResult:
 @dataclass(frozen=True, slots=True)
 class PendingReport:
     """A built TLS-RPT report and its delivery state (RFC 8460 §5: keep the data until some
-    `rua` accepted it). One per policy domain and UTC day; `result_ids` are marked reported
-    in the same transaction that records the delivery."""
+    `rua` accepted it). Usually one per policy domain and UTC day; results recorded late for
+    a day already built go into a further report for that day, with its own report-id (§4.4:
+    each report has a unique report-id). `result_ids` belong to this report alone from the
+    moment it is stored, and are marked reported in the transaction that records the
+    delivery. A report no `rua` will ever accept is dropped (`dropped_at`), not retried
+    forever."""
 
     report_id: str
     policy_domain: str
@@ -106,6 +110,7 @@ class PendingReport:
     last_error: str | None = None
     delivered_at: datetime | None = None
     delivered_to: str | None = None  # the rua URI that accepted it
+    dropped_at: datetime | None = None  # given up: every rua refused it for good, or too old
 
 
 class Store(Protocol):
@@ -132,9 +137,20 @@ class Store(Protocol):
         ...
 
     async def results_between(
-        self, start: datetime, end: datetime, *, unreported_only: bool = True
+        self,
+        start: datetime,
+        end: datetime,
+        *,
+        unreported_only: bool = True,
+        unbuilt_only: bool = False,
     ) -> list[SessionResult]:
-        """Results with `start <= at < end`, ordered by (at, id); report sessions included."""
+        """Results with `start <= at < end`, ordered by (at, id); report sessions included.
+        `unbuilt_only`: only those no stored report covers yet (what the next build takes)."""
+        ...
+
+    async def oldest_unbuilt(self, start: datetime, end: datetime) -> datetime | None:
+        """The earliest `at` in [start, end) of a result a report could cover but none does
+        yet: not a report session (RFC 8460 §5.3), with a `rua`, in no stored report."""
         ...
 
     async def mark_reported(self, ids: Iterable[int], report_id: str) -> None:
@@ -142,19 +158,34 @@ class Store(Protocol):
         ...
 
     async def add_report(self, report: PendingReport) -> bool:
-        """Keep a built report; False (and nothing stored) when one for the same policy
-        domain and day already exists: a day is reported once."""
+        """Keep a built report and give it its `result_ids`, in one transaction; False (and
+        nothing stored) when another report already covers one of those results (another
+        reporter built them first): no session is reported twice."""
+        ...
+
+    async def claim_report(
+        self, report_id: str, *, now: datetime, until: datetime, force: bool = False
+    ) -> PendingReport | None:
+        """Take report `report_id` for one delivery attempt, atomically: when it is still
+        pending (neither delivered nor dropped) and due (`next_attempt_at <= now`, or any
+        time with `force`), move `next_attempt_at` to `until` (the lease: no other reporter
+        on this store takes it before then) and return it; else None."""
         ...
 
     async def reports(
         self, *, start: datetime | None = None, pending_only: bool = False
     ) -> list[PendingReport]:
-        """Reports (of the day beginning at `start`, or all; only undelivered ones if
-        `pending_only`), ordered by (next_attempt_at, report_id)."""
+        """Reports (of the day beginning at `start`, or all; only those neither delivered nor
+        dropped if `pending_only`), ordered by (next_attempt_at, report_id)."""
         ...
 
     async def report_failed(self, report_id: str, error: str, next_attempt_at: datetime) -> None:
         """Record a delivery attempt that no `rua` accepted, and when to try again."""
+        ...
+
+    async def report_dropped(self, report_id: str, error: str, at: datetime) -> None:
+        """Give up on a report (every rua refused it for good, or it stayed undeliverable too
+        long): it is no longer pending; its results stay in the store, unreported."""
         ...
 
     async def report_delivered(self, report_id: str, uri: str, at: datetime) -> None:
@@ -305,6 +336,7 @@ def check_report(report: PendingReport) -> PendingReport:
         delivered_at=None
         if report.delivered_at is None
         else as_utc(report.delivered_at, "delivered_at"),
+        dropped_at=None if report.dropped_at is None else as_utc(report.dropped_at, "dropped_at"),
     )
 
 

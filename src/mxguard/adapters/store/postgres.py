@@ -93,6 +93,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX tlsrpt_reports_next ON tlsrpt_reports (next_attempt_at)",
     ),
+    (
+        # Late results get a further report for their day; a result belongs to the report
+        # built over it; reports no rua will accept are dropped (see sqlite.py, version 3).
+        "ALTER TABLE session_results ADD COLUMN built_into text",
+        "UPDATE session_results SET built_into = reported WHERE reported IS NOT NULL",
+        """UPDATE session_results s SET built_into = r.report_id FROM tlsrpt_reports r
+           WHERE s.built_into IS NULL AND s.id = ANY(r.result_ids)""",
+        "CREATE INDEX session_results_unbuilt ON session_results (at) WHERE built_into IS NULL",
+        "ALTER TABLE tlsrpt_reports "
+        "DROP CONSTRAINT IF EXISTS tlsrpt_reports_policy_domain_start_key",
+        "ALTER TABLE tlsrpt_reports ADD COLUMN dropped_at timestamptz",
+        "CREATE INDEX tlsrpt_reports_day ON tlsrpt_reports (policy_domain, start)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -102,7 +115,7 @@ _RESULT_COLUMNS = (
 )
 _REPORT_COLUMNS = (
     "report_id, policy_domain, start, filename, body, rua, result_ids, created_at, "
-    "next_attempt_at, attempts, last_error, delivered_at, delivered_to"
+    "next_attempt_at, attempts, last_error, delivered_at, delivered_to, dropped_at"
 )
 _POLICY_COLUMNS = "domain, policy_id, policy_text, fetched_at, expires_at"
 
@@ -181,14 +194,29 @@ class PostgresStore:
             )
 
     async def results_between(
-        self, start: datetime, end: datetime, *, unreported_only: bool = True
+        self,
+        start: datetime,
+        end: datetime,
+        *,
+        unreported_only: bool = True,
+        unbuilt_only: bool = False,
     ) -> list[SessionResult]:
         where = "at >= %s AND at < %s" + (" AND reported IS NULL" if unreported_only else "")
+        where += " AND built_into IS NULL" if unbuilt_only else ""
         rows = await self._fetch(
             f"SELECT id, {_RESULT_COLUMNS} FROM session_results WHERE {where} ORDER BY at, id",
             (as_utc(start, "start"), as_utc(end, "end")),
         )
         return [_result_from_row(row) for row in rows]
+
+    async def oldest_unbuilt(self, start: datetime, end: datetime) -> datetime | None:
+        rows = await self._fetch(
+            "SELECT min(at) FROM session_results WHERE built_into IS NULL AND at >= %s "
+            "AND at < %s AND NOT is_report AND cardinality(rua) > 0",
+            (as_utc(start, "start"), as_utc(end, "end")),
+        )
+        oldest = rows[0][0] if rows else None
+        return None if oldest is None else oldest.astimezone(UTC)
 
     async def mark_reported(self, ids: Iterable[int], report_id: str) -> None:
         id_list = [int(i) for i in ids]
@@ -196,8 +224,9 @@ class PostgresStore:
             raise StoreError("report_id is empty; pass the report-id of the accepted report")
         if id_list:
             await self._write(
-                "UPDATE session_results SET reported = %s WHERE id = ANY(%s)",
-                [(report_id, id_list)],
+                "UPDATE session_results SET reported = %s, "
+                "built_into = coalesce(built_into, %s) WHERE id = ANY(%s)",
+                [(report_id, report_id, id_list)],
             )
 
     # --- TLS-RPT reports awaiting delivery (RFC 8460 §5) ---
@@ -207,19 +236,44 @@ class PostgresStore:
         row = (
             r.report_id, r.policy_domain, r.start, r.filename, r.body, list(r.rua),
             list(r.result_ids), r.created_at, r.next_attempt_at, r.attempts, r.last_error,
-            r.delivered_at, r.delivered_to,
+            r.delivered_at, r.delivered_to, r.dropped_at,
         )  # fmt: skip
+        ids = sorted(set(r.result_ids))
 
         async def work(conn: psycopg.AsyncConnection[Any]) -> bool:
-            cur = await conn.execute(
-                f"INSERT INTO tlsrpt_reports ({_REPORT_COLUMNS}) VALUES "
-                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (policy_domain, start) DO NOTHING",
-                row,
-            )
-            return cur.rowcount == 1
+            try:
+                async with conn.transaction():
+                    # Row locks: a concurrent reporter taking the same results waits here,
+                    # then finds them taken (READ COMMITTED re-checks the WHERE clause).
+                    cur = await conn.execute(
+                        "UPDATE session_results SET built_into = %s "
+                        "WHERE id = ANY(%s) AND built_into IS NULL",
+                        (r.report_id, ids),
+                    )
+                    if cur.rowcount != len(ids):
+                        raise _Refused
+                    await conn.execute(
+                        f"INSERT INTO tlsrpt_reports ({_REPORT_COLUMNS}) VALUES "
+                        "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                        row,
+                    )
+            except _Refused:
+                return False
+            return True
 
         return await self._run(work, idempotent=False)
+
+    async def claim_report(
+        self, report_id: str, *, now: datetime, until: datetime, force: bool = False
+    ) -> PendingReport | None:
+        rows = await self._fetch(
+            "UPDATE tlsrpt_reports SET next_attempt_at = %s WHERE report_id = %s "
+            "AND delivered_at IS NULL AND dropped_at IS NULL "
+            f"AND (%s OR next_attempt_at <= %s) RETURNING {_REPORT_COLUMNS}",
+            (as_utc(until, "until"), report_id, force, as_utc(now, "now")),
+            idempotent=False,
+        )
+        return _report_from_row(rows[0]) if rows else None
 
     async def reports(
         self, *, start: datetime | None = None, pending_only: bool = False
@@ -229,7 +283,7 @@ class PostgresStore:
             where.append("start = %s")
             params.append(as_utc(start, "start"))
         if pending_only:
-            where.append("delivered_at IS NULL")
+            where.append("delivered_at IS NULL AND dropped_at IS NULL")
         rows = await self._fetch(
             f"SELECT {_REPORT_COLUMNS} FROM tlsrpt_reports WHERE {' AND '.join(where)} "
             "ORDER BY next_attempt_at, report_id",
@@ -242,6 +296,14 @@ class PostgresStore:
             "UPDATE tlsrpt_reports SET attempts = attempts + 1, last_error = %s, "
             "next_attempt_at = %s WHERE report_id = %s",
             [(error, as_utc(next_attempt_at, "next_attempt_at"), report_id)],
+            idempotent=False,
+        )
+
+    async def report_dropped(self, report_id: str, error: str, at: datetime) -> None:
+        await self._write(
+            "UPDATE tlsrpt_reports SET attempts = attempts + 1, last_error = %s, "
+            "dropped_at = %s WHERE report_id = %s",
+            [(error, as_utc(at, "at"), report_id)],
             idempotent=False,
         )
 
@@ -260,8 +322,9 @@ class PostgresStore:
                 if row is None:
                     raise StoreError(f"no report {report_id!r} in the store; add it first")
                 await conn.execute(
-                    "UPDATE session_results SET reported = %s WHERE id = ANY(%s)",
-                    (report_id, list(row[0])),
+                    "UPDATE session_results SET reported = %s, "
+                    "built_into = coalesce(built_into, %s) WHERE id = ANY(%s)",
+                    (report_id, report_id, list(row[0])),
                 )
 
         await self._run(work, idempotent=True)
@@ -290,12 +353,14 @@ class PostgresStore:
         self._conn = conn
         return conn
 
-    async def _fetch(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    async def _fetch(
+        self, query: str, params: tuple[Any, ...] = (), *, idempotent: bool = True
+    ) -> list[tuple[Any, ...]]:
         async def work(conn: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
             cur = await conn.execute(query, params)
             return await cur.fetchall()
 
-        return await self._run(work, idempotent=True)
+        return await self._run(work, idempotent=idempotent)
 
     async def _write(
         self, query: str, rows: Sequence[tuple[Any, ...]], *, idempotent: bool = True
@@ -331,6 +396,10 @@ class PostgresStore:
     def _error(self, exc: psycopg.Error) -> StoreError:
         reason = str(exc).strip() or type(exc).__name__
         return StoreError(f"PostgreSQL store {redact_url(self.url)}: {reason}")
+
+
+class _Refused(Exception):
+    """Raised inside a transaction to roll it back: the write must not happen."""
 
 
 async def _migrate(conn: psycopg.AsyncConnection[Any], where: str) -> None:
@@ -409,7 +478,7 @@ def _result_from_row(row: tuple[Any, ...]) -> SessionResult:
 
 def _report_from_row(row: tuple[Any, ...]) -> PendingReport:
     (report_id, domain, start, name, body, rua, ids, created, next_at, attempts, error,
-     delivered_at, delivered_to) = row  # fmt: skip
+     delivered_at, delivered_to, dropped_at) = row  # fmt: skip
     return PendingReport(
         report_id=report_id,
         policy_domain=domain,
@@ -424,4 +493,5 @@ def _report_from_row(row: tuple[Any, ...]) -> PendingReport:
         last_error=error,
         delivered_at=None if delivered_at is None else delivered_at.astimezone(UTC),
         delivered_to=delivered_to,
+        dropped_at=None if dropped_at is None else dropped_at.astimezone(UTC),
     )

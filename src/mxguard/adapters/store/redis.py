@@ -131,8 +131,16 @@ class RedisStore:
         raise StoreError(_RESULTS_REFUSED)
 
     async def results_between(
-        self, start: datetime, end: datetime, *, unreported_only: bool = True
+        self,
+        start: datetime,
+        end: datetime,
+        *,
+        unreported_only: bool = True,
+        unbuilt_only: bool = False,
     ) -> list[SessionResult]:
+        raise StoreError(_RESULTS_REFUSED)
+
+    async def oldest_unbuilt(self, start: datetime, end: datetime) -> datetime | None:
         raise StoreError(_RESULTS_REFUSED)
 
     async def mark_reported(self, ids: Iterable[int], report_id: str) -> None:
@@ -146,7 +154,15 @@ class RedisStore:
     ) -> list[PendingReport]:
         raise StoreError(_RESULTS_REFUSED)
 
+    async def claim_report(
+        self, report_id: str, *, now: datetime, until: datetime, force: bool = False
+    ) -> PendingReport | None:
+        raise StoreError(_RESULTS_REFUSED)
+
     async def report_failed(self, report_id: str, error: str, next_attempt_at: datetime) -> None:
+        raise StoreError(_RESULTS_REFUSED)
+
+    async def report_dropped(self, report_id: str, error: str, at: datetime) -> None:
         raise StoreError(_RESULTS_REFUSED)
 
     async def report_delivered(self, report_id: str, uri: str, at: datetime) -> None:

@@ -96,6 +96,43 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX tlsrpt_reports_next ON tlsrpt_reports (next_attempt_at)",
     ),
+    (
+        # Results recorded after their day was built go into a further report for that day
+        # (RFC 8460 §4.4: several reports, each with its own report-id), so the one-report-
+        # per-day constraint goes; a result belongs to the report that was built over it
+        # (`built_into`, set in the transaction that stores the report), which is what stops
+        # a session from being reported twice. Reports no rua will accept are dropped.
+        "ALTER TABLE session_results ADD COLUMN built_into TEXT",
+        "UPDATE session_results SET built_into = reported WHERE reported IS NOT NULL",
+        """UPDATE session_results SET built_into = (
+            SELECT r.report_id FROM tlsrpt_reports r, json_each(r.result_ids) j
+            WHERE j.value = session_results.id LIMIT 1
+        ) WHERE built_into IS NULL""",
+        "CREATE INDEX session_results_unbuilt ON session_results (at) WHERE built_into IS NULL",
+        """CREATE TABLE tlsrpt_reports_v3 (
+            report_id       TEXT PRIMARY KEY,
+            policy_domain   TEXT NOT NULL,
+            start           TEXT NOT NULL,
+            filename        TEXT NOT NULL,
+            body            BLOB NOT NULL,
+            rua             TEXT NOT NULL,
+            result_ids      TEXT NOT NULL,
+            created_at      TEXT NOT NULL,
+            next_attempt_at TEXT NOT NULL,
+            attempts        INTEGER NOT NULL,
+            last_error      TEXT,
+            delivered_at    TEXT,
+            delivered_to    TEXT,
+            dropped_at      TEXT
+        )""",
+        """INSERT INTO tlsrpt_reports_v3 SELECT report_id, policy_domain, start, filename, body,
+            rua, result_ids, created_at, next_attempt_at, attempts, last_error, delivered_at,
+            delivered_to, NULL FROM tlsrpt_reports""",
+        "DROP TABLE tlsrpt_reports",
+        "ALTER TABLE tlsrpt_reports_v3 RENAME TO tlsrpt_reports",
+        "CREATE INDEX tlsrpt_reports_next ON tlsrpt_reports (next_attempt_at)",
+        "CREATE INDEX tlsrpt_reports_day ON tlsrpt_reports (policy_domain, start)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -105,7 +142,7 @@ _RESULT_COLUMNS = (
 )
 _REPORT_COLUMNS = (
     "report_id, policy_domain, start, filename, body, rua, result_ids, created_at, "
-    "next_attempt_at, attempts, last_error, delivered_at, delivered_to"
+    "next_attempt_at, attempts, last_error, delivered_at, delivered_to, dropped_at"
 )
 
 
@@ -204,11 +241,17 @@ class SQLiteStore:
         await self._with_conn(work)
 
     async def results_between(
-        self, start: datetime, end: datetime, *, unreported_only: bool = True
+        self,
+        start: datetime,
+        end: datetime,
+        *,
+        unreported_only: bool = True,
+        unbuilt_only: bool = False,
     ) -> list[SessionResult]:
         lo = format_time(as_utc(start, "start"))
         hi = format_time(as_utc(end, "end"))
         where = "at >= ? AND at < ?" + (" AND reported IS NULL" if unreported_only else "")
+        where += " AND built_into IS NULL" if unbuilt_only else ""
 
         def work(conn: sqlite3.Connection) -> list[SessionResult]:
             rows = conn.execute(
@@ -216,6 +259,20 @@ class SQLiteStore:
                 (lo, hi),
             ).fetchall()
             return [_result_from_row(row) for row in rows]
+
+        return await self._with_conn(work)
+
+    async def oldest_unbuilt(self, start: datetime, end: datetime) -> datetime | None:
+        lo = format_time(as_utc(start, "start"))
+        hi = format_time(as_utc(end, "end"))
+
+        def work(conn: sqlite3.Connection) -> datetime | None:
+            row = conn.execute(
+                "SELECT min(at) FROM session_results WHERE built_into IS NULL AND at >= ? "
+                "AND at < ? AND is_report = 0 AND rua != '[]'",
+                (lo, hi),
+            ).fetchone()
+            return None if row is None or row[0] is None else parse_time(str(row[0]))
 
         return await self._with_conn(work)
 
@@ -229,7 +286,8 @@ class SQLiteStore:
         def work(conn: sqlite3.Connection) -> None:
             with _write(conn):
                 conn.executemany(
-                    "UPDATE session_results SET reported = ? WHERE id = ?",
+                    "UPDATE session_results SET reported = ?1, "
+                    "built_into = coalesce(built_into, ?1) WHERE id = ?2",
                     params,
                 )
 
@@ -238,17 +296,51 @@ class SQLiteStore:
     # --- TLS-RPT reports awaiting delivery (RFC 8460 §5) ---
 
     async def add_report(self, report: PendingReport) -> bool:
-        row = _report_to_row(check_report(report))
+        r = check_report(report)
+        row = _report_to_row(r)
+        ids = [(r.report_id, int(i)) for i in r.result_ids]
 
         def work(conn: sqlite3.Connection) -> bool:
+            # BEGIN IMMEDIATE serialises this with every other writer of the file, so two
+            # reporters cannot both take the same results.
             with _write(conn):
-                cur = conn.execute(
+                taken = 0
+                for params in ids:
+                    taken += conn.execute(
+                        "UPDATE session_results SET built_into = ? "
+                        "WHERE id = ? AND built_into IS NULL",
+                        params,
+                    ).rowcount
+                if taken != len(ids):
+                    raise _Refused
+                conn.execute(
                     f"INSERT INTO tlsrpt_reports ({_REPORT_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (policy_domain, start) DO NOTHING",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     row,
                 )
-                return cur.rowcount == 1
+                return True
+
+        try:
+            return await self._with_conn(work)
+        except _Refused:
+            return False
+
+    async def claim_report(
+        self, report_id: str, *, now: datetime, until: datetime, force: bool = False
+    ) -> PendingReport | None:
+        lease = format_time(as_utc(until, "until"))
+        due = format_time(as_utc(now, "now"))
+
+        def work(conn: sqlite3.Connection) -> PendingReport | None:
+            with _write(conn):
+                # fetchall: the statement must be finished before COMMIT.
+                rows = conn.execute(
+                    "UPDATE tlsrpt_reports SET next_attempt_at = ? WHERE report_id = ? "
+                    "AND delivered_at IS NULL AND dropped_at IS NULL "
+                    f"AND (? OR next_attempt_at <= ?) RETURNING {_REPORT_COLUMNS}",
+                    (lease, report_id, 1 if force else 0, due),
+                ).fetchall()
+            return _report_from_row(rows[0]) if rows else None
 
         return await self._with_conn(work)
 
@@ -260,7 +352,7 @@ class SQLiteStore:
             where.append("start = ?")
             params.append(format_time(as_utc(start, "start")))
         if pending_only:
-            where.append("delivered_at IS NULL")
+            where.append("delivered_at IS NULL AND dropped_at IS NULL")
 
         def work(conn: sqlite3.Connection) -> list[PendingReport]:
             rows = conn.execute(
@@ -285,6 +377,19 @@ class SQLiteStore:
 
         await self._with_conn(work)
 
+    async def report_dropped(self, report_id: str, error: str, at: datetime) -> None:
+        when = format_time(as_utc(at, "at"))
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.execute(
+                    "UPDATE tlsrpt_reports SET attempts = attempts + 1, last_error = ?, "
+                    "dropped_at = ? WHERE report_id = ?",
+                    (error, when, report_id),
+                )
+
+        await self._with_conn(work)
+
     async def report_delivered(self, report_id: str, uri: str, at: datetime) -> None:
         when = format_time(as_utc(at, "at"))
 
@@ -301,7 +406,8 @@ class SQLiteStore:
                     (when, uri, report_id),
                 )
                 conn.executemany(
-                    "UPDATE session_results SET reported = ? WHERE id = ?",
+                    "UPDATE session_results SET reported = ?1, "
+                    "built_into = coalesce(built_into, ?1) WHERE id = ?2",
                     [(report_id, int(i)) for i in json.loads(row[0])],
                 )
 
@@ -354,6 +460,10 @@ class SQLiteStore:
             return await loop.run_in_executor(self._executor, work)
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite store {self.path}: {exc}") from exc
+
+
+class _Refused(Exception):
+    """Raised inside a write transaction to roll it back: the write must not happen."""
 
 
 class _write:
@@ -484,12 +594,13 @@ def _report_to_row(r: PendingReport) -> tuple[object, ...]:
         r.last_error,
         None if r.delivered_at is None else format_time(r.delivered_at),
         r.delivered_to,
+        None if r.dropped_at is None else format_time(r.dropped_at),
     )
 
 
 def _report_from_row(row: tuple[object, ...]) -> PendingReport:
     (report_id, domain, start, name, body, rua, ids, created, next_at, attempts, error,
-     delivered_at, delivered_to) = row  # fmt: skip
+     delivered_at, delivered_to, dropped_at) = row  # fmt: skip
     return PendingReport(
         report_id=str(report_id),
         policy_domain=str(domain),
@@ -504,4 +615,5 @@ def _report_from_row(row: tuple[object, ...]) -> PendingReport:
         last_error=_opt(error),
         delivered_at=None if delivered_at is None else parse_time(str(delivered_at)),
         delivered_to=_opt(delivered_to),
+        dropped_at=None if dropped_at is None else parse_time(str(dropped_at)),
     )
