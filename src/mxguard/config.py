@@ -32,6 +32,7 @@ Config file (all keys optional)::
 
 from __future__ import annotations
 
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -40,6 +41,11 @@ from pathlib import Path
 from typing import Any
 
 from mxguard.adapters.dns import parse_server
+
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
 
 
 class ConfigError(ValueError):
@@ -185,6 +191,11 @@ def from_mapping(data: Mapping[str, Any], source: str) -> Settings:
             if not isinstance(data[key], str) or not data[key]:
                 raise ConfigError(f"{source}: {key}: expected {_KEYS[key]}")
             values[key] = data[key]
+    if "helo_name" in values and not _HOST_NAME.fullmatch(values["helo_name"]):
+        raise ConfigError(
+            f"{source}: helo_name: {values['helo_name']!r} is not a host name "
+            "(letters, digits, '-' and '.', e.g. \"mail.example.org\")"
+        )
     if "fetch_timeout" in data:
         value = data["fetch_timeout"]
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0.1 <= value <= 60:
@@ -219,3 +230,19 @@ def load(path: Path | str) -> Settings:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     return from_mapping(data, str(path))
+
+
+def check_ca_file(settings: Settings) -> None:
+    """A CA file that cannot be used is an error, never "no extra CAs".
+
+    Silently trusting fewer CAs would make every MTA-STS policy fetch fail, and a domain with
+    no cached policy would then be treated as having none: a broken file must stop mxguard.
+    """
+    if settings.ca_file is None:
+        return
+    from mxguard.protocol import pkix
+
+    try:
+        pkix.load_roots(settings.ca_file, system=False)
+    except pkix.CaFileError as exc:
+        raise ConfigError(f"ca_file: {exc}") from None

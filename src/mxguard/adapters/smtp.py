@@ -746,15 +746,26 @@ def _server_name_indication(server_name: str) -> str:
     return sni
 
 
-def _check_address(step: str, address: str) -> None:
-    _check_argument(step, "address", address)
+def address_problem(address: str) -> str | None:
+    """Why ``address`` cannot go into MAIL FROM or RCPT TO, or None when it can."""
+    if "\r" in address or "\n" in address or "\0" in address:
+        return f"address {address[:60]!r} contains CR, LF or NUL"
     if any(c in address for c in "<> ") or len(address) > 512:
-        raise SmtpError(
-            SmtpErrorKind.USAGE,
-            step,
+        return (
             f"address {address[:60]!r} is not a mailbox: no '<', '>' or spaces, at most 512 "
-            "characters (RFC 5321 §4.1.2, §4.5.3.1)",
+            "characters (RFC 5321 §4.1.2, §4.5.3.1)"
         )
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"address {address[:60]!r} is not valid UTF-8 text"
+    return None
+
+
+def _check_address(step: str, address: str) -> None:
+    problem = address_problem(address)
+    if problem is not None:
+        raise SmtpError(SmtpErrorKind.USAGE, step, problem)
 
 
 __all__ = [
@@ -767,6 +778,7 @@ __all__ = [
     "SmtpErrorKind",
     "TlsInfo",
     "TranscriptEntry",
+    "address_problem",
     "dot_stuff",
     "parse_reply",
     "parse_reply_line",

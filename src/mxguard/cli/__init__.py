@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from mxguard import __version__
-from mxguard.config import ConfigError, Settings, load, port, resolvers
+from mxguard.config import ConfigError, Settings, check_ca_file, load, port, resolvers
 
 
 def settings(ctx: click.Context) -> Settings:
@@ -46,7 +46,14 @@ def settings(ctx: click.Context) -> Settings:
 @click.option("--smtp-port", type=int, help="Port used to reach MX hosts (default 25).")
 @click.option("--https-port", type=int, help="Port used to fetch MTA-STS policies (default 443).")
 @click.option("--store", metavar="URL", help="State: sqlite:///PATH, postgresql://..., redis://...")
-@click.option("--json", "as_json", is_flag=True, default=None, help="Machine-readable output.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    default=False,
+    envvar="MXGUARD_JSON",
+    help="Machine-readable output.",
+)
 @click.option("-v", "--verbose", count=True, help="Log more (repeat for debug).")
 @click.pass_context
 def main(
@@ -57,7 +64,7 @@ def main(
     smtp_port: int | None,
     https_port: int | None,
     store: str | None,
-    as_json: bool | None,
+    as_json: bool,
     verbose: int,
 ) -> None:
     """Server-to-server e-mail that a STRIPTLS attacker cannot downgrade."""
@@ -67,6 +74,12 @@ def main(
     )
     try:
         s = load(config) if config else Settings()
+        # An empty value must not quietly mean "the default": an empty resolver would fall
+        # back to the system's (and turn DANE off), an empty store to the default file.
+        if any(not r.strip(" ,") for r in resolver):
+            raise ConfigError("--resolver (or MXGUARD_RESOLVER) is empty; give ADDRESS[:PORT]")
+        if store is not None and not store.strip():
+            raise ConfigError("--store (or MXGUARD_STORE) is empty; give a store URL")
         # MXGUARD_RESOLVER may list several, separated by spaces or commas.
         resolver_list = [part for r in resolver for part in r.split(",") if part]
         s = s.with_overrides(
@@ -75,12 +88,11 @@ def main(
             smtp_port=port(smtp_port, "--smtp-port") if smtp_port is not None else None,
             https_port=port(https_port, "--https-port") if https_port is not None else None,
             store=store,
-            json=as_json,
+            json=as_json or None,
         )
+        check_ca_file(s)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    if s.ca_file is not None and not s.ca_file.is_file():
-        raise click.UsageError(f"--ca-file {s.ca_file}: no such file")
     ctx.obj = s
 
 

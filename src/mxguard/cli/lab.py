@@ -67,7 +67,10 @@ def up(scenario: str, net: str, workdir: Path | None, as_json: bool) -> None:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     started = time.monotonic()
-    the_lab = Lab(scen, workdir=workdir, net=net)
+    try:
+        the_lab = Lab(scen, workdir=workdir, net=net)
+    except LabError as exc:
+        raise click.BadParameter(str(exc), param_hint="--net") from None
     try:
         the_lab.start()
     except (LabError, OSError) as exc:

@@ -58,6 +58,8 @@ def send(
         result = asyncio.run(run())
     except (ConfigError, StoreError) as exc:
         raise click.UsageError(str(exc)) from None
+    except ValueError as exc:  # a bad --from: the caller's mistake, before any connection
+        raise click.BadParameter(str(exc), param_hint="--from") from None
     if as_json or s.json:
         emit_json(result.to_json())
     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import math
 import signal
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,28 @@ from mxguard.config import ConfigError
 from mxguard.engine.context import engine
 from mxguard.protocol import tlsrpt as tlsrpt_record
 from mxguard.tlsrpt.reporter import GRACE, Built, Delivery, reporter_for
+
+
+class Seconds(click.ParamType[float]):
+    """A finite number of seconds within [low, high] (NaN and infinities are refused)."""
+
+    name = "seconds"
+
+    def __init__(self, low: float, high: float) -> None:
+        self.low, self.high = low, high
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(number) or not self.low <= number <= self.high:
+            self.fail(
+                f"{value!r} is not a number of seconds from {self.low} to {self.high}", param, ctx
+            )
+        return number
 
 
 @click.group()
@@ -165,9 +188,9 @@ def _report_json(b: Built, files: list[str], deliveries: list[Delivery]) -> dict
 
 
 @tlsrpt.command("run")
-@click.option("--poll", type=float, default=60.0, show_default=True,
+@click.option("--poll", type=Seconds(0.1, 3600), default=60.0, show_default=True,
               help="Seconds between checks for due deliveries and late results.")  # fmt: skip
-@click.option("--grace", type=click.FloatRange(0, 86400), default=GRACE, show_default=True,
+@click.option("--grace", type=Seconds(0, 86400), default=GRACE, show_default=True,
               help="Seconds after UTC midnight before the day is built: longer than the "
                    "results collector lags behind.")  # fmt: skip
 @click.pass_context
@@ -204,7 +227,7 @@ def run(ctx: click.Context, poll: float, grace: float) -> None:
 @click.option("--state", "state_file", metavar="FILE", type=click.Path(path_type=Path),
               help="Where reading stopped (default: under $XDG_STATE_HOME/mxguard/).")  # fmt: skip
 @click.option("--follow", is_flag=True, help="Keep reading as Postfix writes; SIGTERM stops.")
-@click.option("--poll", type=float, default=1.0, show_default=True,
+@click.option("--poll", type=Seconds(0.05, 3600), default=1.0, show_default=True,
               help="Seconds between reads with --follow.")  # fmt: skip
 @click.option("--sending-ip", metavar="IP",
               help="Postfix's smtp_bind_address, for sending-mta-ip.")  # fmt: skip

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from mxguard.adapters.dns import DnsResolver
 from mxguard.adapters.store import Store, default_store_url, open_store
-from mxguard.config import ConfigError, Settings
+from mxguard.config import ConfigError, Settings, check_ca_file
 from mxguard.engine.deliver import Sender
 from mxguard.engine.resolve import Resolver
 from mxguard.engine.sts import StsResolver
@@ -68,6 +68,7 @@ async def engine(settings: Settings, *, dns_cache: bool = False) -> AsyncIterato
 
     ``dns_cache``: keep DNS answers for their TTL (long-running servers).
     """
+    check_ca_file(settings)  # also on SIGHUP: a server reloads through here
     rules = load_rules(settings)
     plist = load_policy_list(settings)
     dns = DnsResolver(settings.resolvers or None, cache=dns_cache)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mxguard.adapters.smtp import Reply, SmtpClient, SmtpError, SmtpErrorKind
+from mxguard.adapters.smtp import Reply, SmtpClient, SmtpError, SmtpErrorKind, address_problem
 from mxguard.adapters.store import SessionResult, Store
 from mxguard.engine.policy import Auth, DeliveryPolicy, MxPolicy, Source, Status, Tls
 from mxguard.engine.resolve import Resolver, normalise_domain
@@ -171,6 +171,11 @@ class Sender:
     async def deliver(
         self, mail_from: str, recipients: Sequence[str], data: bytes
     ) -> DeliveryResult:
+        # A bad address is the caller's mistake, found before any connection: it fails for
+        # good (never "deferred", which would make callers retry it forever).
+        problem = address_problem(mail_from)
+        if problem is not None:
+            raise ValueError(f"--from: {problem}")
         by_domain: dict[str, list[str]] = {}
         bad: list[DomainResult] = []
         for rcpt in recipients:
@@ -178,6 +183,9 @@ class Sender:
             try:
                 if not at or not local:
                     raise ValueError("no local part and domain")
+                problem = address_problem(rcpt)
+                if problem is not None:
+                    raise ValueError(problem)
                 by_domain.setdefault(normalise_domain(domain), []).append(rcpt)
             except ValueError as exc:
                 bad.append(
@@ -502,7 +510,7 @@ def message_with_headers(mail_from: str, recipients: Sequence[str], body: str) -
     """A minimal RFC 5322 message, for ``mxguard send`` without ``--data``."""
     lines = [
         f"From: <{mail_from}>",
-        "To: " + ", ".join(f"<{r}>" for r in recipients),
+        "To: " + ",\r\n\t".join(f"<{r}>" for r in recipients),  # folded (RFC 5322 §2.2.3)
         f"Date: {email.utils.formatdate(localtime=False)}",
         f"Message-ID: {email.utils.make_msgid(domain='mxguard.invalid')}",
         "Subject: mxguard test message",
@@ -511,4 +519,5 @@ def message_with_headers(mail_from: str, recipients: Sequence[str], body: str) -
         "",
         body,
     ]
-    return "\r\n".join(lines).encode() + b"\r\n"
+    # errors="replace": an address that is not UTF-8 is refused by deliver() in any case.
+    return "\r\n".join(lines).encode("utf-8", errors="replace") + b"\r\n"

@@ -120,6 +120,7 @@ class Metrics:
         self.cache_misses = 0
         self.budget_expired = 0
         self.malformed = 0
+        self.refused_connections = 0
         self.resolutions = 0
         self.refreshes = 0
         self._buckets = [0] * (len(_BUCKETS) + 1)
@@ -154,6 +155,9 @@ class Metrics:
                [("", self.budget_expired)])  # fmt: skip
         metric("mxguard_postfix_malformed_requests_total", "counter",
                "Requests that could not be framed or parsed.", [("", self.malformed)])  # fmt: skip
+        metric("mxguard_postfix_refused_connections_total", "counter",
+               "Connections closed at once because max_connections were open.",
+               [("", self.refused_connections)])  # fmt: skip
         metric("mxguard_postfix_resolutions_total", "counter",
                "Policy resolutions (misses and refreshes).", [("", self.resolutions)])  # fmt: skip
         metric("mxguard_postfix_refreshes_total", "counter",
@@ -220,7 +224,8 @@ class PolicyServer:
         refresh_interval: float = 1.0,
         max_entries: int = 100_000,
         max_pipeline: int = 64,
-        idle_timeout: float = 600.0,
+        max_connections: int = 1024,
+        idle_timeout: float = 60.0,
         grace: float = 10.0,
     ) -> None:
         specs = [listen] if isinstance(listen, str) else list(listen or [])
@@ -235,6 +240,10 @@ class PolicyServer:
         self.refresh_interval = refresh_interval
         self.max_entries = max_entries
         self.max_pipeline = max_pipeline
+        # Postfix keeps a handful of map connections per process and closes idle ones after
+        # ipc_idle (5 s by default); more than this many, or a minute of silence, is not
+        # Postfix, and must not be able to starve the clients that are.
+        self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.grace = grace
         self.metrics = Metrics()
@@ -578,7 +587,9 @@ class PolicyServer:
         decoder: NetstringDecoder | LineDecoder,
         reply: Callable[[Request | Malformed], Coroutine[Any, Any, bytes]],
     ) -> None:
-        if self._stopping:
+        if self._stopping or len(self._connections) >= self.max_connections:
+            if not self._stopping:
+                self.metrics.refused_connections += 1
             writer.close()
             return
         conn = _Connection(reader, writer)

@@ -254,6 +254,8 @@ def load_state(path: Path) -> State:
         return State()
     except OSError as exc:
         raise CollectorError(f"cannot read the state file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise CollectorError(f"{path}: not a state file (not UTF-8 text); delete it") from exc
     try:
         return State.from_json(json.loads(text), path)
     except json.JSONDecodeError as exc:

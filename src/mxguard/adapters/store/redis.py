@@ -58,8 +58,8 @@ class RedisStore:
     @classmethod
     async def open(cls, url: str) -> RedisStore:
         """Connect to the Redis server `url` names and check that it answers."""
-        server_url, prefix = _split_prefix(url)
         try:
+            server_url, prefix = _split_prefix(url)
             client = aioredis.Redis.from_url(
                 server_url,
                 decode_responses=True,
