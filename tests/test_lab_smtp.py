@@ -268,7 +268,7 @@ def test_honest_receiver_offers_starttls_and_stores_a_tls_message(pki: LabPKI) -
                 send_over_tls, receiver.address, verifying_context(pki)
             )
             assert banner.startswith(b"220 " + MX.encode() + b" ")
-            assert lines[0] == MX.encode(), "the EHLO greeting names the host"
+            assert lines[0] == MX.encode() + b" at your service", "the EHLO greeting names the host"
             assert b"STARTTLS" in lines
             assert cert == der(pki.issue(MX).leaf)
             [msg] = receiver.messages
