@@ -91,3 +91,12 @@ def test_a_helo_name_that_is_not_a_host_name_is_refused(tmp_path: Path) -> None:
     code, out = run(["--config", str(config), "policy", "example.test"])
     assert code == 2, out
     assert "helo_name" in out and "is not a host name" in out
+
+
+@pytest.mark.parametrize("host", ["", "a..b", "x" * 300])
+def test_sts_match_refuses_a_host_that_is_not_a_host_name(tmp_path: Path, host: str) -> None:
+    policy = tmp_path / "policy.txt"
+    policy.write_text("version: STSv1\nmode: enforce\nmx: *.a.test\nmax_age: 100\n")
+    code, out = run(["sts", "match", str(policy), host])
+    assert code == 2, out
+    assert "is not a host name" in out

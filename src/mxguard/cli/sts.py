@@ -75,6 +75,12 @@ def match(ctx: click.Context, policy_file: BinaryIO, host: str, as_json: bool) -
     """Say whether MX HOST is allowed by a policy, and which pattern matched (RFC 8461 §4.1)."""
     text, errors, warnings = _read_policy(policy_file)
     fields: dict[str, Any] = {"host": host, "matched": None}
+    try:
+        mtasts.normalise_host(host)
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"{host[:80]!r} is not a host name: {exc}", param_hint="HOST"
+        ) from None
     if text is not None:
         try:
             policy = mtasts.parse_policy(text)
