@@ -163,7 +163,13 @@ def postfix(
                  "unusable_tlsa": unusable_tlsa}  # fmt: skip
     try:
         asyncio.run(_run(server, lambda: _reread(ctx), overrides))
-    except (ConfigError, StoreError, OSError) as exc:
+    except OSError as exc:
+        # Name what could not be opened: "[Errno 2] No such file or directory" alone does not.
+        where = ", ".join(
+            str(x) for x in (*server.listen, server.tcp_table, server.metrics_listen) if x
+        )
+        raise click.ClickException(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    except (ConfigError, StoreError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
