@@ -565,12 +565,18 @@ class PostfixRun:
 
 
 @pytest.fixture(scope="session")
-def postfix_policy_map(session_lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def policy_server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session policy server's folder; its store is `state.db` in it."""
+    return tmp_path_factory.mktemp("policy-server")
+
+
+@pytest.fixture(scope="session")
+def postfix_policy_map(session_lab: Lab, policy_server_dir: Path) -> Iterator[str]:
     """mxguard's policy server for the lab, as an `smtp_tls_policy_maps` value."""
     reason = skip_reason()
     if reason is not None:
         pytest.skip(reason)
-    with policy_server(session_lab, tmp_path_factory.mktemp("policy-server")) as address:
+    with policy_server(session_lab, policy_server_dir) as address:
         yield f"socketmap:inet:{address}:postfix"
 
 

@@ -14,30 +14,39 @@ Postfix's log, must find exactly as many sessions per delivery, with the result 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import shutil
-from collections.abc import Awaitable, Callable, Iterator
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from mxguard.adapters.store import SessionResult
+from mxguard.adapters.store import ServedPolicy, SessionResult, StoreError
 from mxguard.adapters.store.sqlite import SQLiteStore
 from mxguard.config import load
 from mxguard.engine.context import engine
-from mxguard.engine.policy import DeliveryPolicy, Mode, MxPolicy, Source, Status
+from mxguard.engine.policy import DeliveryPolicy, Mode, MxPolicy, Source, Status, StsState
 from mxguard.lab.lab import Lab
+from mxguard.postfix.answers import Answer, Kind
+from mxguard.postfix.server import served_record
 from mxguard.tlsrpt import collector as module
 from mxguard.tlsrpt.collector import (
     BAD_DOMAIN,
     MX_UNKNOWN,
     NOT_TO_MX,
+    RESOLVED,
+    SERVED,
     Collector,
     Counts,
     EnginePolicies,
     ReportPolicy,
     State,
     report_policy,
+    served_policy,
 )
 
 pytest.register_assert_rewrite("postfix_harness")
@@ -95,18 +104,22 @@ def run(
     lines: list[str],
     policies: Callable[[str], Awaitable[ReportPolicy]] = by_hand,
     runs: int = 1,
+    served: Sequence[ServedPolicy] = (),
+    store_class: type[SQLiteStore] = SQLiteStore,
 ) -> tuple[list[Counts], list[SessionResult]]:
-    """The collector over `lines`, `runs` times; the counts of each run, the stored results."""
+    """The collector over `lines` (times in UTC), `runs` times, with the `served` records in
+    the store; the counts of each run, the stored results."""
     log = tmp_path / "mail.log"
     log.write_text("".join(f"{ln}\n" for ln in lines), encoding="utf-8")
 
     async def go() -> tuple[list[Counts], list[SessionResult]]:
-        store = await SQLiteStore.open(str(tmp_path / "s.db"))
+        store = await store_class.open(str(tmp_path / "s.db"))
         try:
+            await store.add_served(served)
             counts = []
             for _ in range(runs):
                 c = Collector(log, store, policies, state_path=tmp_path / "state",
-                              clock=lambda: NOW)  # fmt: skip
+                              clock=lambda: NOW, tz=dt.UTC)  # fmt: skip
                 counts.append(await c.collect())
             far = dt.timedelta(days=400)
             stored = await store.results_between(NOW - far, NOW + far, unreported_only=False)
@@ -148,6 +161,8 @@ def test_only_sessions_to_an_mx_host_of_the_recipient_domain_are_results(
     if dropped is None:
         assert (counts.sessions, counts.dropped, len(stored)) == (1, {}, 1), name
         assert stored[0].policy_domain == "example.com"
+        # No served record in the store: the policy was resolved (the fallback).
+        assert counts.to_json()["policies"] == {SERVED: 0, RESOLVED: 1}
     else:
         assert (counts.sessions, counts.dropped, stored) == (0, {dropped: 1}, []), name
         assert counts.to_json()["dropped"] == {dropped: 1}
@@ -234,6 +249,119 @@ def test_policies_are_resolved_again_after_their_time_limit(domain: str, ttl_sec
     assert asyncio.run(ask_at(ttl_seconds + 1)) == 2
 
 
+# --- joined with the policy served at the session's time --------------------------------
+
+T = dt.datetime(2025, 11, 29, 11, 0, tzinfo=dt.UTC)
+
+
+def served(at: dt.datetime, mode: str, rua: str) -> ServedPolicy:
+    return ServedPolicy(
+        domain="example.com", at=at, policy_type="sts",
+        policy_strings=("version: STSv1", f"mode: {mode}", "mx: mx.example.com", "max_age: 600"),
+        mx_patterns=("mx.example.com",), rua=(rua,), mx_hosts=("mx.example.com",),
+        mx_addresses=("192.0.2.1",), answer="OK secure match=mx.example.com servername=hostname",
+    )  # fmt: skip
+
+
+BEFORE = served(T, "testing", "mailto:old@example.com")
+AFTER = served(T + dt.timedelta(minutes=20, microseconds=400_000), "enforce",
+               "mailto:new@example.com")  # fmt: skip
+
+# A session logged at (time) -> the policy it is reported under (None: resolved now)
+SESSION_TIMES: list[tuple[str, ServedPolicy | None]] = [
+    ("10:59:59", None),  # before any record: Postfix was not asking mxguard then
+    ("11:00:00", BEFORE),
+    ("11:10:06", BEFORE),
+    ("11:20:00", AFTER),  # logged in the second AFTER was written: it ended after AFTER began
+    ("11:45:00", AFTER),
+]
+
+
+def test_each_session_is_joined_with_the_policy_served_when_it_ran(tmp_path: Path) -> None:
+    lines = [
+        sent(n, "bob@example.com", "mx.example.com[192.0.2.1]:25", qid=f"QUEUE{n:05d}").replace(
+            "11:10:06", t, 1
+        )
+        for n, (t, _) in enumerate(SESSION_TIMES)
+    ]
+    ((counts,), stored) = run(tmp_path, lines, served=[AFTER, BEFORE])
+    resolved = report_policy(POLICIES["example.com"])
+    got = [(r.at.strftime("%H:%M:%S"), r.policy_type, r.policy_strings, r.rua) for r in stored]
+    assert got == [
+        (t, p.policy_type, p.policy_strings, p.rua)
+        if p is not None
+        else (t, resolved.policy_type, resolved.strings, resolved.rua)
+        for t, p in SESSION_TIMES
+    ]
+    assert all(r.mx_patterns == ("mx.example.com",) for r in stored if r.policy_type == "sts")
+    assert counts.to_json()["policies"] == {SERVED: 4, RESOLVED: 1}
+
+
+def test_a_session_to_a_host_the_served_policy_did_not_allow_is_not_a_result(
+    tmp_path: Path,
+) -> None:
+    # The resolver (by_hand) would call mx.example.com an MX host; the policy served at the
+    # time named another one, and that is what Postfix was told.
+    moved = replace(BEFORE, mx_hosts=("mx2.example.com",), mx_addresses=("192.0.2.2",))
+    ((counts,), stored) = run(
+        tmp_path, [sent(1, "bob@example.com", "mx.example.com[192.0.2.1]:25")], served=[moved]
+    )
+    assert (stored, counts.dropped, counts.policies) == ([], {NOT_TO_MX: 1}, {SERVED: 1})
+
+
+class NoServedRecords(SQLiteStore):
+    """A store that keeps no served records (as Redis refuses them)."""
+
+    asked = 0
+
+    async def served_at(self, domain: str, at: dt.datetime) -> ServedPolicy | None:
+        NoServedRecords.asked += 1
+        raise StoreError("keeps no served records")
+
+
+def test_a_store_without_served_records_falls_back_to_resolving_and_is_asked_once_a_run(
+    tmp_path: Path,
+) -> None:
+    lines = [
+        sent(n, "bob@example.com", "mx.example.com[192.0.2.1]:25", qid=f"QUEUE{n:05d}")
+        for n in range(3)
+    ]
+    ((counts,), stored) = run(tmp_path, lines, store_class=NoServedRecords)
+    assert [r.policy_type for r in stored] == ["no-policy-found"] * 3
+    assert counts.policies == {RESOLVED: 3}
+    assert NoServedRecords.asked == 1
+
+
+def sts_policy(*mx: tuple[str, bool]) -> DeliveryPolicy:
+    sts = StsState(
+        id="1", mode="enforce", max_age=600, mx=("*.example.com",),
+        policy_strings=("version: STSv1", "mode: enforce", "mx: *.example.com", "max_age: 600"),
+        fetched_at=T, expires_at=T, from_cache=False, error=None,
+    )  # fmt: skip
+    return DeliveryPolicy(
+        domain="example.com", source=Source.MTA_STS, mode=Mode.ENFORCE, status=Status.OK,
+        mta_sts=sts, tlsrpt_rua=("mailto:t@example.com",),
+        mx=tuple(
+            MxPolicy(host=h, preference=10, allowed=ok, addresses=(f"192.0.2.{n}",),
+                     canonical=f"real{n}.example.net" if n == 1 else None)
+            for n, (h, ok) in enumerate(mx, 1)
+        ),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        sts_policy(("mx1.example.com", True), ("mx.example.org", False)),  # one not allowed
+        POLICIES["example.com"],
+        POLICIES["xn--bcher-kva.example"],
+    ],
+)
+def test_a_served_record_names_the_policy_as_resolving_it_would(policy: DeliveryPolicy) -> None:
+    record = served_record(policy.domain, policy, Answer(Kind.OK, "dane-only"), T)
+    assert served_policy(record) == report_policy(policy)
+
+
 # --- a real Postfix (the lab) --------------------------------------------------------------
 
 # case -> (policy type, result type of each session in order; None = success)
@@ -248,20 +376,48 @@ EXPECTED: dict[str, tuple[str, list[str | None]]] = {
 }
 
 
+ONE_S = dt.timedelta(seconds=1)
+
+
 def collect(lab: Lab, log: Path, db: Path, state: Path, sending_ip: str) -> list[SessionResult]:
     """One collector run with the lab's settings; every result in the store afterwards."""
+    return collect_counted(lab, log, db, state, sending_ip)[1]
+
+
+def collect_counted(
+    lab: Lab, log: Path, db: Path, state: Path, sending_ip: str
+) -> tuple[Counts, list[SessionResult]]:
     settings = load(lab.config_file).with_overrides(store=f"sqlite:///{db}")
 
-    async def run() -> list[SessionResult]:
+    async def run() -> tuple[Counts, list[SessionResult]]:
         async with engine(settings) as e:
             c = Collector(log, e.store, EnginePolicies(e.resolver), state_path=state,
                           sending_ip=sending_ip)  # fmt: skip
-            await c.collect()
+            counts = await c.collect()
             far = dt.timedelta(days=400)
             now = dt.datetime.now(dt.UTC)
-            return await e.store.results_between(now - far, now + far, unreported_only=False)
+            results = await e.store.results_between(now - far, now + far, unreported_only=False)
+            return counts, results
 
     return asyncio.run(run())
+
+
+def served_records(server_db: Path, domains: set[str]) -> list[ServedPolicy]:
+    """What the session's policy server recorded for `domains` (waiting for its writer, which
+    flushes every half second), oldest first."""
+    from mxguard.adapters.store.sqlite import _served_from_row
+
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.closing(sqlite3.connect(server_db)) as conn:
+            rows = conn.execute(
+                "SELECT domain, at, policy_type, policy_strings, mx_patterns, rua, mx_hosts, "
+                "mx_addresses, answer FROM served_policies ORDER BY at, id"
+            ).fetchall()
+        records = [_served_from_row(row) for row in rows]
+        if {r.domain for r in records} >= domains or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -274,9 +430,34 @@ def snapshot(postfix_run: PostfixRun, tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.lab
 def test_collected_sessions_equal_the_sessions_postfix_made(
-    session_lab: Lab, postfix_run: PostfixRun, snapshot: Path, tmp_path: Path
+    session_lab: Lab,
+    postfix_run: PostfixRun,
+    snapshot: Path,
+    tmp_path: Path,
+    policy_server_dir: Path,
 ) -> None:
-    results = collect(session_lab, snapshot, tmp_path / "s.db", tmp_path / "st", "192.0.2.7")
+    # The collector shares the policy server's store (a copy of it: later tests append), and
+    # so joins each session with what the server served Postfix for it.
+    domains = {d.case.domain for d in postfix_run.deliveries.values()}
+    records = served_records(policy_server_dir / "state.db", domains)
+    assert {r.domain for r in records} >= domains, "the policy server recorded no policy"
+    with (
+        contextlib.closing(sqlite3.connect(policy_server_dir / "state.db")) as src,
+        contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as dst,
+    ):
+        src.backup(dst)
+    counts, results = collect_counted(
+        session_lab, snapshot, tmp_path / "s.db", tmp_path / "st", "192.0.2.7"
+    )
+    assert RESOLVED not in counts.policies and counts.policies[SERVED] >= counts.sessions
+    for r in results:
+        record = max(
+            (x for x in records if x.domain == r.policy_domain and x.at < r.at + ONE_S),
+            key=lambda x: x.at,
+        )
+        assert (r.policy_type, r.policy_strings, r.mx_patterns, r.rua) == (
+            record.policy_type, record.policy_strings, record.mx_patterns, record.rua
+        ), r.policy_domain  # fmt: skip
     # Cases that share a domain are told apart by their order in the log (= delivery order).
     by_domain: dict[str, list[SessionResult]] = {}
     for r in results:

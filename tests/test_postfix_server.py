@@ -3,14 +3,19 @@
 Specification rows: every request gets a defined reply and the connection keeps serving;
 many connections at once share one resolution per domain; a stalled policy host delays only
 its own first lookup, and only up to the budget; cache hits need no DNS; metrics count what
-happened; stopping (and SIGTERM) leaves nothing running.
+happened; stopping (and SIGTERM) leaves nothing running; what was served is recorded in the
+store when it changed, and a store that fails never touches the answers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import datetime as dt
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -23,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from mxguard.adapters.store import ServedPolicy, StoreError
 from mxguard.config import Settings, load
 from mxguard.lab.lab import Lab
 from mxguard.postfix.answers import Options
@@ -329,3 +335,143 @@ def test_connections_beyond_the_cap_are_closed_and_idle_ones_time_out(
         fresh.close()
         for c in held:
             c.close()
+
+
+# --- what was served is recorded ---------------------------------------------------------
+
+
+def served_rows(db: Path, domain: str) -> list[tuple[str, str, str]]:
+    """(policy type, rua, answer) of each record of `domain` in the store, oldest first."""
+    with sqlite3.connect(db) as conn:
+        return conn.execute(
+            "SELECT policy_type, rua, answer FROM served_policies WHERE domain = ? ORDER BY at, id",
+            (domain,),
+        ).fetchall()
+
+
+def flushed(server: PolicyServer) -> None:
+    """Wait for the recorder's next write (it writes every half second)."""
+    server.call(server.recorder.flush())
+
+
+def test_a_resolution_is_recorded_and_a_cache_hit_is_not(
+    server: PolicyServer, lab: Lab, tmp_path: Path
+) -> None:
+    client = Client(server.socketmap_address)
+    answer = client.ask("sts-enforce.test")
+    flushed(server)
+    for _ in range(20):
+        assert client.ask("sts-enforce.test") == answer  # cache hits
+    assert client.ask("nopolicy.test") == "NOTFOUND "
+    assert client.ask("dane-bogus.test").startswith("TEMP")  # Postfix makes no session: none
+    flushed(server)
+    client.close()
+    assert served_rows(tmp_path / "state.db", "sts-enforce.test") == [
+        ("sts", '["mailto:tlsrpt@sts-enforce.test"]', answer.rstrip())
+    ]
+    assert served_rows(tmp_path / "state.db", "nopolicy.test") == [("no-policy-found", "[]",
+                                                                    "NOTFOUND")]  # fmt: skip
+    assert served_rows(tmp_path / "state.db", "dane-bogus.test") == []
+    now = dt.datetime.now(dt.UTC)
+    record = server.call(server.engine.store.served_at("sts-enforce.test", now))
+    assert record is not None and record.at < now
+    assert record.policy_strings[0] == "version: STSv1" and record.mx_patterns
+    hosts = ("mx1.sts-enforce.test", "mx2.sts-enforce.test")
+    assert record.mx_hosts == hosts
+    assert record.mx_addresses == tuple(sorted(lab.address_of(h) for h in hosts))
+    assert server.metrics.served_recorded == 2
+
+
+def test_an_unchanged_refresh_writes_nothing_and_a_changed_one_does(
+    lab: Lab, tmp_path: Path
+) -> None:
+    with PolicyServer(
+        lab_settings(lab, tmp_path), listen=f"inet:{HOST}:0", answer_ttl=0.4,
+        refresh_interval=0.05,
+    ) as server:  # fmt: skip
+        client = Client(server.socketmap_address)
+        assert client.ask("dane-ee.test") == "OK dane-only"
+        for _ in range(8):  # 1.6 s: four answer lifetimes, each refreshed
+            time.sleep(0.2)
+            client.ask("dane-ee.test")
+        refreshes = server.metrics.refreshes
+        flushed(server)
+        assert refreshes >= 3
+        assert len(served_rows(tmp_path / "state.db", "dane-ee.test")) == 1
+        # The domain's TLS-RPT record changes; the next refresh sees it (DNS cache emptied).
+        d = lab.scenario.domain("dane-ee.test")
+        lab.update_domain(
+            dataclasses.replace(d, tlsrpt=("v=TLSRPTv1; rua=mailto:changed@dane-ee.test",))
+        )
+        server.call(_clear_dns_cache(server))
+        deadline = time.monotonic() + 5
+        while len(served_rows(tmp_path / "state.db", "dane-ee.test")) < 2:
+            assert time.monotonic() < deadline, "the changed policy was never recorded"
+            client.ask("dane-ee.test")
+            time.sleep(0.1)
+        client.close()
+        assert [rua for _, rua, _ in served_rows(tmp_path / "state.db", "dane-ee.test")] == [
+            '["mailto:tlsrpt@dane-ee.test"]',
+            '["mailto:changed@dane-ee.test"]',
+        ]
+
+
+async def _clear_dns_cache(server: PolicyServer) -> None:
+    if server.engine.dns.cache is not None:
+        server.engine.dns.cache.clear()
+
+
+def test_a_record_survives_a_restart_and_is_not_written_again_unchanged(
+    lab: Lab, tmp_path: Path
+) -> None:
+    for _ in range(2):
+        with PolicyServer(lab_settings(lab, tmp_path), listen=f"inet:{HOST}:0") as server:
+            client = Client(server.socketmap_address)
+            assert client.ask("dane-ee.test") == "OK dane-only"
+            client.close()
+        # stop() wrote what was queued before closing the store.
+    assert served_rows(tmp_path / "state.db", "dane-ee.test") == [
+        ("tlsa", '["mailto:tlsrpt@dane-ee.test"]', "OK dane-only")
+    ]
+    assert server.metrics.served_recorded == 0  # the second server found it already recorded
+
+
+class StalledStore:
+    """Stands in for a store that hangs (add_served) or refuses (served_at)."""
+
+    async def served_at(self, domain: str, at: dt.datetime) -> ServedPolicy | None:
+        raise StoreError("the store is down")
+
+    async def add_served(self, records: list[ServedPolicy]) -> None:
+        await asyncio.sleep(3600)
+
+    async def prune_served(self, before: dt.datetime) -> int:
+        await asyncio.sleep(3600)
+        return 0
+
+
+def test_a_failing_store_never_delays_or_changes_an_answer_and_failures_are_counted(
+    lab: Lab, tmp_path: Path
+) -> None:
+    with PolicyServer(
+        lab_settings(lab, tmp_path), listen=f"inet:{HOST}:0", metrics=f"inet:{HOST}:0"
+    ) as server:
+        server.recorder.timeout = 0.3
+        server.recorder._store = StalledStore  # type: ignore[assignment]
+        client = Client(server.socketmap_address)
+        assert client.ask("dane-ee.test") == "OK dane-only"  # refused by served_at
+        flushed(server)
+        assert client.ask("sts-enforce.test").startswith("OK secure match=")
+        server.recorder._known.clear()  # no comparison with the store: add_served hangs
+        assert client.ask("nopolicy.test") == "NOTFOUND "
+        started = time.perf_counter()
+        flushed(server)  # the stalled write gives up after the recorder's timeout
+        assert time.perf_counter() - started < 2
+        assert client.ask("dane-ee.test") == "OK dane-only"
+        client.close()
+        host, port = server.metrics_address
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as r:
+            text = r.read().decode().splitlines()
+    failures = next(ln for ln in text if ln.startswith("mxguard_postfix_served_record_failures"))
+    assert int(failures.split()[1]) >= 2
+    assert "mxguard_postfix_served_recorded_total 0" in text

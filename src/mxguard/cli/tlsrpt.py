@@ -278,6 +278,9 @@ def collect_postfix(
     click.echo(f"{log_file}: {counts.lines} new lines, {counts.sessions} sessions ({results})")
     for why, n in doc["dropped"].items():
         click.echo(f"  {n} session(s) not recorded: {why}")
+    served, resolved = doc["policies"]["served"], doc["policies"]["resolved"]
+    if served or resolved:
+        click.echo(f"  policies: {served} as served to Postfix, {resolved} resolved now")
     for flag in ("rotated", "truncated"):
         if doc[flag]:
             click.echo(f"  the log was {flag} since the last run")

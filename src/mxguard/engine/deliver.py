@@ -432,7 +432,7 @@ class Sender:
         """One durable result per session that took place (RFC 8460 §4: sessions count)."""
         if self.store is None:
             return
-        kind, strings, patterns = _policy_for_report(policy)
+        kind, strings, patterns = policy_for_report(policy)
         # RFC 8460 §4.3.2.2: a failed MTA-STS discovery or fetch is a policy failure of every
         # session made without the policy, even when the session itself went well.
         sts_failure = next(
@@ -470,7 +470,7 @@ class Sender:
                 log.error("could not record %d TLS-RPT session result(s): %s", len(results), exc)
 
 
-def _policy_for_report(p: DeliveryPolicy) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+def policy_for_report(p: DeliveryPolicy) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
     """RFC 8460 §4.4 policy-type, policy-string and mx-host for this policy."""
     if p.source is Source.DANE:
         tlsa = tuple(dict.fromkeys(t.to_text() for m in p.mx for t in (*m.tlsa, *m.tlsa_unusable)))

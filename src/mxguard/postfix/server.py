@@ -16,6 +16,14 @@ this server's first duty is **never to stall Postfix**:
 - per connection: bounded buffers (see ``netstring``), pipelined requests answered in order
   (resolved concurrently), a defined reply to every request, malformed ones included.
 
+What was served is recorded (issue 6): each resolution whose answer Postfix delivers under
+(``OK``, ``NOTFOUND``; after a ``TEMP`` Postfix makes no session) becomes a ``ServedPolicy``
+(the RFC 8460 §4.4 policy type, strings and MX patterns, the domain's TLS-RPT ``rua``, the MX
+hosts and addresses the policy allowed, the answer text) when it differs from the domain's
+last record. ``ServedRecorder`` writes them to the store in batches from its own task, so a
+slow or failing store never delays or changes an answer (failures are counted in /metrics);
+the log collector then reports each Postfix session under the policy in force when it ran.
+
 Operations: ``/healthz`` and Prometheus ``/metrics`` on a small HTTP listener; ``reload()``
 (SIGHUP) opens a new engine from re-read settings and keeps the answer cache (its entries are
 refreshed soon); ``stop()`` (SIGTERM) stops accepting, answers what was already received,
@@ -44,8 +52,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mxguard.adapters.store import ServedPolicy, Store
 from mxguard.config import ConfigError, Settings
 from mxguard.engine.context import Engine, engine
+from mxguard.engine.deliver import policy_for_report
 from mxguard.engine.policy import DeliveryPolicy, Source
 from mxguard.engine.resolve import DomainError
 from mxguard.postfix import answers
@@ -123,6 +133,9 @@ class Metrics:
         self.refused_connections = 0
         self.resolutions = 0
         self.refreshes = 0
+        self.served_recorded = 0
+        self.served_failures = 0
+        self.served_dropped = 0
         self._buckets = [0] * (len(_BUCKETS) + 1)
         self._sum = 0.0
         self._count = 0
@@ -162,6 +175,15 @@ class Metrics:
                "Policy resolutions (misses and refreshes).", [("", self.resolutions)])  # fmt: skip
         metric("mxguard_postfix_refreshes_total", "counter",
                "Background refreshes of hot domains.", [("", self.refreshes)])  # fmt: skip
+        metric("mxguard_postfix_served_recorded_total", "counter",
+               "Changed served policies written to the store.",
+               [("", self.served_recorded)])  # fmt: skip
+        metric("mxguard_postfix_served_record_failures_total", "counter",
+               "Served policies that could not be written to the store (or pruned).",
+               [("", self.served_failures)])  # fmt: skip
+        metric("mxguard_postfix_served_dropped_total", "counter",
+               "Served policies not recorded because too many were waiting.",
+               [("", self.served_dropped)])  # fmt: skip
         metric(
             "mxguard_policy_failures_total", "counter",
             "Failures seen while resolving policies, by RFC 8460 result type.",
@@ -194,6 +216,141 @@ class _Entry:
     expires: float  # monotonic
     refresh_at: float
     last_used: float
+
+
+# --- what was served ----------------------------------------------------------------------
+
+
+def served_record(
+    domain: str, policy: DeliveryPolicy, answer: Answer, at: dt.datetime
+) -> ServedPolicy:
+    """The record of serving ``answer`` for ``policy`` from ``at`` on."""
+    kind, strings, patterns = policy_for_report(policy)
+    allowed = [m for m in policy.mx if m.allowed]
+    return ServedPolicy(
+        domain=domain,
+        at=at,
+        policy_type=kind,
+        policy_strings=strings,
+        mx_patterns=patterns,
+        rua=policy.tlsrpt_rua,
+        # Sorted: DNS may list the same hosts and addresses in another order next time.
+        mx_hosts=tuple(sorted({h for m in allowed for h in (m.host, m.canonical) if h})),
+        mx_addresses=tuple(sorted({a for m in allowed for a in m.addresses})),
+        answer=answer.socketmap().decode("utf-8", "replace").rstrip(),
+    )
+
+
+def _content(r: ServedPolicy) -> tuple[object, ...]:
+    """What a record says, apart from when: equal content means nothing changed."""
+    return (r.policy_type, r.policy_strings, r.mx_patterns, r.rua, r.mx_hosts, r.mx_addresses,
+            r.answer)  # fmt: skip
+
+
+class ServedRecorder:
+    """Writes the changed served policies to the store, in batches, from its own task.
+
+    ``offer()`` is called on the request path: it only compares with the domain's last record
+    (kept in memory, at most ``max_known`` domains) and queues, never awaits. ``run()`` writes
+    the queue every ``interval`` seconds in one transaction, each write bounded by
+    ``timeout``; a domain not in memory (after a restart, or evicted) is first compared with
+    its latest stored record, so an unchanged policy is not written again. A failed write is
+    counted and forgotten from memory, so the next resolution of those domains writes again.
+    Every ``prune_interval`` seconds records older than ``keep`` that are no longer in force
+    are pruned.
+    """
+
+    def __init__(
+        self,
+        store: Callable[[], Store],
+        metrics: Metrics,
+        *,
+        interval: float = 0.5,
+        timeout: float = 10.0,
+        max_pending: int = 10_000,
+        max_known: int = 100_000,
+        keep: dt.timedelta = dt.timedelta(days=40),
+        prune_interval: float = 86_400.0,
+    ) -> None:
+        self._store = store
+        self.metrics = metrics
+        self.interval, self.timeout = interval, timeout
+        self.max_pending, self.max_known = max_pending, max_known
+        self.keep, self.prune_interval = keep, prune_interval
+        self._known: OrderedDict[str, tuple[object, ...]] = OrderedDict()
+        self._pending: list[tuple[ServedPolicy, bool]] = []  # (record, compare with the store)
+        self._last_error = ""
+        self._writing = asyncio.Lock()  # one write at a time, in order
+
+    def offer(self, record: ServedPolicy) -> None:
+        """Queue ``record`` if it differs from the last one of its domain."""
+        content = _content(record)
+        known = self._known.get(record.domain)
+        if known == content:
+            self._known.move_to_end(record.domain)
+            return
+        if len(self._pending) >= self.max_pending:
+            self.metrics.served_dropped += 1
+            return
+        self._pending.append((record, known is None))
+        self._known[record.domain] = content
+        self._known.move_to_end(record.domain)
+        while len(self._known) > self.max_known:
+            self._known.popitem(last=False)
+
+    async def run(self) -> None:
+        next_prune = time.monotonic()
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.flush()
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + self.prune_interval
+                await self.prune()
+
+    async def flush(self) -> None:
+        """Write what is queued (one transaction); on return, everything offered before the
+        call was written or counted as failed."""
+        async with self._writing:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        fresh: list[ServedPolicy] = []
+        try:
+            store = self._store()
+            async with asyncio.timeout(self.timeout):
+                for record, compare in batch:
+                    if compare:
+                        latest = await store.served_at(record.domain, record.at)
+                        if latest is not None and _content(latest) == _content(record):
+                            continue
+                    fresh.append(record)
+                await store.add_served(fresh)
+        except Exception as exc:
+            self.metrics.served_failures += len(batch)
+            self._failed(f"could not record {len(batch)} served policies", exc)
+            for record, _ in batch:
+                if self._known.get(record.domain) == _content(record):
+                    del self._known[record.domain]
+            return
+        self.metrics.served_recorded += len(fresh)
+
+    async def prune(self) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._store().prune_served(dt.datetime.now(dt.UTC) - self.keep)
+        except Exception as exc:
+            self.metrics.served_failures += 1
+            self._failed("could not prune served policies", exc)
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        # Once per distinct error: a store that refuses (Redis) must not flood the log.
+        reason = str(exc) or type(exc).__name__
+        level = logging.DEBUG if reason == self._last_error else logging.WARNING
+        log.log(level, "%s: %s (answers to Postfix are not affected)", what, reason)
+        self._last_error = reason
 
 
 # --- the server ---------------------------------------------------------------------------
@@ -247,6 +404,7 @@ class PolicyServer:
         self.idle_timeout = idle_timeout
         self.grace = grace
         self.metrics = Metrics()
+        self.recorder = ServedRecorder(lambda: self.engine.store, self.metrics)
         self._settings = source if isinstance(source, Settings) else None
         self._engine: Engine | None = source if isinstance(source, Engine) else None
         self._owned: contextlib.AsyncExitStack | None = None
@@ -257,6 +415,7 @@ class PolicyServer:
         self._connections: set[_Connection] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
         self._refresher: asyncio.Task[None] | None = None
+        self._recording: asyncio.Task[None] | None = None
         self._stopping = False
         self.socketmap_addresses: list[Any] = []
         self.tcp_table_address: Any = None
@@ -299,6 +458,7 @@ class PolicyServer:
             await self.stop()
             raise
         self._refresher = asyncio.create_task(self._refresh_loop(), name="mxguard-refresher")
+        self._recording = asyncio.create_task(self.recorder.run(), name="mxguard-served")
         log.info(
             "serving Postfix socketmap on %s%s",
             ", ".join(str(x) for x in self.listen),
@@ -344,6 +504,12 @@ class PolicyServer:
         if self._refresher is not None:
             await asyncio.gather(self._refresher, return_exceptions=True)
             self._refresher = None
+        if self._recording is not None:
+            self._recording.cancel()
+            await asyncio.gather(self._recording, return_exceptions=True)
+            self._recording = None
+        if self._engine is not None:
+            await self.recorder.flush()  # what was served until now, before the store closes
         for where in [*self.listen, *([self.tcp_table] if self.tcp_table else [])]:
             if where.path is not None:
                 with contextlib.suppress(OSError):
@@ -361,6 +527,7 @@ class PolicyServer:
         except BaseException:
             await stack.aclose()
             raise
+        await self.recorder.flush()  # into the store it was served from
         old_stack, self._owned = self._owned, stack
         self._engine, self._settings = new, settings
         if options is not None:
@@ -500,6 +667,12 @@ class PolicyServer:
                 key = failure.result_type.value
                 self.metrics.failures[key] = self.metrics.failures.get(key, 0) + 1
         self._store(domain, answer, policy)
+        if policy is not None and answer.kind in (answers.Kind.OK, answers.Kind.NOTFOUND):
+            try:
+                self.recorder.offer(served_record(domain, policy, answer, dt.datetime.now(dt.UTC)))
+            except Exception:  # recording must never change the answer
+                self.metrics.served_failures += 1
+                log.exception("recording the policy served for %s failed", domain)
         return answer
 
     def _store(self, domain: str, answer: Answer, policy: DeliveryPolicy | None) -> None:

@@ -1,9 +1,20 @@
 """Follow a Postfix log and record its SMTP sessions as TLS-RPT results (RFC 8460 §4).
 
 `mxguard tlsrpt collect-postfix` turns what Postfix logged (postfix_log.py) into the same
-`SessionResult`s that mxguard's own sender records, joined with the policy that mxguard serves
-Postfix for that domain (the engine resolves it with the same settings: DANE -> `tlsa` with
-the TLSA records, MTA-STS -> `sts` with the policy lines and MX patterns, RFC 8460 §4.4).
+`SessionResult`s that mxguard's own sender records, joined with the policy that mxguard served
+Postfix for that domain when the session ran (DANE -> `tlsa` with the TLSA records, MTA-STS ->
+`sts` with the policy lines and MX patterns, RFC 8460 §4.4; and the domain's `rua`):
+
+- served: the policy server (postfix/server.py) records what it served whenever it changes
+  (`ServedPolicy` in the store); a session is joined with the record in force when it was
+  logged (`Store.served_at`). Classic syslog timestamps are whole seconds, truncated: a
+  session logged at 11:10:06 ended before 11:10:07, so records up to the end of that second
+  count (LOG_PRECISION);
+- resolved: when there is no record for that time (Postfix ran without mxguard's policy
+  server then, or the store keeps no records: Redis), the engine resolves the policy now with
+  the same settings (`EnginePolicies`), which may differ from what Postfix was told.
+
+`Counts.policies` says how many sessions were judged either way.
 
 Incremental and resumable. A state file remembers where reading stopped: the log's device and
 inode, the byte offset, a fingerprint of the file's first bytes, and the line joiner's state
@@ -25,7 +36,7 @@ Only sessions to the recipient domain's MX hosts are results (RFC 8460 §4: the 
 about the policy domain's MX hosts). Postfix's next hop is often something else: a content
 filter (amavis at ``127.0.0.1:10024``), a ``relayhost``, an internal server of
 ``postfix/relay``. A session is kept when its host name or address is one of the MX hosts of
-the resolved policy (`ReportPolicy.is_mx`); the others are counted as "not to an MX host".
+the policy (`ReportPolicy.is_mx`); the others are counted as "not to an MX host".
 A recipient domain is converted to the A-label form the store keys on (IDNA: SMTPUTF8
 recipients such as ``anna@bücher.example``); a session whose domain or result still cannot be
 stored is counted and skipped, so that one bad line never fails its batch (which would fail
@@ -52,8 +63,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from mxguard.adapters.store import SessionResult, Store, StoreError, check_result
-from mxguard.engine.deliver import _policy_for_report
+from mxguard.adapters.store import ServedPolicy, SessionResult, Store, StoreError, check_result
+from mxguard.engine.deliver import policy_for_report
 from mxguard.engine.policy import DeliveryPolicy, Status
 from mxguard.engine.resolve import DomainError, normalise_domain
 from mxguard.tlsrpt.postfix_log import MAX_LINE, Joiner, Session, parse_line, result_type
@@ -65,11 +76,17 @@ STATE_VERSION = 1
 POLICY_TTL = 3600.0  # seconds a resolved policy is used for (--follow runs for months)
 RETRY_TTL = 60.0  # seconds a deferred lookup (DNS trouble: MX hosts unknown) is used for
 MAX_CACHED_POLICIES = 10_000
+# Timestamps in whole seconds are truncated: the session ended before the next second began.
+LOG_PRECISION = dt.timedelta(seconds=1)
 
 # Why a session the log shows is not a result (`Counts.dropped` keys).
 NOT_TO_MX = "not to an MX host"
 MX_UNKNOWN = "MX hosts unknown"
 BAD_DOMAIN = "recipient domain unusable"
+
+# Where a session's policy came from (`Counts.policies` keys).
+SERVED = "served"  # the record of what mxguard's policy server served at the session's time
+RESOLVED = "resolved"  # no such record: resolved by the collector (`EnginePolicies`)
 
 
 class CollectorError(Exception):
@@ -116,18 +133,41 @@ def _ip_key(ip: str) -> str:
 
 
 def report_policy(policy: DeliveryPolicy) -> ReportPolicy:
-    kind, strings, patterns = _policy_for_report(policy)
+    """A resolved policy as a result names it; its MX hosts are those the policy allows (as
+    the policy server records them: an MTA-STS `enforce` policy forbids the others, RFC 8461
+    §4.1)."""
+    kind, strings, patterns = policy_for_report(policy)
+    allowed = [m for m in policy.mx if m.allowed]
     return ReportPolicy(
         kind,
         strings,
         patterns,
         policy.tlsrpt_rua,
         mx_hosts=frozenset(
-            _host_key(h) for m in policy.mx for h in (m.host, m.canonical) if h is not None
+            _host_key(h) for m in allowed for h in (m.host, m.canonical) if h is not None
         ),
-        mx_addresses=frozenset(_ip_key(a) for m in policy.mx for a in m.addresses),
+        mx_addresses=frozenset(_ip_key(a) for m in allowed for a in m.addresses),
         deferred=policy.status is Status.DEFER,
     )
+
+
+def served_policy(record: ServedPolicy) -> ReportPolicy:
+    """A served record as a result names it (the same fields `report_policy` takes)."""
+    return ReportPolicy(
+        record.policy_type,
+        record.policy_strings,
+        record.mx_patterns,
+        record.rua,
+        mx_hosts=frozenset(_host_key(h) for h in record.mx_hosts),
+        mx_addresses=frozenset(_ip_key(a) for a in record.mx_addresses),
+    )
+
+
+def logged_until(at: dt.datetime) -> dt.datetime:
+    """The latest moment a session logged at `at` can have ended (see LOG_PRECISION)."""
+    if at.microsecond == 0:
+        return at + LOG_PRECISION - dt.timedelta(microseconds=1)
+    return at
 
 
 class _Resolves(Protocol):
@@ -135,8 +175,9 @@ class _Resolves(Protocol):
 
 
 class EnginePolicies:
-    """The policy mxguard's policy server would serve for a domain: resolved by the engine
-    with the same settings, then used for `ttl` seconds (`retry_ttl` when the lookup was
+    """The policy mxguard's policy server would serve for a domain now, for sessions with no
+    served record (see the module's docstring): resolved by the engine with the same
+    settings, then used for `ttl` seconds (`retry_ttl` when the lookup was
     deferred), so that a collector that follows the log for months sees policy and MX changes.
     """
 
@@ -307,6 +348,7 @@ class Counts:
     sessions: int = 0
     results: dict[str, int] = field(default_factory=dict)  # result type or "success" -> n
     dropped: dict[str, int] = field(default_factory=dict)  # NOT_TO_MX, ... -> sessions
+    policies: dict[str, int] = field(default_factory=dict)  # SERVED | RESOLVED -> sessions
     rotated: bool = False
     truncated: bool = False
     recovered: str | None = None  # "recorded" | "re-read": what became of an interrupted batch
@@ -321,7 +363,11 @@ class Counts:
         self.sessions += other.sessions
         self.rotated |= other.rotated
         self.truncated |= other.truncated
-        for mine, theirs in ((self.results, other.results), (self.dropped, other.dropped)):
+        for mine, theirs in (
+            (self.results, other.results),
+            (self.dropped, other.dropped),
+            (self.policies, other.policies),
+        ):
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0) + v
 
@@ -332,6 +378,7 @@ class Counts:
             "sessions": self.sessions,
             "results": dict(sorted(self.results.items())),
             "dropped": dict(sorted(self.dropped.items())),
+            "policies": {k: self.policies.get(k, 0) for k in (SERVED, RESOLVED)},
             "rotated": self.rotated,
             "truncated": self.truncated,
             "recovered_batch": self.recovered,
@@ -359,6 +406,7 @@ class Collector:
         self.sending_ip = sending_ip
         self.clock = clock
         self.tz = tz
+        self._served = True  # ask the store for served records (until it refuses, per run)
 
     async def collect(self) -> Counts:
         """Read everything new (in batches), record it, and move the state past it."""
@@ -370,6 +418,7 @@ class Collector:
                 "pass --state FILE in a writable folder"
             ) from exc
         counts = Counts()
+        self._served = True
         state = load_state(self.state_path)
         if state.pending is not None:
             state = await self._recover(state, counts)
@@ -502,7 +551,7 @@ class Collector:
             except DomainError:
                 counts.drop(BAD_DOMAIN)
                 continue
-            policy = await self.policies(domain)
+            policy = await self._policy(domain, s.at, counts)
             if not policy.is_mx(s.mx_host, s.mx_ip):
                 counts.drop(MX_UNKNOWN if policy.deferred and not policy.mx_hosts else NOT_TO_MX)
                 continue
@@ -513,6 +562,20 @@ class Collector:
             except StoreError:
                 counts.drop(BAD_DOMAIN)  # one bad result must not fail (and wedge) its batch
         return out
+
+    async def _policy(self, domain: str, at: dt.datetime, counts: Counts) -> ReportPolicy:
+        """The policy served for `domain` at `at`; resolved now when none was recorded."""
+        record = None
+        if self._served:
+            try:
+                record = await self.store.served_at(domain, logged_until(at))
+            except StoreError:
+                self._served = False  # e.g. Redis keeps no records: don't ask per session
+        if record is not None:
+            counts.policies[SERVED] = counts.policies.get(SERVED, 0) + 1
+            return served_policy(record)
+        counts.policies[RESOLVED] = counts.policies.get(RESOLVED, 0) + 1
+        return await self.policies(domain)
 
     async def _recover(self, state: State, counts: Counts) -> State:
         """Finish a batch interrupted between the store write and the state write."""

@@ -6,7 +6,10 @@ Two things outlive a single delivery and must survive restarts:
   passes, and this trust on first use is exactly what stops a STRIPTLS attacker who later
   blocks policy discovery; losing the cache silently removes the protection;
 - the TLS outcome of every SMTP session (RFC 8460 §4), from which the daily aggregate reports
-  are built, and which must be kept until some `rua` accepted the report (RFC 8460 §5).
+  are built, and which must be kept until some `rua` accepted the report (RFC 8460 §5);
+- what mxguard's Postfix policy server served for each domain and since when
+  (`ServedPolicy`), so that the sessions Postfix logged are reported under the policy Postfix
+  was actually told to apply, not one resolved later (RFC 8460 §4.4 `policy`).
 
 `Store` is the interface; `open_store(url)` picks a backend from the URL:
 
@@ -33,6 +36,7 @@ __all__ = [
     "POLICY_TYPES",
     "CachedPolicy",
     "PendingReport",
+    "ServedPolicy",
     "SessionResult",
     "Store",
     "StoreError",
@@ -113,6 +117,23 @@ class PendingReport:
     dropped_at: datetime | None = None  # given up: every rua refused it for good, or too old
 
 
+@dataclass(frozen=True, slots=True)
+class ServedPolicy:
+    """What the Postfix policy server answered for `domain` from `at` on, until the next record
+    of that domain: the policy as a TLS-RPT report names it (RFC 8460 §4.4) and the MX hosts it
+    let Postfix use. The server writes one only when something changed."""
+
+    domain: str  # lower-case A-label, no trailing dot
+    at: datetime  # UTC, timezone-aware: when the server started serving it
+    policy_type: str  # "sts" | "tlsa" | "no-policy-found" (RFC 8460 §4.4)
+    policy_strings: tuple[str, ...]  # `policy-string`: STS policy lines or one TLSA RR each
+    mx_patterns: tuple[str, ...]  # `mx-host`: the STS policy's mx patterns
+    rua: tuple[str, ...]  # the domain's TLS-RPT rua at that moment (RFC 8460 §3)
+    mx_hosts: tuple[str, ...]  # the MX host names the policy allowed (as published, CNAME-expanded)
+    mx_addresses: tuple[str, ...]  # their addresses
+    answer: str  # the socketmap answer Postfix got, e.g. "OK dane-only" or "NOTFOUND"
+
+
 class Store(Protocol):
     """What every backend offers. All methods are coroutines; writes are durable on return."""
 
@@ -191,6 +212,19 @@ class Store(Protocol):
     async def report_delivered(self, report_id: str, uri: str, at: datetime) -> None:
         """Record that `uri` accepted the report and mark its results reported (one
         transaction: a crash leaves either both or neither)."""
+        ...
+
+    async def add_served(self, records: Sequence[ServedPolicy]) -> None:
+        """Record what the Postfix policy server served (one transaction)."""
+        ...
+
+    async def served_at(self, domain: str, at: datetime) -> ServedPolicy | None:
+        """The record of `domain` in force at `at`: the latest with `record.at <= at`."""
+        ...
+
+    async def prune_served(self, before: datetime) -> int:
+        """Forget records no longer in force at `before` (each domain keeps the one in force
+        then, however old: an unchanged policy is never written again); how many went."""
         ...
 
     async def close(self) -> None:
@@ -321,6 +355,17 @@ def check_result(result: SessionResult) -> SessionResult:
         )
     check_domain(result.policy_domain)
     return replace(result, at=as_utc(result.at, "at"))
+
+
+def check_served(record: ServedPolicy) -> ServedPolicy:
+    """`record` with a UTC `at`, after checking it can be added."""
+    check_domain(record.domain)
+    if record.policy_type not in POLICY_TYPES:
+        raise StoreError(
+            f"policy_type {record.policy_type!r} is not an RFC 8460 §4.4 policy type; "
+            f"use one of {sorted(POLICY_TYPES)}"
+        )
+    return replace(record, at=as_utc(record.at, "at"))
 
 
 def check_report(report: PendingReport) -> PendingReport:

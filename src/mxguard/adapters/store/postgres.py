@@ -25,6 +25,7 @@ import psycopg.conninfo
 from mxguard.adapters.store import (
     CachedPolicy,
     PendingReport,
+    ServedPolicy,
     SessionResult,
     StoreError,
     as_utc,
@@ -32,6 +33,7 @@ from mxguard.adapters.store import (
     check_policy,
     check_report,
     check_result,
+    check_served,
     redact_url,
 )
 
@@ -106,6 +108,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE tlsrpt_reports ADD COLUMN dropped_at timestamptz",
         "CREATE INDEX tlsrpt_reports_day ON tlsrpt_reports (policy_domain, start)",
     ),
+    (
+        # What the Postfix policy server served, from `at` on (see sqlite.py, version 4).
+        """CREATE TABLE served_policies (
+            id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            domain         text NOT NULL,
+            at             timestamptz NOT NULL,
+            policy_type    text NOT NULL,
+            policy_strings text[] NOT NULL,
+            mx_patterns    text[] NOT NULL,
+            rua            text[] NOT NULL,
+            mx_hosts       text[] NOT NULL,
+            mx_addresses   text[] NOT NULL,
+            answer         text NOT NULL
+        )""",
+        "CREATE INDEX served_policies_domain_at ON served_policies (domain, at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -116,6 +134,9 @@ _RESULT_COLUMNS = (
 _REPORT_COLUMNS = (
     "report_id, policy_domain, start, filename, body, rua, result_ids, created_at, "
     "next_attempt_at, attempts, last_error, delivered_at, delivered_to, dropped_at"
+)
+_SERVED_COLUMNS = (
+    "domain, at, policy_type, policy_strings, mx_patterns, rua, mx_hosts, mx_addresses, answer"
 )
 _POLICY_COLUMNS = "domain, policy_id, policy_text, fetched_at, expires_at"
 
@@ -329,6 +350,49 @@ class PostgresStore:
 
         await self._run(work, idempotent=True)
 
+    # --- what the Postfix policy server served ---
+
+    async def add_served(self, records: Sequence[ServedPolicy]) -> None:
+        rows = [
+            (r.domain, r.at, r.policy_type, list(r.policy_strings), list(r.mx_patterns),
+             list(r.rua), list(r.mx_hosts), list(r.mx_addresses), r.answer)
+            for r in map(check_served, records)
+        ]  # fmt: skip
+        if rows:
+            # Not retried on a broken connection: it may have committed (see _run); a lost
+            # record only makes the collector resolve the policy itself.
+            await self._write(
+                f"INSERT INTO served_policies ({_SERVED_COLUMNS}) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                rows,
+                idempotent=False,
+            )
+
+    async def served_at(self, domain: str, at: datetime) -> ServedPolicy | None:
+        check_domain(domain)
+        rows = await self._fetch(
+            f"SELECT {_SERVED_COLUMNS} FROM served_policies WHERE domain = %s AND at <= %s "
+            "ORDER BY at DESC, id DESC LIMIT 1",
+            (domain, as_utc(at, "at")),
+        )
+        return _served_from_row(rows[0]) if rows else None
+
+    async def prune_served(self, before: datetime) -> int:
+        cutoff = as_utc(before, "before")
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> int:
+            async with conn.transaction():
+                # The record of each domain in force at the cutoff stays (see sqlite.py).
+                cur = await conn.execute(
+                    "DELETE FROM served_policies old WHERE old.at < %(c)s AND EXISTS ("
+                    "SELECT 1 FROM served_policies new WHERE new.domain = old.domain "
+                    "AND new.at <= %(c)s AND (new.at, new.id) > (old.at, old.id))",
+                    {"c": cutoff},
+                )
+                return cur.rowcount
+
+        return await self._run(work, idempotent=True)
+
     async def close(self) -> None:
         async with self._lock:
             self._closed = True
@@ -473,6 +537,21 @@ def _result_from_row(row: tuple[Any, ...]) -> SessionResult:
         rua=tuple(rua),
         is_report=bool(is_report),
         reported=reported,
+    )
+
+
+def _served_from_row(row: tuple[Any, ...]) -> ServedPolicy:
+    domain, at, ptype, strings, patterns, rua, hosts, addresses, answer = row
+    return ServedPolicy(
+        domain=domain,
+        at=at.astimezone(UTC),
+        policy_type=ptype,
+        policy_strings=tuple(strings),
+        mx_patterns=tuple(patterns),
+        rua=tuple(rua),
+        mx_hosts=tuple(hosts),
+        mx_addresses=tuple(addresses),
+        answer=answer,
     )
 
 

@@ -7,7 +7,8 @@ use it; this is the one place where a store applies expiry. The key prefix defau
 `mxguard:` and is chosen with `?prefix=…` in the URL.
 
 TLS-RPT session results need range queries and must be kept until a report is accepted
-(RFC 8460 §5); that is SQLite's or PostgreSQL's job, and the result methods say so.
+(RFC 8460 §5); that is SQLite's or PostgreSQL's job, and the result methods say so. So is
+the record of what the Postfix policy server served (`ServedPolicy`), which goes with them.
 
 Durability is the server's: a write is acknowledged once Redis has it in memory. Run Redis
 with `appendonly yes` and `appendfsync always` if the cache must survive a crash of Redis.
@@ -27,6 +28,7 @@ import redis.exceptions
 from mxguard.adapters.store import (
     CachedPolicy,
     PendingReport,
+    ServedPolicy,
     SessionResult,
     StoreError,
     check_domain,
@@ -44,6 +46,11 @@ TIMEOUT = 10.0
 _RESULTS_REFUSED = (
     "the Redis store holds the MTA-STS policy cache only; keep TLS-RPT session results in "
     "SQLite or PostgreSQL (--store sqlite:///PATH or --store postgresql://…)"
+)
+_SERVED_REFUSED = (
+    "the Redis store holds the MTA-STS policy cache only; the policies the Postfix policy "
+    "server served are kept, like TLS-RPT session results, in SQLite or PostgreSQL "
+    "(--store sqlite:///PATH or --store postgresql://…)"
 )
 
 
@@ -167,6 +174,15 @@ class RedisStore:
 
     async def report_delivered(self, report_id: str, uri: str, at: datetime) -> None:
         raise StoreError(_RESULTS_REFUSED)
+
+    async def add_served(self, records: Sequence[ServedPolicy]) -> None:
+        raise StoreError(_SERVED_REFUSED)
+
+    async def served_at(self, domain: str, at: datetime) -> ServedPolicy | None:
+        raise StoreError(_SERVED_REFUSED)
+
+    async def prune_served(self, before: datetime) -> int:
+        raise StoreError(_SERVED_REFUSED)
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -25,6 +25,7 @@ from typing import TypeVar
 from mxguard.adapters.store import (
     CachedPolicy,
     PendingReport,
+    ServedPolicy,
     SessionResult,
     StoreError,
     as_utc,
@@ -32,6 +33,7 @@ from mxguard.adapters.store import (
     check_policy,
     check_report,
     check_result,
+    check_served,
     format_time,
     parse_time,
 )
@@ -133,12 +135,32 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX tlsrpt_reports_next ON tlsrpt_reports (next_attempt_at)",
         "CREATE INDEX tlsrpt_reports_day ON tlsrpt_reports (policy_domain, start)",
     ),
+    (
+        # What the Postfix policy server served, from `at` on (store/__init__.py ServedPolicy):
+        # the collector reports Postfix's sessions under these. Tuples are JSON arrays.
+        """CREATE TABLE served_policies (
+            id             INTEGER PRIMARY KEY AUTOINCREMENT,
+            domain         TEXT NOT NULL,
+            at             TEXT NOT NULL,
+            policy_type    TEXT NOT NULL,
+            policy_strings TEXT NOT NULL,
+            mx_patterns    TEXT NOT NULL,
+            rua            TEXT NOT NULL,
+            mx_hosts       TEXT NOT NULL,
+            mx_addresses   TEXT NOT NULL,
+            answer         TEXT NOT NULL
+        )""",
+        "CREATE INDEX served_policies_domain_at ON served_policies (domain, at)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _RESULT_COLUMNS = (
     "at, policy_domain, policy_type, policy_strings, mx_patterns, result_type, sending_ip, "
     "receiving_mx, receiving_ip, receiving_helo, detail, rua, is_report, reported"
+)
+_SERVED_COLUMNS = (
+    "domain, at, policy_type, policy_strings, mx_patterns, rua, mx_hosts, mx_addresses, answer"
 )
 _REPORT_COLUMNS = (
     "report_id, policy_domain, start, filename, body, rua, result_ids, created_at, "
@@ -413,6 +435,53 @@ class SQLiteStore:
 
         await self._with_conn(work)
 
+    # --- what the Postfix policy server served ---
+
+    async def add_served(self, records: Sequence[ServedPolicy]) -> None:
+        rows = [_served_to_row(check_served(r)) for r in records]
+        if not rows:
+            return
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.executemany(
+                    f"INSERT INTO served_policies ({_SERVED_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+
+        await self._with_conn(work)
+
+    async def served_at(self, domain: str, at: datetime) -> ServedPolicy | None:
+        check_domain(domain)
+        when = format_time(as_utc(at, "at"))
+
+        def work(conn: sqlite3.Connection) -> ServedPolicy | None:
+            row = conn.execute(
+                f"SELECT {_SERVED_COLUMNS} FROM served_policies WHERE domain = ? AND at <= ? "
+                "ORDER BY at DESC, id DESC LIMIT 1",
+                (domain, when),
+            ).fetchone()
+            return None if row is None else _served_from_row(row)
+
+        return await self._with_conn(work)
+
+    async def prune_served(self, before: datetime) -> int:
+        cutoff = format_time(as_utc(before, "before"))
+
+        def work(conn: sqlite3.Connection) -> int:
+            with _write(conn):
+                # A record goes when a later one of its domain was already in force at the
+                # cutoff; the one in force then stays, however old.
+                return conn.execute(
+                    "DELETE FROM served_policies AS old WHERE old.at < ?1 AND EXISTS ("
+                    "SELECT 1 FROM served_policies AS new WHERE new.domain = old.domain "
+                    "AND new.at <= ?1 AND (new.at, new.id) > (old.at, old.id))",
+                    (cutoff,),
+                ).rowcount
+
+        return await self._with_conn(work)
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -577,6 +646,35 @@ def _json_tuple(value: object) -> tuple[str, ...]:
 
 def _opt(value: object) -> str | None:
     return None if value is None else str(value)
+
+
+def _served_to_row(r: ServedPolicy) -> tuple[object, ...]:
+    return (
+        r.domain,
+        format_time(r.at),
+        r.policy_type,
+        json.dumps(list(r.policy_strings)),
+        json.dumps(list(r.mx_patterns)),
+        json.dumps(list(r.rua)),
+        json.dumps(list(r.mx_hosts)),
+        json.dumps(list(r.mx_addresses)),
+        r.answer,
+    )
+
+
+def _served_from_row(row: tuple[object, ...]) -> ServedPolicy:
+    domain, at, ptype, strings, patterns, rua, hosts, addresses, answer = row
+    return ServedPolicy(
+        domain=str(domain),
+        at=parse_time(str(at)),
+        policy_type=str(ptype),
+        policy_strings=_json_tuple(strings),
+        mx_patterns=_json_tuple(patterns),
+        rua=_json_tuple(rua),
+        mx_hosts=_json_tuple(hosts),
+        mx_addresses=_json_tuple(addresses),
+        answer=str(answer),
+    )
 
 
 def _report_to_row(r: PendingReport) -> tuple[object, ...]:
