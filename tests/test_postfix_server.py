@@ -475,3 +475,24 @@ def test_a_failing_store_never_delays_or_changes_an_answer_and_failures_are_coun
     failures = next(ln for ln in text if ln.startswith("mxguard_postfix_served_record_failures"))
     assert int(failures.split()[1]) >= 2
     assert "mxguard_postfix_served_recorded_total 0" in text
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /healthz HTTP/1.0\n\n", b"200"),  # bare line feeds (RFC 9112 §2.2)
+        (b"GET /metrics?name=x HTTP/1.1\r\nHost: a\r\n\r\n", b"200"),  # a query is ignored
+        (b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", b"431"),
+        (b"POST /metrics HTTP/1.1\r\n\r\n", b"405"),
+    ],
+    ids=["bare-lf", "query", "huge-header", "post"],
+)
+def test_metrics_listener_answers_odd_requests(
+    server: PolicyServer, request_bytes: bytes, status: bytes
+) -> None:
+    assert server.metrics_listen is not None
+    host, port = server.metrics_address
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(request_bytes)
+        reply = sock.recv(200)
+    assert reply.split(b" ")[1] == status, reply

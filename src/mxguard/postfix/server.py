@@ -820,16 +820,32 @@ class PolicyServer:
     async def _http_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        # The request head ends with an empty line; lines may end in CRLF or a bare LF
+        # (RFC 9112 §2.2 lets a server accept both). Bounded: 8 KiB, 5 s.
+        request_line = b""
+        size = 0
         try:
             async with asyncio.timeout(5):
-                head = await reader.readuntil(b"\r\n\r\n")
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError):  # fmt: skip
+                while True:
+                    line = await reader.readline()
+                    size += len(line)
+                    if not line or size > 8192:
+                        break
+                    if not request_line:
+                        request_line = line
+                    elif line in (b"\r\n", b"\n"):
+                        break
+        except (TimeoutError, ValueError, ConnectionError):
             writer.close()
             return
-        parts = head.split(b"\r\n", 1)[0].split(b" ")
-        path = parts[1].decode("ascii", "replace") if len(parts) >= 2 else ""
-        if parts[0] != b"GET":
+        parts = request_line.strip().split(b" ")
+        path = parts[1].decode("ascii", "replace").partition("?")[0] if len(parts) >= 2 else ""
+        if size > 8192:
+            status, body = "431 Request Header Fields Too Large", "request head over 8 KiB\n"
+        elif not request_line.strip():
+            writer.close()
+            return
+        elif parts[0] != b"GET":
             status, body = "405 Method Not Allowed", "only GET\n"
         elif path == "/healthz":
             ok = not self._stopping and self._engine is not None
