@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -189,6 +190,15 @@ class Lab:
         ready.wait()
         try:
             self._call(self._start(), timeout=60)
+        except OSError as exc:
+            self.stop()
+            hint = ""
+            if exc.errno == errno.EADDRINUSE:
+                hint = (
+                    f" — is another lab already running on {self._addr.net}.0.0/16? "
+                    "Pick another with --net"
+                )
+            raise LabError(f"{exc.strerror or exc}{hint}") from None
         except BaseException:
             self.stop()
             raise
