@@ -21,6 +21,7 @@ BAD = [
     ("local_rules = 'example.com'", "local_rules: expected a table"),
     ("store = ''", "store: expected a store URL"),
     ("resolver = [", "is not valid TOML"),
+    ("json = 'yes'", "json: expected true or false"),
 ]
 
 

@@ -110,6 +110,7 @@ _KEYS = {
     "store": 'a store URL such as "sqlite:////var/lib/mxguard/state.db"',
     "policy_list": "a path to a STARTTLS Everywhere policy list (JSON)",
     "helo_name": "the host name mxguard announces in EHLO",
+    "json": "true or false: machine-readable output, like --json",
     "local_rules": "a table of domain = floor",
     "fetch_timeout": "seconds (a number from 0.1 to 60) for a whole MTA-STS policy fetch",
     "postfix": "a table of `mxguard serve postfix` settings (see docs/postfix.md)",
@@ -196,6 +197,10 @@ def from_mapping(data: Mapping[str, Any], source: str) -> Settings:
             f"{source}: helo_name: {values['helo_name']!r} is not a host name "
             "(letters, digits, '-' and '.', e.g. \"mail.example.org\")"
         )
+    if "json" in data:
+        if not isinstance(data["json"], bool):
+            raise ConfigError(f"{source}: json: expected {_KEYS['json']}")
+        values["json"] = data["json"] or None
     if "fetch_timeout" in data:
         value = data["fetch_timeout"]
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0.1 <= value <= 60:
