@@ -97,3 +97,50 @@ def test_a_failed_tlsa_lookup_defers_the_host_instead_of_dropping_dane(store: St
         ("mx1.example.test", False, "validation-failure"),
         ("mx2.example.test", True, None),
     ]
+
+
+# --- DANE only from DNSSEC-secure data (RFC 7672 §2.2) ------------------------------------
+
+M = "mx.example.test"
+SECURE_HOST = [
+    ok(M, "A", "192.0.2.1", status=SECURE),
+    nodata(M, "AAAA", status=SECURE),
+]
+
+
+def tlsa(status: DnssecStatus) -> DnsAnswer:
+    return ok("_25._tcp." + M, "TLSA", "3 1 1 " + "ab" * 32, status=status)
+
+
+def test_tlsa_records_that_are_not_signed_never_make_a_host_dane(store: Store) -> None:
+    # Signed address records, but the TLSA answer is not validated (an unsigned delegation
+    # below the host, or a forgery): DANE must not apply, let alone win over other policy.
+    p = resolve(store, [ok("example.test", "MX", "10 mx.example.test.", status=SECURE),
+                        *SECURE_HOST, tlsa(INSECURE)])  # fmt: skip
+    (m,) = p.mx
+    assert (m.auth, m.tls, m.tlsa) == ("none", "opportunistic", ())
+    assert any("not DNSSEC-signed" in n for n in m.notes)
+
+
+def test_a_bogus_tlsa_answer_defers_the_host(store: Store) -> None:
+    bogus = DnsAnswer("_25._tcp." + M, "TLSA", Outcome.ERROR, DnssecStatus.BOGUS,
+                      canonical="_25._tcp." + M, detail="DNSSEC validation failed")  # fmt: skip
+    p = resolve(store, [ok("example.test", "MX", "10 mx.example.test.", status=SECURE),
+                        *SECURE_HOST, bogus])  # fmt: skip
+    (m,) = p.mx
+    assert m.defer is not None and m.defer.result_type == "dnssec-invalid"
+    assert p.status == "defer"
+
+
+@pytest.mark.parametrize(("mx_status", "domain_is_a_name"), [(SECURE, True), (INSECURE, False)])
+def test_the_next_hop_domain_is_a_reference_name_only_under_a_signed_mx(
+    store: Store, mx_status: DnssecStatus, domain_is_a_name: bool
+) -> None:
+    # RFC 7672 §3.2.2: with an unsigned MX RRset an attacker chose the MX host, so only the
+    # host's own name (the TLSA base domain) may be matched by a DANE-TA certificate.
+    p = resolve(store, [ok("example.test", "MX", "10 mx.example.test.", status=mx_status),
+                        *SECURE_HOST, tlsa(SECURE)])  # fmt: skip
+    (m,) = p.mx
+    assert m.auth == "dane"
+    assert m.names[0] == M
+    assert ("example.test" in m.names) is domain_is_a_name

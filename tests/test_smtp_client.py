@@ -641,3 +641,12 @@ def test_bad_arguments_are_refused_before_sending(
             assert sent == [f"EHLO {HELO}", "NOOP"]
 
     run(scenario)
+
+
+def test_the_client_never_negotiates_below_tls_1_2() -> None:
+    # RFC 8996 retires TLS 1.0 and 1.1; RFC 8461 §3.3 and RFC 7672 §3 build on RFC 7525.
+    import ssl
+
+    from mxguard.adapters.smtp import _client_tls_context
+
+    assert _client_tls_context().minimum_version >= ssl.TLSVersion.TLSv1_2
