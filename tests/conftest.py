@@ -16,8 +16,9 @@ import pytest
 from mxguard.lab.lab import Lab
 from mxguard.lab.scenario import Scenario, named
 
-# Not the default of `mxguard lab up`, so both can run at once; several test runs at the same
-# time (developers working in parallel) each set their own.
+# Not the default of `mxguard lab up`, so both can run at once. Runs of *different* test
+# files at the same time set their own; two whole-suite runs at once still collide, because
+# some files use fixed ranges of their own (127.79-80, 127.201-212) for their private peers.
 LAB_NET = os.environ.get("MXGUARD_TEST_LAB_NET", "127.99")
 
 
