@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from mxguard.lab.lab import Lab
 from mxguard.lab.scenario import Scenario, named
@@ -19,6 +20,13 @@ from mxguard.lab.scenario import Scenario, named
 # Not the default of `mxguard lab up`, so both can run at once. Runs of *different* test
 # files at the same time set their own; two whole-suite runs at once still collide, because
 # some files use fixed ranges of their own (127.79-80, 127.201-212) for their private peers.
+# Property tests: no per-example deadline (a loaded 2-core CI machine is not a parser bug),
+# and in CI a fixed derivation of examples, so that a red CI always means a reproducible
+# failure; developers' runs keep exploring new examples.
+settings.register_profile("mxguard", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "mxguard")
+
 LAB_NET = os.environ.get("MXGUARD_TEST_LAB_NET", "127.99")
 
 
