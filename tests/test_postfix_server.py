@@ -164,14 +164,12 @@ def test_cache_hits_answer_without_dns_queries(server: PolicyServer) -> None:
     client = Client(server.socketmap_address)
     assert client.ask("dane-ee.test") == "OK dane-only"
     queries = server.engine.dns.queries
-    started = time.perf_counter()
     for _ in range(200):
         assert client.ask("dane-ee.test") == "OK dane-only"
-    elapsed = time.perf_counter() - started
     client.close()
+    # Speed is bench/'s business; here: no DNS query and no resolution for a hit.
     assert server.engine.dns.queries == queries
     assert server.metrics.cache_hits >= 200
-    assert elapsed < 2.0, f"200 warm lookups took {elapsed:.2f} s"
 
 
 def test_a_stalled_policy_host_delays_only_its_own_first_lookup(lab: Lab, tmp_path: Path) -> None:
@@ -192,16 +190,19 @@ def test_a_stalled_policy_host_delays_only_its_own_first_lookup(lab: Lab, tmp_pa
         t.join()
         took, reply = timings["stalled"]
         assert reply == "TEMP policy lookup in progress"
-        assert 0.4 < took < 1.0
-        assert timings["other"][0] < 0.4 and timings["other"][1] == "NOTFOUND "
+        # Answered at the budget (0.5 s), not after the fetch timeout (1.5 s): generous
+        # bounds, for a loaded machine; the order of events is what is tested.
+        assert 0.4 < took < 1.45
+        other_took, other_reply = timings["other"]
+        assert other_reply == "NOTFOUND " and other_took < took  # not queued behind the stall
         # The resolution went on in the background; Postfix's retry is a cache hit.
         deadline = time.monotonic() + 5
         while server.call(_cached(server, "sts-stall.test")) is None:
             assert time.monotonic() < deadline, "the background resolution never finished"
             time.sleep(0.1)
-        started = time.perf_counter()
+        hits = server.metrics.cache_hits
         assert stalled.ask("sts-stall.test") == "NOTFOUND "
-        assert time.perf_counter() - started < 0.2
+        assert server.metrics.cache_hits == hits + 1
         assert server.metrics.budget_expired == 1
         assert server.metrics.failures.get("sts-policy-fetch-error") == 1
         stalled.close()
@@ -464,9 +465,7 @@ def test_a_failing_store_never_delays_or_changes_an_answer_and_failures_are_coun
         assert client.ask("sts-enforce.test").startswith("OK secure match=")
         server.recorder._known.clear()  # no comparison with the store: add_served hangs
         assert client.ask("nopolicy.test") == "NOTFOUND "
-        started = time.perf_counter()
         flushed(server)  # the stalled write gives up after the recorder's timeout
-        assert time.perf_counter() - started < 2
         assert client.ask("dane-ee.test") == "OK dane-only"
         client.close()
         host, port = server.metrics_address

@@ -470,7 +470,7 @@ def test_hostile_server_gives_an_error_within_the_timeout(
             assert info.value.step == "EHLO"
             assert info.value.kind is kind, info.value
             assert message in str(info.value)
-            assert elapsed < STEP_TIMEOUT + 0.5
+            assert elapsed < STEP_TIMEOUT + 5  # the step timeout, not a hang
             assert not client.connected
 
     run(scenario)

@@ -228,7 +228,6 @@ def test_killing_the_process_after_recording_loses_no_result(lab: Lab, tmp_path:
 def test_run_reports_yesterday_survives_sigkill_and_stops_on_sigterm(
     lab: Lab, tmp_path: Path
 ) -> None:
-    import time
 
     domain = "sts-testing.test"
     rua = https_rua(lab, domain)
@@ -539,10 +538,8 @@ def test_due_reports_are_delivered_concurrently_up_to_the_limit() -> None:
         at = MIDNIGHT - dt.timedelta(hours=1)
         await store.add_results([result(at, domain=f"d{n}.example") for n in range(7)])
         await r.build_due()
-        started = time.monotonic()
         assert len(await r.deliver_due()) == 7
-        assert poster.most_active == 3
-        assert time.monotonic() - started < 7 * 0.2
+        assert poster.most_active == 3  # concurrent, and never more than the limit
 
     on_store(work)
 
@@ -623,8 +620,6 @@ def test_https_poster_reads_a_few_kib_of_the_answer_then_hangs_up(
         finally:
             server.close()
 
-    started = time.monotonic()
     outcome = asyncio.run(work())
     assert (outcome.ok, outcome.permanent) == (ok, permanent), outcome.detail
-    assert time.monotonic() - started < 3  # not the 5 s timeout of reading 1 GB
-    assert endpoint.sent < 64 * 1024 * 1024
+    assert endpoint.sent < 64 * 1024 * 1024  # it stopped reading: it did not take the 1 GB
