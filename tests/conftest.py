@@ -25,7 +25,10 @@ from mxguard.lab.scenario import Scenario, named
 # failure; developers' runs keep exploring new examples.
 settings.register_profile("mxguard", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
-settings.load_profile("ci" if os.environ.get("CI") else "mxguard")
+settings.register_profile("deep", deadline=None, max_examples=3000)  # MXGUARD_HYPOTHESIS=deep
+settings.load_profile(
+    os.environ.get("MXGUARD_HYPOTHESIS") or ("ci" if os.environ.get("CI") else "mxguard")
+)
 
 LAB_NET = os.environ.get("MXGUARD_TEST_LAB_NET", "127.99")
 
