@@ -10,18 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import itertools
 import shutil
 import smtplib
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+import lab_peers as peers
+from lab_peers import AddressPool, run
 from mxguard.lab.attacker import Attacker, strip_starttls
 from mxguard.lab.pki import LabPKI
 from mxguard.lab.scenario import AttackMode, CertKind, Host
@@ -40,13 +41,7 @@ X509_V_ERR_CERT_HAS_EXPIRED = 10
 X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY = 20
 X509_V_ERR_HOSTNAME_MISMATCH = 62
 
-_addresses = itertools.count(1)
-
-
-def fresh_address() -> str:
-    """A loopback address no other test in this file uses (port 25 is then always free)."""
-    n = next(_addresses)
-    return f"127.202.{n // 250}.{n % 250 + 1}"
+fresh_address = AddressPool("127.202")  # this file's own loopback range
 
 
 @pytest.fixture(scope="module")
@@ -54,40 +49,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> LabPKI:
     return LabPKI(tmp_path_factory.mktemp("pki"))
 
 
-def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
-    async def main() -> None:
-        await coro_fn()
-        # Whatever a test started, it must have stopped: no task may outlive the lab.
-        others = asyncio.all_tasks() - {asyncio.current_task()}
-        assert not others, f"tasks left behind: {others}"
-
-    asyncio.run(main())
-
-
 @contextlib.asynccontextmanager
 async def receiver_for(
     pki: LabPKI, host: Host, address: str | None = None
 ) -> AsyncIterator[SmtpReceiver]:
-    identity = pki.issue(host.name, host.cert) if host.starttls else None
-    receiver = SmtpReceiver(host, identity, address or fresh_address(), 25)
-    await receiver.start()
-    try:
+    async with peers.receiver_for(pki, host, address or fresh_address()) as receiver:
         yield receiver
-    finally:
-        await receiver.stop()
 
 
-@contextlib.asynccontextmanager
-async def attacked(
+def attacked(
     pki: LabPKI, mode: AttackMode, host: Host | None = None
-) -> AsyncIterator[tuple[SmtpReceiver, Attacker]]:
-    async with receiver_for(pki, host or Host(MX)) as receiver:
-        attacker = Attacker(MX, (fresh_address(), 25), (receiver.address, receiver.port), mode, pki)
-        await attacker.start()
-        try:
-            yield receiver, attacker
-        finally:
-            await attacker.stop()
+) -> contextlib.AbstractAsyncContextManager[tuple[SmtpReceiver, Attacker]]:
+    return peers.attacked(pki, mode, host or Host(MX), fresh_address)
 
 
 class Client(smtplib.SMTP):

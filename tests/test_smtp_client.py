@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -17,6 +16,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+import lab_peers as peers
+from lab_peers import AddressPool, run
 from mxguard.adapters.smtp import (
     MAX_LINE,
     MAX_REPLY_LINES,
@@ -44,13 +45,7 @@ RECIPIENT = "bob@example.test"
 BODY = b"Subject: quarterly numbers\r\n\r\nThe secret figure is 4217.\r\n"
 STEP_TIMEOUT = 1.0  # for the hostile servers: each must fail well within this
 
-_addresses = itertools.count(1)
-
-
-def fresh_address() -> str:
-    """A loopback address of this suite (127.206.0.0/16) that no other test here uses."""
-    n = next(_addresses)
-    return f"127.206.{n // 250}.{n % 250 + 1}"
+fresh_address = AddressPool("127.206")  # this file's own loopback range
 
 
 @pytest.fixture(scope="module")
@@ -58,39 +53,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> LabPKI:
     return LabPKI(tmp_path_factory.mktemp("pki"))
 
 
-def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
-    async def main() -> None:
-        await coro_fn()
-        others = asyncio.all_tasks() - {asyncio.current_task()}
-        assert not others, f"tasks left behind: {others}"
-
-    asyncio.run(main())
-
-
 def der(certs: tuple[x509.Certificate, ...]) -> list[bytes]:
     return [c.public_bytes(serialization.Encoding.DER) for c in certs]
 
 
-@contextlib.asynccontextmanager
-async def receiver_for(pki: LabPKI, host: Host) -> AsyncIterator[SmtpReceiver]:
-    identity = pki.issue(host.name, host.cert) if host.starttls else None
-    receiver = SmtpReceiver(host, identity, fresh_address(), 25)
-    await receiver.start()
-    try:
-        yield receiver
-    finally:
-        await receiver.stop()
+def receiver_for(pki: LabPKI, host: Host) -> contextlib.AbstractAsyncContextManager[SmtpReceiver]:
+    return peers.receiver_for(pki, host, fresh_address())
 
 
-@contextlib.asynccontextmanager
-async def attacked(pki: LabPKI, mode: AttackMode) -> AsyncIterator[tuple[SmtpReceiver, Attacker]]:
-    async with receiver_for(pki, Host(MX)) as receiver:
-        attacker = Attacker(MX, (fresh_address(), 25), (receiver.address, receiver.port), mode, pki)
-        await attacker.start()
-        try:
-            yield receiver, attacker
-        finally:
-            await attacker.stop()
+def attacked(
+    pki: LabPKI, mode: AttackMode
+) -> contextlib.AbstractAsyncContextManager[tuple[SmtpReceiver, Attacker]]:
+    return peers.attacked(pki, mode, Host(MX), fresh_address)
 
 
 async def connected(address: str, *, require_tls: bool = False) -> SmtpClient:
