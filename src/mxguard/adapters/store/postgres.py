@@ -313,18 +313,19 @@ class PostgresStore:
         return [_report_from_row(row) for row in rows]
 
     async def report_failed(self, report_id: str, error: str, next_attempt_at: datetime) -> None:
-        await self._write(
-            "UPDATE tlsrpt_reports SET attempts = attempts + 1, last_error = %s, "
-            "next_attempt_at = %s WHERE report_id = %s",
-            [(error, as_utc(next_attempt_at, "next_attempt_at"), report_id)],
-            idempotent=False,
-        )
+        await self._attempt_failed(report_id, error, "next_attempt_at", next_attempt_at)
 
     async def report_dropped(self, report_id: str, error: str, at: datetime) -> None:
+        await self._attempt_failed(report_id, error, "dropped_at", at)
+
+    async def _attempt_failed(
+        self, report_id: str, error: str, column: str, when: datetime
+    ) -> None:
+        """Count a failed attempt and set ``column`` (retry time, or when it was given up)."""
         await self._write(
             "UPDATE tlsrpt_reports SET attempts = attempts + 1, last_error = %s, "
-            "dropped_at = %s WHERE report_id = %s",
-            [(error, as_utc(at, "at"), report_id)],
+            f"{column} = %s WHERE report_id = %s",
+            [(error, as_utc(when, column), report_id)],
             idempotent=False,
         )
 

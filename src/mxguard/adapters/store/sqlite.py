@@ -387,27 +387,23 @@ class SQLiteStore:
         return await self._with_conn(work)
 
     async def report_failed(self, report_id: str, error: str, next_attempt_at: datetime) -> None:
-        when = format_time(as_utc(next_attempt_at, "next_attempt_at"))
-
-        def work(conn: sqlite3.Connection) -> None:
-            with _write(conn):
-                conn.execute(
-                    "UPDATE tlsrpt_reports SET attempts = attempts + 1, last_error = ?, "
-                    "next_attempt_at = ? WHERE report_id = ?",
-                    (error, when, report_id),
-                )
-
-        await self._with_conn(work)
+        await self._attempt_failed(report_id, error, "next_attempt_at", next_attempt_at)
 
     async def report_dropped(self, report_id: str, error: str, at: datetime) -> None:
-        when = format_time(as_utc(at, "at"))
+        await self._attempt_failed(report_id, error, "dropped_at", at)
+
+    async def _attempt_failed(
+        self, report_id: str, error: str, column: str, when: datetime
+    ) -> None:
+        """Count a failed attempt and set ``column`` (retry time, or when it was given up)."""
+        value = format_time(as_utc(when, column))
 
         def work(conn: sqlite3.Connection) -> None:
             with _write(conn):
                 conn.execute(
                     "UPDATE tlsrpt_reports SET attempts = attempts + 1, last_error = ?, "
-                    "dropped_at = ? WHERE report_id = ?",
-                    (error, when, report_id),
+                    f"{column} = ? WHERE report_id = ?",
+                    (error, value, report_id),
                 )
 
         await self._with_conn(work)
