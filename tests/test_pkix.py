@@ -184,11 +184,13 @@ def test_name_rules(pki: LabPKI, names: tuple[str, ...], host: str, verified: bo
         assert host.rstrip(".").lower() in detail
 
 
-def test_common_name_without_san_is_not_accepted_by_webpki(pki: LabPKI) -> None:
+def test_common_name_without_san_is_a_host_mismatch(pki: LabPKI) -> None:
+    # RFC 8461 §4.2: the MX name must be a subjectAltName dNSName; OpenSSL alone would fall
+    # back to the CN, mxguard tells it not to.
     leaf = make_cert(root_of(pki), names=(), cn=MX, begin=pki.now - DAY, end=pki.now + DAY)
     ok, result_type, detail = verify(pki, (leaf.cert,))
-    assert not ok and result_type is FAILURE
-    assert "WebPKI" in detail
+    assert not ok and result_type is MISMATCH
+    assert "RFC 8461 §4.2" in detail and "not the subject CN" in detail
 
 
 # --- validity dates, and which failure wins -------------------------------------------------

@@ -36,7 +36,9 @@ from pathlib import Path
 
 import httpx
 import idna
+from cryptography.hazmat.primitives import serialization
 
+from mxguard.protocol import pkix
 from mxguard.protocol.results import ResultType
 
 POLICY_PATH = "/.well-known/mta-sts.txt"  # RFC 8461 §3.3
@@ -127,12 +129,23 @@ def client_context(ca_file: Path | None = None) -> ssl.SSLContext:
 
 
 def _new_context(ca_file: Path | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    if ca_file is not None:
-        ctx.load_verify_locations(cafile=str(ca_file))
+    # The same roots the MX check trusts (pkix.load_roots: the system bundle plus ca_file),
+    # judged by the same OpenSSL verifier at the same (the system's) security level.
+    try:
+        roots = pkix.load_roots(ca_file)
+    except pkix.CaFileError as exc:
+        raise OSError(str(exc)) from None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if roots:
+        ctx.load_verify_locations(
+            cadata=b"".join(c.public_bytes(serialization.Encoding.DER) for c in roots)
+        )
     # RFC 8461 §3.3 requires TLS per RFC 7525, which forbids anything older than TLS 1.2.
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True
+    # RFC 8461 §3.3 wants the certificate valid for the policy host as RFC 6125 says, and
+    # mxguard holds MX hosts to subjectAltName DNS names (§4.2): the same rule for both.
+    ctx.hostname_checks_common_name = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 

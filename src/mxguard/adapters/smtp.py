@@ -30,6 +30,7 @@ import contextlib
 import enum
 import re
 import ssl
+import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any
 
 from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 
 from mxguard.protocol.results import ResultType
 
@@ -196,7 +198,8 @@ class TlsInfo:
     server_name: str  # sent as SNI
     version: str  # "TLSv1.3"
     cipher: str
-    chain: tuple[x509.Certificate, ...]
+    chain: tuple[x509.Certificate, ...]  # parsed, up to the first certificate that is not
+    ders: tuple[bytes, ...] = ()  # every certificate presented (up to MAX_CHAIN), as DER
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,8 +224,8 @@ def _client_tls_context() -> ssl.SSLContext:
     return ctx
 
 
-def _presented_chain(ssl_object: Any) -> tuple[x509.Certificate, ...]:
-    """The certificates the server sent, leaf first, parsed until the first unparsable one."""
+def _presented_ders(ssl_object: Any) -> tuple[bytes, ...]:
+    """The certificates the server sent, leaf first, as DER."""
     getter = getattr(ssl_object, "get_unverified_chain", None)  # public from Python 3.13
     if getter is None:
         # Python 3.11/3.12: undocumented but present (see LAB-NOTES.md).
@@ -234,10 +237,18 @@ def _presented_chain(ssl_object: Any) -> tuple[x509.Certificate, ...]:
     if not ders:
         leaf = ssl_object.getpeercert(binary_form=True)
         ders = [leaf] if leaf else []
+    return tuple(ders)
+
+
+def _parsed_chain(ders: tuple[bytes, ...]) -> tuple[x509.Certificate, ...]:
+    """``ders`` parsed, until the first one cryptography cannot parse."""
     chain: list[x509.Certificate] = []
     for der in ders:
         try:
-            chain.append(x509.load_der_x509_certificate(der))
+            with warnings.catch_warnings():
+                # A serial number RFC 5280 forbids (negative, zero): OpenSSL accepts it.
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                chain.append(x509.load_der_x509_certificate(der))
         except ValueError:
             # Keep the prefix only: dropping a middle element would make the next one look
             # like it was sent in its place.
@@ -558,11 +569,13 @@ class SmtpClient:
         stream.transport = transport
         ssl_object = transport.get_extra_info("ssl_object")
         cipher = ssl_object.cipher() if ssl_object is not None else None
+        ders = _presented_ders(ssl_object) if ssl_object is not None else ()
         info = TlsInfo(
             server_name=sni,
             version=str(ssl_object.version()) if ssl_object is not None else "unknown",
             cipher=str(cipher[0]) if cipher else "unknown",
-            chain=_presented_chain(ssl_object) if ssl_object is not None else (),
+            chain=_parsed_chain(ders),
+            ders=ders,
         )
         self._tls = info
         self._note("*", f"TLS established: {info.version}, {info.cipher}, SNI {sni}")

@@ -1,4 +1,4 @@
-"""Issuer checks shared by the DANE-TA and WebPKI path searches (RFC 5280 §6.1, in essence).
+"""Issuer checks for the DANE-TA path search (RFC 7672 §3.2.2; RFC 5280 §6.1, in essence).
 
 A presented chain is the peer's to choose, and an attacker on the path is a peer: a handful of
 CA certificates that share one subject and key each "issue" every other, and a naive search

@@ -1,30 +1,36 @@
 """WebPKI verification of a certificate chain presented by an MX host (RFC 8461 §4.2).
 
 An MTA-STS policy in force demands that the MX host presents a certificate that chains to a
-trusted root, is valid now and is valid for the MX host name (RFC 8461 §4.2, which defers to
-RFC 6125 for names; wildcards cover exactly one label). This module checks exactly that, for a
-chain the SMTP client collected without verifying anything during the handshake.
+trusted root, is valid now and is valid for the MX host name. Which chains pass is decided by
+OpenSSL's ``X509_verify_cert`` (``libcrypto``), the verifier of Postfix, of Exim built with
+OpenSSL and of our own policy fetch: a chain they accept, mxguard accepts, and the other way
+round. Two rules of RFC 8461 are stricter than OpenSSL's defaults and are set as host-check
+flags: the name must be a subjectAltName dNSName (no fallback to the subject CN), and a
+wildcard stands for one whole left-most label (RFC 8461 §4.2, via RFC 6125 §6.4.3).
 
-Path building and the WebPKI profile are left to ``cryptography.x509.verification``. Its
-errors are strings made for developers, so the RFC 8460 §4.3.1 result type is decided by our
-own checks around it, in this order of precedence:
+OpenSSL reports every problem with a chain (see ``libcrypto``); the RFC 8460 §4.3.1 result
+type is chosen from them in this order of precedence:
 
 1. no path from the leaf to a trusted root (self-signed, unknown CA) -> ``certificate-not-trusted``
    (first, because the dates and names of an untrusted certificate are claims of an unknown
    party: an attacker's certificate is "not trusted", whatever else is wrong with it);
-2. a certificate on that path outside its validity period -> ``certificate-expired``;
-3. no DNS name of the leaf covers the host -> ``certificate-host-mismatch``;
-4. anything else the verifier rejects (profile violations, key usage, ...) ->
-   ``validation-failure``.
+2. a certificate on the path outside its validity period -> ``certificate-expired``;
+3. the leaf is not valid for the host -> ``certificate-host-mismatch``;
+4. anything else (weak keys or digests, CA flags, key usage, path length, name constraints,
+   bad signatures, malformed certificates) -> ``validation-failure``.
 
-Pure: no sockets, no clock (pass ``now``), no globals. ``load_roots`` is the one function that
-reads files; it is here so that everything about the WebPKI trust store lives in one place.
+The security level that sets the weakest key and digest accepted is the system's default for
+TLS clients (Debian: 2, i.e. RSA of 2048 bits, no SHA-1), the level the policy fetch and Postfix
+run at. Pure: no sockets, no clock (pass ``now``). ``load_roots`` is the one function that
+reads files, so that everything about the WebPKI trust store lives in one place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
+import hashlib
 import re
 import ssl
 import warnings
@@ -35,21 +41,37 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.utils import CryptographyDeprecationWarning
-from cryptography.x509 import DNSName
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from mxguard.protocol import certpath
-from mxguard.protocol.dane import certificate_names, name_matches
+from mxguard.protocol import libcrypto
 from mxguard.protocol.results import ResultType
 
-# A chain longer than this is not deployed anywhere; it bounds our own path search.
-_MAX_DEPTH = 8
 _ISO = "%Y-%m-%dT%H:%M:%SZ"
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
 )
 FALLBACK_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+# RFC 8461 §4.2: the MX host name must be a dNSName of the subjectAltName (no CN fallback),
+# and a wildcard is a whole left-most label ("*.example.com"), never part of one.
+HOST_FLAGS = libcrypto.CHECK_FLAG_NEVER_CHECK_SUBJECT | libcrypto.CHECK_FLAG_NO_PARTIAL_WILDCARDS
+
+_NOT_TRUSTED = frozenset(
+    {
+        libcrypto.UNABLE_TO_GET_ISSUER_CERT,
+        libcrypto.DEPTH_ZERO_SELF_SIGNED_CERT,
+        libcrypto.SELF_SIGNED_CERT_IN_CHAIN,
+        libcrypto.UNABLE_TO_GET_ISSUER_CERT_LOCALLY,
+        libcrypto.UNABLE_TO_VERIFY_LEAF_SIGNATURE,
+        libcrypto.CERT_UNTRUSTED,
+        libcrypto.CERT_REJECTED,
+    }
+)
+_NO_ISSUER = frozenset(
+    {libcrypto.UNABLE_TO_GET_ISSUER_CERT_LOCALLY, libcrypto.UNABLE_TO_GET_ISSUER_CERT}
+)
+_EXPIRED = frozenset({libcrypto.CERT_NOT_YET_VALID, libcrypto.CERT_HAS_EXPIRED})
 
 
 class CaFileError(ValueError):
@@ -61,70 +83,56 @@ class PkixVerdict:
     """The outcome of WebPKI verification.
 
     ``ok`` with ``path`` (leaf first, ending at the trusted root) on success; otherwise the
-    RFC 8460 ``result_type`` and a ``detail`` sentence for people.
+    RFC 8460 ``result_type`` and a ``detail`` sentence for people. ``problems`` lists every
+    problem OpenSSL found, one sentence each (``detail`` describes the one that decided the
+    result type), and ``codes`` their OpenSSL ``X509_V_ERR_*`` numbers, in the same order.
     """
 
     ok: bool
     result_type: ResultType | None
     detail: str
     path: tuple[x509.Certificate, ...] = ()
+    problems: tuple[str, ...] = ()
+    codes: tuple[int, ...] = ()
 
 
 def _fail(result_type: ResultType, detail: str) -> PkixVerdict:
-    return PkixVerdict(False, result_type, detail)
+    return PkixVerdict(False, result_type, detail, problems=(detail,))
 
 
-def _subject(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or "(empty subject)"
-
-
-def _der(cert: x509.Certificate) -> bytes:
+def der(cert: x509.Certificate) -> bytes:
+    """The DER encoding of ``cert``."""
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-def _path_to_root(
-    chain: Sequence[x509.Certificate],
-    roots: Sequence[x509.Certificate],
-    budget: certpath.Budget,
-) -> tuple[x509.Certificate, ...] | None:
-    """A signature-linked path from ``chain[0]`` through ``chain[1:]`` to one of ``roots``.
-
-    Only names and signatures are looked at, not dates or extensions: this answers "does this
-    chain lead to a trusted root at all?", the question behind ``certificate-not-trusted``.
-    """
-    root_ders = {_der(r) for r in roots}
-    intermediates = list(chain[1:])
-
-    def walk(path: tuple[x509.Certificate, ...]) -> tuple[x509.Certificate, ...] | None:
-        last = path[-1]
-        if _der(last) in root_ders:
-            return path
-        if len(path) > _MAX_DEPTH:
-            return None
-        for candidate in (*roots, *intermediates):
-            if candidate in path or not certpath.issued_by(last, candidate, budget):
-                continue
-            found = walk((*path, candidate))
-            if found is not None:
-                return found
+def _parse(der: bytes) -> x509.Certificate | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            return x509.load_der_x509_certificate(der)
+    except ValueError:
         return None
 
-    return walk((chain[0],))
+
+def _subject(cert: x509.Certificate | None) -> str:
+    if cert is None:
+        return "(unreadable certificate)"
+    try:
+        return cert.subject.rfc4514_string() or "(empty subject)"
+    except ValueError:
+        return "(unreadable subject)"
 
 
-def _date_problem(cert: x509.Certificate, now: dt.datetime, what: str) -> str | None:
-    begin, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    if now > end:
-        return f"{what} '{_subject(cert)}' expired at {end:{_ISO}}"
-    if now < begin:
-        return f"{what} '{_subject(cert)}' is not valid before {begin:{_ISO}}"
-    return None
+@functools.cache
+def default_auth_level() -> int:
+    """The security level of the system's default TLS client context (its openssl.cnf)."""
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).security_level
 
 
-def _reference_name(name: str) -> str | None:
-    # RFC 8461 §4.2 compares against the MX host name: no trailing dot, any case, A-labels.
+def reference_name(name: str) -> str | None:
+    """The name RFC 8461 §4.2 compares: no trailing dot, lower case, A-labels; None if unusable."""
     name = name.strip().rstrip(".").lower()
-    if not name:
+    if not name or "\x00" in name:
         return None
     try:
         return name if name.isascii() else name.encode("idna").decode("ascii")
@@ -132,88 +140,260 @@ def _reference_name(name: str) -> str | None:
         return None
 
 
+def dns_names(cert: x509.Certificate | None) -> tuple[str, ...]:
+    """The subjectAltName dNSNames of ``cert``: the only names RFC 8461 §4.2 lets count."""
+    if cert is None:
+        return ()
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, ValueError):
+        return ()
+    return tuple(san.get_values_for_type(x509.DNSName))
+
+
+def _describe(
+    error: libcrypto.VerifyError,
+    *,
+    reference: str,
+    leaf: x509.Certificate | None,
+    chain_len: int,
+    have_roots: bool,
+    presented: Sequence[x509.Certificate | None],
+) -> str:
+    cert = _parse(error.cert_der) if error.cert_der else leaf if error.depth == 0 else None
+    if error.depth == 0:
+        what = "certificate"
+    elif error.depth >= chain_len - 1 and error.code not in _NOT_TRUSTED:
+        what = "root CA"
+    else:
+        what = "intermediate CA"
+    code = error.code
+    if code in _NOT_TRUSTED:
+        if not have_roots:
+            why = "no trusted root certificates are configured"
+        elif code == libcrypto.DEPTH_ZERO_SELF_SIGNED_CERT:
+            why = "it is self-signed"
+        elif code == libcrypto.SELF_SIGNED_CERT_IN_CHAIN:
+            why = f"it ends in the self-signed '{_subject(cert)}', which is not a trusted root"
+        elif code in _NO_ISSUER and cert is not None:
+            issuer = cert.issuer.rfc4514_string()
+            if any(p is not None and p.subject == cert.issuer for p in presented):
+                why = (
+                    f"the certificate named '{issuer}' was sent but did not issue it "
+                    "(its key identifier or signature does not match)"
+                )
+            else:
+                why = f"its issuer '{issuer}' is not a trusted CA"
+        else:
+            why = error.message
+        return f"certificate '{_subject(leaf)}' does not chain to a trusted root: {why}"
+    if code in _EXPIRED and cert is not None:
+        if code == libcrypto.CERT_HAS_EXPIRED:
+            return f"{what} '{_subject(cert)}' expired at {cert.not_valid_after_utc:{_ISO}}"
+        return f"{what} '{_subject(cert)}' is not valid before {cert.not_valid_before_utc:{_ISO}}"
+    if code == libcrypto.HOSTNAME_MISMATCH:
+        names = dns_names(leaf)
+        text = f"certificate is valid for {', '.join(names) or 'no DNS name'}, not for {reference}"
+        if not names:
+            text += " (RFC 8461 §4.2: only subjectAltName DNS names count, not the subject CN)"
+        return text
+    return f"{what} '{_subject(cert)}': {error.message} (OpenSSL verify error {code})"
+
+
+def _result_type(code: int) -> ResultType:
+    if code in _NOT_TRUSTED:
+        return ResultType.CERTIFICATE_NOT_TRUSTED
+    if code in _EXPIRED:
+        return ResultType.CERTIFICATE_EXPIRED
+    if code == libcrypto.HOSTNAME_MISMATCH:
+        return ResultType.CERTIFICATE_HOST_MISMATCH
+    return ResultType.VALIDATION_FAILURE
+
+
+_PRECEDENCE = (
+    ResultType.CERTIFICATE_NOT_TRUSTED,
+    ResultType.CERTIFICATE_EXPIRED,
+    ResultType.CERTIFICATE_HOST_MISMATCH,
+    ResultType.VALIDATION_FAILURE,
+)
+
+
 def verify_pkix(
-    chain: Sequence[x509.Certificate],
+    chain: Sequence[x509.Certificate | bytes],
     *,
     name: str,
-    roots: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate | bytes],
     now: dt.datetime,
+    auth_level: int | None = None,
 ) -> PkixVerdict:
-    """Verify ``chain`` (as presented: leaf first, then intermediates) for host ``name``.
+    """Verify ``chain`` (as presented: leaf first, then intermediates; objects or DER) for host
+    ``name`` against the trusted ``roots`` (see ``load_roots``) at ``now`` (timezone-aware).
 
-    ``roots`` are the trusted roots (see ``load_roots``); ``now`` must be timezone-aware.
+    ``auth_level``: the OpenSSL security level (default: the system's, ``default_auth_level``).
     Never raises for a bad chain: the verdict says what was wrong (RFC 8460 §4.3.1).
     """
     if now.tzinfo is None:
         raise ValueError("verify_pkix needs a timezone-aware 'now', e.g. datetime.now(UTC)")
-    try:
-        return _verify_pkix(chain, name=name, roots=roots, now=now)
-    except certpath.ChainTooComplex as exc:
-        return _fail(ResultType.VALIDATION_FAILURE, str(exc))
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        # A malformed certificate (cryptography parses extensions lazily) is the server's
-        # failure, never a crash of ours.
-        return _fail(ResultType.VALIDATION_FAILURE, f"a presented certificate is malformed: {exc}")
-
-
-def _verify_pkix(
-    chain: Sequence[x509.Certificate],
-    *,
-    name: str,
-    roots: Sequence[x509.Certificate],
-    now: dt.datetime,
-) -> PkixVerdict:
     if not chain:
         return _fail(ResultType.VALIDATION_FAILURE, "the server presented no certificate")
-    leaf = chain[0]
-    path = _path_to_root(chain, roots, certpath.Budget()) if roots else None
-    if path is None:
-        if not roots:
-            why = "no trusted root certificates are configured"
-        elif leaf.issuer == leaf.subject and len(chain) == 1:
-            why = "it is self-signed"
-        else:
-            why = f"its issuer '{leaf.issuer.rfc4514_string()}' is not a trusted CA"
-        return _fail(
-            ResultType.CERTIFICATE_NOT_TRUSTED,
-            f"certificate '{_subject(leaf)}' does not chain to a trusted root: {why}",
-        )
-    for position, cert in enumerate(path[:-1]):  # the root's own dates are the store's affair
-        problem = _date_problem(cert, now, "certificate" if position == 0 else "intermediate CA")
-        if problem is not None:
-            # RFC 8460 §4.3.1 has no "not yet valid"; a certificate outside its validity
-            # period is reported as "certificate-expired", the detail says which end.
-            return _fail(ResultType.CERTIFICATE_EXPIRED, problem)
-    reference = _reference_name(name)
+    reference = reference_name(name)
     if reference is None:
         return _fail(
             ResultType.VALIDATION_FAILURE, f"{name!r} is not a host name a certificate can match"
         )
-    presented = certificate_names(leaf)
-    # RFC 8461 §4.2 / RFC 6125 §6.4: one of the leaf's DNS names must cover the MX host.
-    if not any(name_matches(p, reference) for p in presented):
-        return _fail(
-            ResultType.CERTIFICATE_HOST_MISMATCH,
-            f"certificate is valid for {', '.join(presented) or 'no DNS name'}, "
-            f"not for {reference}",
-        )
+    ders = [c if isinstance(c, bytes) else der(c) for c in chain]
+    root_ders = [r if isinstance(r, bytes) else der(r) for r in roots]
     try:
-        subject = DNSName(reference)
-        verifier = (
-            PolicyBuilder().store(Store(list(roots))).time(now).build_server_verifier(subject)
+        result = libcrypto.verify(
+            ders,
+            roots=root_ders,
+            host=reference,
+            hostflags=HOST_FLAGS,
+            auth_level=default_auth_level() if auth_level is None else auth_level,
+            at=int(now.timestamp()),
         )
-        verified = verifier.verify(leaf, list(chain[1:]))
-    except VerificationError as exc:
-        return _fail(ResultType.VALIDATION_FAILURE, f"WebPKI verification failed: {exc}")
-    except ValueError as exc:  # a name the verifier's DNS name syntax does not accept
-        return _fail(ResultType.VALIDATION_FAILURE, f"cannot verify for {reference!r}: {exc}")
-    anchor = verified[-1]
+    except ValueError as exc:  # the leaf itself is unreadable: the server's failure, not a crash
+        return _fail(
+            ResultType.VALIDATION_FAILURE, f"the presented certificate is malformed: {exc}"
+        )
+    presented = [_parse(d) for d in ders]
+    leaf = presented[0]
+    if result.ok:
+        path = tuple(c for c in (_parse(d) for d in result.chain) if c is not None)
+        anchor = _subject(path[-1] if path else None)
+        return PkixVerdict(
+            True, None, f"chain for {reference} verified to trusted root '{anchor}'", path
+        )
+    errors = result.errors
+    # UNABLE_TO_VERIFY_LEAF_SIGNATURE only repeats "no issuer found" for a lone leaf.
+    if any(e.code != libcrypto.UNABLE_TO_VERIFY_LEAF_SIGNATURE for e in errors):
+        errors = tuple(e for e in errors if e.code != libcrypto.UNABLE_TO_VERIFY_LEAF_SIGNATURE)
+    described = [
+        _describe(
+            e,
+            reference=reference,
+            leaf=leaf,
+            chain_len=len(result.chain),
+            have_roots=bool(roots),
+            presented=presented,
+        )
+        for e in errors
+    ]
+    types = [_result_type(e.code) for e in errors]
+    decisive = min(range(len(errors)), key=lambda i: _PRECEDENCE.index(types[i]))
     return PkixVerdict(
-        True,
-        None,
-        f"chain for {reference} verified to trusted root '{_subject(anchor)}'",
-        tuple(verified),
+        False,
+        types[decisive],
+        described[decisive],
+        problems=tuple(dict.fromkeys(described)),
+        codes=tuple(e.code for e in errors),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class CertSummary:
+    """What a person checks first in a presented certificate; from DER, never raising."""
+
+    subject: str
+    issuer: str
+    serial: str
+    not_before: str
+    not_after: str
+    key: str  # "EC P-256", "RSA 2048", "Ed25519"
+    signature: str  # the signature algorithm's name
+    dns_names: tuple[str, ...]
+    ca: bool | None  # basicConstraints cA; None when the extension is absent
+    sha256: str  # fingerprint of the DER
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "subject": self.subject,
+            "issuer": self.issuer,
+            "serial": self.serial,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
+            "key": self.key,
+            "signature": self.signature,
+            "dns_names": list(self.dns_names),
+            "ca": self.ca,
+            "sha256": self.sha256,
+        }
+
+    def __str__(self) -> str:
+        names = ", ".join(self.dns_names) or "no DNS name"
+        return (
+            f"{self.subject} (issuer {self.issuer}; {self.key}, {self.signature}; {names}; "
+            f"{self.not_before} to {self.not_after})"
+        )
+
+
+def _key_text(cert: x509.Certificate) -> str:
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return "unreadable key"
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA {key.key_size}"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        curve = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+        return f"EC {curve.get(key.curve.name, key.curve.name)}"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "Ed25519"
+    if isinstance(key, ed448.Ed448PublicKey):
+        return "Ed448"
+    if isinstance(key, dsa.DSAPublicKey):
+        return f"DSA {key.key_size}"
+    return type(key).__name__
+
+
+def summarize(der: bytes) -> CertSummary:
+    """A ``CertSummary`` of one certificate (fields say "unreadable" where parsing fails)."""
+    with warnings.catch_warnings():
+        # cryptography warns, lazily, of serial numbers RFC 5280 forbids; OpenSSL accepts them.
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        return _summarize(der)
+
+
+def _summarize(der: bytes) -> CertSummary:
+    fingerprint = hashlib.sha256(der).hexdigest()
+    cert = _parse(der)
+    if cert is None:
+        bad = "(unreadable)"
+        return CertSummary(bad, bad, bad, bad, bad, bad, bad, (), None, fingerprint)
+    try:
+        ca: bool | None = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except (x509.ExtensionNotFound, ValueError):
+        ca = None
+    try:
+        issuer = cert.issuer.rfc4514_string() or "(empty issuer)"
+    except ValueError:
+        issuer = "(unreadable issuer)"
+    try:
+        oid = cert.signature_algorithm_oid
+        signature = getattr(oid, "_name", None) or oid.dotted_string
+    except ValueError:
+        signature = "unknown"
+    return CertSummary(
+        subject=_subject(cert),
+        issuer=issuer,
+        serial=str(cert.serial_number),
+        not_before=f"{cert.not_valid_before_utc:{_ISO}}",
+        not_after=f"{cert.not_valid_after_utc:{_ISO}}",
+        key=_key_text(cert),
+        signature=signature,
+        dns_names=dns_names(cert),
+        ca=ca,
+        sha256=fingerprint,
+    )
+
+
+def pem_certificates(data: bytes) -> list[bytes]:
+    """The DER of every PEM certificate block in ``data``, in order, parsed or not."""
+    ders = []
+    for block in _PEM_BLOCK.findall(data):
+        with contextlib.suppress(ValueError):
+            ders.append(ssl.PEM_cert_to_DER_cert(block.decode("ascii", "replace")))
+    return ders
 
 
 def _parse_pem_bundle(data: bytes) -> list[x509.Certificate]:
@@ -267,11 +447,23 @@ def load_roots(ca_file: Path | None, *, system: bool = True) -> tuple[x509.Certi
     seen: set[bytes] = set()
     unique = []
     for cert in roots:
-        der = _der(cert)
-        if der not in seen:
-            seen.add(der)
+        encoded = der(cert)
+        if encoded not in seen:
+            seen.add(encoded)
             unique.append(cert)
     return tuple(unique)
 
 
-__all__ = ["CaFileError", "PkixVerdict", "load_roots", "system_bundle", "verify_pkix"]
+__all__ = [
+    "CaFileError",
+    "CertSummary",
+    "PkixVerdict",
+    "default_auth_level",
+    "der",
+    "load_roots",
+    "pem_certificates",
+    "reference_name",
+    "summarize",
+    "system_bundle",
+    "verify_pkix",
+]
