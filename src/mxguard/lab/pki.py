@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mxguard.lab import certprofiles
 from mxguard.lab.scenario import CertKind
 
 _DAY = dt.timedelta(days=1)
@@ -29,7 +32,7 @@ class Identity:
 
     name: str
     kind: CertKind
-    key: ec.EllipticCurvePrivateKey
+    key: certprofiles.PrivateKey
     chain: tuple[x509.Certificate, ...]  # leaf, then any intermediate to send with it
     issuer: x509.Certificate  # the certificate that signed the leaf (itself if self-signed)
     cert_file: Path  # PEM: the chain as sent
@@ -41,8 +44,28 @@ class Identity:
 
     def server_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        if self.kind in _WEAK:
+            # OpenSSL will not even load such a certificate at the default security level;
+            # old servers run at a lower one, and so does this one, to be judged by clients.
+            ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
         ctx.load_cert_chain(self.cert_file, self.key_file)
         return ctx
+
+
+# The lab's odd-but-real issuances, each a named variant of lab/certprofiles.py.
+PROFILE_KINDS: dict[CertKind, str] = {
+    CertKind.NO_AKI: "leaf-no-aki",
+    CertKind.LEAF_CA: "leaf-ca-true",
+    CertKind.NC_LEADING_DOT: "nc-permitted-leading-dot",
+    CertKind.NEGATIVE_SERIAL: "serial-negative",
+    CertKind.EMPTY_SUBJECT: "empty-subject-san-noncritical",
+    CertKind.RSA1024: "leaf-rsa1024",
+    CertKind.AKI_MISMATCH: "leaf-aki-wrong-key",
+    CertKind.SHA1: "leaf-sha1",
+    CertKind.CN_ONLY: "cn-only-no-san",
+    CertKind.IP_SAN_ONLY: "ip-san-only",
+}
+_WEAK = frozenset({CertKind.RSA1024, CertKind.SHA1})
 
 
 @dataclass(frozen=True)
@@ -113,6 +136,12 @@ class LabPKI:
         self.ca_file = directory / "lab-ca.pem"
         self.ca_file.write_bytes(self.root.cert.public_bytes(serialization.Encoding.PEM))
         self._issued: dict[tuple[str, CertKind], Identity] = {}
+        self._authority = certprofiles.CertAuthority(
+            self.now,
+            root=(self.root.key, self.root.cert),
+            intermediate=(self.intermediate.key, self.intermediate.cert),
+            untrusted=(self.untrusted.key, self.untrusted.cert),
+        )
 
     @property
     def root_cert(self) -> x509.Certificate:
@@ -127,6 +156,8 @@ class LabPKI:
         return cached
 
     def _issue(self, name: str, kind: CertKind) -> Identity:
+        if kind in PROFILE_KINDS:
+            return self._issue_variant(name, kind)
         key = _key()
         # A wrong-name certificate is valid for a sibling name only, so that no one-label
         # wildcard pattern could cover the host by accident.
@@ -187,6 +218,32 @@ class LabPKI:
             key=key,
             chain=chain,
             issuer=ca.cert if ca else leaf,
+            cert_file=cert_file,
+            key_file=key_file,
+        )
+
+    def _issue_variant(self, name: str, kind: CertKind) -> Identity:
+        profile = certprofiles.variant(PROFILE_KINDS[kind]).profile
+        built = certprofiles.build(profile, name, self.now, self._authority)
+        stem = self.directory / f"{name}.{kind.value}"
+        cert_file = stem.with_name(stem.name + ".crt")
+        key_file = stem.with_name(stem.name + ".key")
+        cert_file.write_bytes(built.chain_pem)
+        key_file.write_bytes(built.key_pem)
+        key_file.chmod(0o600)
+        key = serialization.load_pem_private_key(built.key_pem, password=None)
+        assert isinstance(
+            key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)  # negative serial
+            chain = tuple(x509.load_der_x509_certificate(d) for d in built.chain)
+        return Identity(
+            name=name,
+            kind=kind,
+            key=key,
+            chain=chain,
+            issuer=self.intermediate.cert,  # every variant here is issued by the intermediate
             cert_file=cert_file,
             key_file=key_file,
         )

@@ -38,6 +38,18 @@ class CertKind(enum.StrEnum):
     WRONG_NAME = "wrong-name"  # lab root CA, valid, but for another name
     SELF_SIGNED = "self-signed"  # for the host name, signed by its own key
     UNTRUSTED = "untrusted"  # right name, issued by a CA that is not in the lab CA file
+    # Odd but real issuances (lab/certprofiles.py), each one change from a public CA's profile;
+    # the comment says what OpenSSL, and so Postfix and mxguard, make of it.
+    NO_AKI = "no-aki"  # no authorityKeyIdentifier: accepted
+    LEAF_CA = "leaf-ca"  # the leaf has cA=TRUE: accepted
+    NC_LEADING_DOT = "nc-leading-dot"  # intermediate's name constraint ".zone": accepted
+    NEGATIVE_SERIAL = "negative-serial"  # accepted
+    EMPTY_SUBJECT = "empty-subject"  # empty subject, non-critical SAN: accepted
+    RSA1024 = "rsa1024"  # below security level 2: validation-failure
+    AKI_MISMATCH = "aki-mismatch"  # AKI names another key than the issuer's: not trusted
+    SHA1 = "sha1"  # signed with SHA-1: validation-failure
+    CN_ONLY = "cn-only"  # name only in the CN, no SAN: host mismatch (RFC 8461 §4.2)
+    IP_SAN_ONLY = "ip-san-only"  # only an IP address SAN: host mismatch (RFC 8461 §4.2)
 
 
 class AttackMode(enum.StrEnum):
