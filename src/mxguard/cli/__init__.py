@@ -97,6 +97,7 @@ def main(
 
 
 # Sub-command groups live in their own modules; they are registered here, in one place.
+from mxguard.cli import cert as _cert  # noqa: E402
 from mxguard.cli import dane as _dane  # noqa: E402
 from mxguard.cli import demo as _demo  # noqa: E402
 from mxguard.cli import lab as _lab  # noqa: E402
@@ -108,6 +109,7 @@ from mxguard.cli import tlsrpt as _tlsrpt  # noqa: E402
 
 main.add_command(_sts.sts)
 main.add_command(_dane.dane)
+main.add_command(_cert.cert)
 main.add_command(_tlsrpt.tlsrpt)
 main.add_command(_lab.lab)
 main.add_command(_policy.policy)

@@ -23,6 +23,8 @@ from mxguard.engine.deliver import DeliveryResult, DomainResult, message_with_he
               help="The message (RFC 5322, headers included); '-' reads standard input. "
                    "Without it a short test message is sent.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, default=None, help="Machine-readable output.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Show each presented chain and every problem in it.")  # fmt: skip
 @click.pass_context
 def send(
     ctx: click.Context,
@@ -30,6 +32,7 @@ def send(
     recipients: tuple[str, ...],
     data: str | None,
     as_json: bool | None,
+    verbose: bool,
 ) -> None:
     """Deliver one message to the recipients' MX hosts under their delivery policy.
 
@@ -64,11 +67,11 @@ def send(
         emit_json(result.to_json())
     else:
         for d in result.domains:
-            render(d)
+            render(d, verbose=verbose)
     ctx.exit(result.exit_code)
 
 
-def render(d: DomainResult) -> None:
+def render(d: DomainResult, *, verbose: bool = False) -> None:
     colour = {"delivered": "green", "deferred": "yellow", "failed": "red"}[d.status.value]
     policy = f"{d.policy.source.value}/{d.policy.mode.value}" if d.policy else "—"
     click.echo(
@@ -87,3 +90,9 @@ def render(d: DomainResult) -> None:
         click.echo(f"    {mark + ' — ' if mark else ''}{why}{a.detail}")
         if a.smtp_reply:
             click.echo(f"    server said: {a.smtp_reply}")
+        if verbose:
+            # The same words as `mxguard cert verify` on the same chain.
+            for position, c in enumerate(a.certificates):
+                click.echo(f"    presented [{position}]: {c}")
+            for problem in a.cert_problems:
+                click.echo(click.style("    certificate problem: ", fg="red") + problem)

@@ -65,6 +65,8 @@ class Attempt:
     # What TLS-RPT may tell the receiving domain (and whoever runs its rua): TLS facts only,
     # never SMTP replies, which can carry addresses.
     tls_detail: str = ""
+    certificates: tuple[pkix.CertSummary, ...] = ()  # the chain the server presented
+    cert_problems: tuple[str, ...] = ()  # every WebPKI problem found, when WebPKI was checked
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -79,6 +81,8 @@ class Attempt:
             "smtp_reply": self.smtp_reply,
             "delivered": self.delivered,
             "plaintext": self.plaintext,
+            "certificates": [c.to_json() for c in self.certificates],
+            "certificate_problems": list(self.cert_problems),
         }
 
 
@@ -363,7 +367,12 @@ class Sender:
             if enforced or not client.connected:
                 return _stop(base, result, detail + (": not delivered" if enforced else ""))
             return _go(base, result if m.report_only else None, detail)
-        base = _with(base, tls_version=info.version, cipher=info.cipher)
+        base = _with(
+            base,
+            tls_version=info.version,
+            cipher=info.cipher,
+            certificates=tuple(pkix.summarize(d) for d in info.ders),
+        )
         if checks is Auth.NONE:
             return base, True
         if checks is Auth.DANE:
@@ -375,7 +384,10 @@ class Sender:
                 verdict.result_type or ResultType.VALIDATION_FAILURE,
                 f"DANE: {verdict.detail}: not delivered",
             )
-        pk = pkix.verify_pkix(info.chain, name=m.host, roots=self.roots, now=self.clock())
+        pk = pkix.verify_pkix(
+            info.ders or info.chain, name=m.host, roots=self.roots, now=self.clock()
+        )
+        base = _with(base, cert_problems=pk.problems)
         if pk.ok:
             return _with(base, verified="pkix"), True
         if m.auth is Auth.PKIX:
