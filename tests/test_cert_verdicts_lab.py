@@ -31,7 +31,8 @@ ROWS = [
     (CertKind.NC_LEADING_DOT, None),
     (CertKind.NEGATIVE_SERIAL, None),
     (CertKind.EMPTY_SUBJECT, None),
-    (CertKind.RSA1024, "validation-failure"),  # OpenSSL at security level 2: key too small
+    # RFC 7525 §4.3: RSA of at least 2048 bits (OpenSSL at security level 2: key too small).
+    (CertKind.RSA1024, "validation-failure"),
     (CertKind.AKI_MISMATCH, "certificate-not-trusted"),  # OpenSSL finds no issuer
     (CertKind.SHA1, "validation-failure"),  # OpenSSL: digest too weak, not "not trusted"
     # RFC 8461 §4.2: the MX name must be a subjectAltName dNSName (OpenSSL falls back to CN).

@@ -45,7 +45,7 @@ class CertKind(enum.StrEnum):
     NC_LEADING_DOT = "nc-leading-dot"  # intermediate's name constraint ".zone": accepted
     NEGATIVE_SERIAL = "negative-serial"  # accepted
     EMPTY_SUBJECT = "empty-subject"  # empty subject, non-critical SAN: accepted
-    RSA1024 = "rsa1024"  # below security level 2: validation-failure
+    RSA1024 = "rsa1024"  # below security level 2 (RFC 7525 §4.3): validation-failure
     AKI_MISMATCH = "aki-mismatch"  # AKI names another key than the issuer's: not trusted
     SHA1 = "sha1"  # signed with SHA-1: validation-failure
     CN_ONLY = "cn-only"  # name only in the CN, no SAN: host mismatch (RFC 8461 §4.2)
