@@ -35,6 +35,7 @@ from mxguard.lab.policy_host import (
     PolicyHost,
 )
 from mxguard.lab.scenario import CertKind, MtaSts, PolicyBehaviour
+from mxguard.protocol.pkix import load_roots, verify_pkix
 from mxguard.protocol.results import ResultType
 
 FETCH_ERROR = ResultType.STS_POLICY_FETCH_ERROR
@@ -201,6 +202,21 @@ def test_policy_host_certificate_must_be_webpki_valid(
     assert host.fetches == (1 if result.ok else 0)
     if not result.ok:
         assert f"mta-sts.{DOMAIN}" in result.detail
+
+
+@pytest.mark.parametrize("cert", list(CertKind), ids=[k.value for k in CertKind])
+def test_policy_fetch_judges_a_certificate_as_the_mx_check_does(
+    pki: LabPKI, cert: CertKind
+) -> None:
+    # The same roots, the same OpenSSL verifier, the same security level and name rules: a
+    # policy host and an MX host presenting the same chain get the same verdict.
+    result, _ = fetch_once(pki, MtaSts(), cert)
+    identity = pki.issue(f"mta-sts.{DOMAIN}", cert)
+    mx_check = verify_pkix(
+        identity.chain, name=f"mta-sts.{DOMAIN}", roots=load_roots(pki.ca_file), now=pki.now
+    )
+    assert result.ok is mx_check.ok, (result.detail, mx_check.detail)
+    assert result.result_type is (None if mx_check.ok else WEBPKI)
 
 
 def test_lab_ca_is_trusted_only_through_ca_file(pki: LabPKI) -> None:
