@@ -9,6 +9,7 @@ files and Postfix log lines.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import gzip
 import json
 import tempfile
@@ -19,7 +20,9 @@ from hypothesis import strategies as st
 
 from mxguard import config
 from mxguard.adapters.smtp import ReplyError, parse_reply, parse_reply_line
+from mxguard.lab import certprofiles
 from mxguard.lab.scenario import ScenarioError, from_toml
+from mxguard.protocol import pkix
 from mxguard.protocol.tlsrpt_report import ReportError, parse_report
 from mxguard.tlsrpt import postfix_log
 
@@ -106,3 +109,31 @@ def test_postfix_log_lines_never_raise(lines: list[str]) -> None:
         line = postfix_log.parse_line(text, now=now)
         if line is not None:
             list(joiner.feed(line))
+
+
+# Presented certificate chains: the peer's bytes, handed to OpenSSL. Mutations of a real
+# chain reach deep into the DER parser; whatever comes out is a verdict, never an exception.
+_NOW = dt.datetime.now(dt.UTC)
+_AUTHORITY = certprofiles.CertAuthority(_NOW)
+_CHAIN = certprofiles.build(certprofiles.Profile(), certprofiles.MX, _NOW, _AUTHORITY).chain
+
+
+def _mutate(der: bytes, edits: list[tuple[int, int]], cut: int) -> bytes:
+    data = bytearray(der)
+    for position, value in edits:
+        data[position % len(data)] = value
+    return bytes(data[: max(1, len(data) - cut)])
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=6),
+    st.integers(0, 40),
+    st.lists(st.binary(max_size=200), max_size=3),
+)
+def test_presented_chains_get_a_verdict_never_an_exception(
+    edits: list[tuple[int, int]], cut: int, junk: list[bytes]
+) -> None:
+    chain = [_mutate(_CHAIN[0], edits, cut), *(_CHAIN[1:]), *junk]
+    verdict = pkix.verify_pkix(chain, name=certprofiles.MX, roots=_AUTHORITY.roots, now=_NOW)
+    assert verdict.ok is (verdict.result_type is None)
+    assert verdict.detail

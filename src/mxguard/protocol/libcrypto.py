@@ -188,9 +188,25 @@ def to_der(lib: Any, x509_ptr: int) -> bytes:
     return buf.raw[:size]
 
 
+_keys: dict[int, tuple[Sequence[bytes], bytes]] = {}
+
+
+def _roots_key(roots: Sequence[bytes]) -> bytes:
+    """A digest of ``roots``, remembered per sequence object (callers pass the same one)."""
+    hit = _keys.get(id(roots))
+    if hit is not None and hit[0] is roots:
+        return hit[1]
+    key = hashlib.sha256(b"".join(hashlib.sha256(r).digest() for r in roots)).digest()
+    with _lock:
+        if len(_keys) >= 4 * _STORE_CACHE_SIZE:
+            _keys.clear()
+        _keys[id(roots)] = (roots, key)  # holding ``roots`` keeps its id from being reused
+    return key
+
+
 def _store(lib: Any, roots: Sequence[bytes]) -> int:
     """An ``X509_STORE *`` holding ``roots`` with one reference for the caller to free."""
-    key = hashlib.sha256(b"".join(hashlib.sha256(r).digest() for r in roots)).digest()
+    key = _roots_key(roots)
     with _lock:
         cached = _stores.get(key)
         if cached is not None:

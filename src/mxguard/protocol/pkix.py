@@ -218,6 +218,21 @@ _PRECEDENCE = (
 )
 
 
+_root_cache: dict[int, tuple[Sequence[x509.Certificate | bytes], tuple[bytes, ...]]] = {}
+
+
+def _root_ders(roots: Sequence[x509.Certificate | bytes]) -> tuple[bytes, ...]:
+    # A sender verifies every session against the same roots object: encode it once.
+    hit = _root_cache.get(id(roots))
+    if hit is not None and hit[0] is roots:
+        return hit[1]
+    ders = tuple(r if isinstance(r, bytes) else der(r) for r in roots)
+    if len(_root_cache) >= 16:
+        _root_cache.clear()
+    _root_cache[id(roots)] = (roots, ders)  # holding ``roots`` keeps its id from being reused
+    return ders
+
+
 def verify_pkix(
     chain: Sequence[x509.Certificate | bytes],
     *,
@@ -242,7 +257,7 @@ def verify_pkix(
             ResultType.VALIDATION_FAILURE, f"{name!r} is not a host name a certificate can match"
         )
     ders = [c if isinstance(c, bytes) else der(c) for c in chain]
-    root_ders = [r if isinstance(r, bytes) else der(r) for r in roots]
+    root_ders = _root_ders(roots)
     try:
         result = libcrypto.verify(
             ders,
