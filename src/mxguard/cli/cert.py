@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from mxguard.cli.output import emit_lint
-from mxguard.protocol import pkix
+from mxguard.protocol import mtasts, pkix
 
 EXPIRY_WARNING = dt.timedelta(days=21)
 
@@ -87,6 +87,12 @@ def verify(
     from mxguard.cli import settings
 
     s = settings(ctx)
+    try:
+        mtasts.normalise_host(name)
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"{name[:80]!r} is not a host name: {exc}", param_hint="--name"
+        ) from None
     ders = _load_chain(chain_file)
     try:
         roots = pkix.load_roots(ca_file or s.ca_file, system=system_roots)
