@@ -558,10 +558,22 @@ class Delivery:
 
 @dataclass(frozen=True)
 class PostfixRun:
-    """The session's acceptance deliveries, and Postfix's log file after them."""
+    """The session's acceptance deliveries, and Postfix's log file after them.
+
+    Other test files deliver through the same session Postfix, before or after these
+    deliveries: ``log_range`` is the byte range of the log that these deliveries wrote.
+    """
 
     log_file: Path
     deliveries: Mapping[str, Delivery]
+    log_range: tuple[int, int] = (0, 0)
+
+    def own_log(self) -> bytes:
+        """The part of the log these deliveries wrote (whole lines)."""
+        start, end = self.log_range
+        with self.log_file.open("rb") as f:
+            f.seek(start)
+            return f.read(end - start)
 
 
 @pytest.fixture(scope="session")
@@ -604,6 +616,7 @@ def postfix_run(
     if session_lab.ports.smtp != 25:
         pytest.skip("Postfix delivers to port 25: the lab must run as root")
     deliveries = {}
+    start = postfix_mta.log_file.stat().st_size if postfix_mta.log_file.exists() else 0
     for case in CASES:
         hosts = [h.name for h in session_lab.scenario.domain(case.domain).hosts]
         session_lab.clear_records()
@@ -633,7 +646,9 @@ def postfix_run(
             for host in hosts:
                 session_lab.set_attack(host, standard_scenario.host(host).attack)
             session_lab.clear_records()
-    return PostfixRun(postfix_mta.log_file, deliveries)
+    return PostfixRun(
+        postfix_mta.log_file, deliveries, (start, postfix_mta.log_file.stat().st_size)
+    )
 
 
 @pytest.fixture(scope="session")
