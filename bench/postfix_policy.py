@@ -1,4 +1,4 @@
-"""Benchmark: mxguard's Postfix policy server against postfix-mta-sts-resolver (issue 5).
+"""Benchmark: mxguard's Postfix policy server against postfix-mta-sts-resolver.
 
 Both servers answer Postfix's ``smtp_tls_policy_maps`` over the socketmap protocol
 (netstrings, http://cr.yp.to/proto/netstrings.txt; Postfix socketmap_table(5)). This script

@@ -33,7 +33,7 @@ Use:
 
 As a pytest plugin (`pytest_plugins = ["postfix_harness"]`) it also provides session fixtures:
 `postfix_mta` (the instance, wired to `mxguard serve postfix` for the lab), `postfix_run` (the
-acceptance deliveries of issue 5, each with what Postfix logged, what the receiver got and
+acceptance deliveries in `CASES`, each with what Postfix logged, what the receiver got and
 what the attacker saw) and `postfix_log` (Postfix's log file after those deliveries, for
 tests of log collectors).
 
@@ -526,8 +526,8 @@ class Case:
     attack: str  # AttackMode of every MX host of the domain during the delivery
 
 
-# Issue 5's acceptance list, plus the control case that shows what the attacker does to a
-# Postfix that has no policy for a domain.
+# The acceptance cases of the Postfix integration, plus the control case that shows what the
+# attacker does to a Postfix that has no policy for a domain.
 CASES = (
     Case("sts-enforce-honest", "sts-enforce.test", "pass"),
     Case("sts-enforce-stripped", "sts-enforce.test", "strip"),

@@ -1,4 +1,4 @@
-"""The AD bit is trusted only from a resolver on loopback (DESIGN.md; RFC 7672 §2.1).
+"""The AD bit is trusted only from a resolver on loopback (docs/design.md; RFC 7672 §2.1).
 
 The path to any other resolver is itself attackable, so its AD bit proves nothing: every
 answer from it is insecure, and DANE is off. No network: responses are built and read.

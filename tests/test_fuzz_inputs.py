@@ -1,5 +1,6 @@
 """Arbitrary input to the parsers that face the network or the user raises only their own,
-named error: never a crash of another kind (STYLE.md: untrusted input is bounded everywhere).
+named error: never a crash of another kind (untrusted input is bounded everywhere, see
+docs/design.md, "Conventions").
 
 The record and policy parsers have such properties next to their table tests; these cover
 the rest: SMTP replies, TLS-RPT reports (as received from others), scenario files, config

@@ -129,7 +129,7 @@ def tls_handshake(address: str, server_name: str, ctx: ssl.SSLContext) -> list[b
         stream.flush()
         assert stream.readline().startswith(b"220 ")
         with ctx.wrap_socket(sock, server_hostname=server_name) as tls:
-            # Undocumented before Python 3.13, see LAB-NOTES.md; public_bytes() gives PEM.
+            # Undocumented before Python 3.13, see docs/lab-notes.md; public_bytes() gives PEM.
             chain = tls._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
             return [ssl.PEM_cert_to_DER_cert(c.public_bytes()) for c in chain]
 
@@ -187,7 +187,7 @@ HONEST = [
     ("rule", "reply", "expected"),
     [
         (
-            "only the STARTTLS line goes (the DESIGN.md transcript)",
+            "only the STARTTLS line goes (the README.md transcript)",
             HONEST,
             HONEST[:3] + HONEST[4:],
         ),

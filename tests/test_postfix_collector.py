@@ -1,5 +1,5 @@
 """`mxguard tlsrpt collect-postfix`: which sessions become results, and against the log of a
-real Postfix (issue 6 acceptance).
+real Postfix (the deliveries of `postfix_harness.CASES`).
 
 The first tests feed the collector log lines in Postfix 3.7's formats, with policies given
 by hand: what is kept (sessions to an MX host of the recipient domain), what is dropped and

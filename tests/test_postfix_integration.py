@@ -1,4 +1,4 @@
-"""A real Postfix, driven by `mxguard serve postfix`, sending into the lab (issue 5 acceptance).
+"""A real Postfix, driven by `mxguard serve postfix`, sending into the lab (`CASES`).
 
 Postfix 3.7 has DANE but no MTA-STS. With `smtp_tls_policy_maps` pointing at mxguard's
 socketmap, an MTA-STS `enforce` domain gets `secure match=…` (RFC 8461 §5: verified TLS to a

@@ -1,4 +1,4 @@
-"""The store's record of what the Postfix policy server served (issue 6), specified once and
+"""The store's record of what the Postfix policy server served (for TLS-RPT), specified once and
 checked against SQLite and PostgreSQL; Redis refuses it.
 
 A record is in force from its `at` until the next record of its domain; the collector asks

@@ -1,4 +1,4 @@
-"""The STRIPTLS demonstration: one attacker, every defence, side by side (DESIGN.md, issue 4).
+"""The STRIPTLS demonstration: one attacker, every defence, side by side (docs/design.md).
 
 The demo runs the lab (or uses one it is given), puts the on-path attacker in front of the MX
 hosts of one domain per defence into ``strip`` mode (RFC 3207 §4: the sender only upgrades

@@ -10,7 +10,7 @@ on the delivery path of every message to a new domain, so it is strict and bound
   newer (RFC 8461 §3.3 requires TLS that complies with RFC 7525);
 - redirects are not followed (§3.3: "MUST NOT follow HTTP redirects"); only 200 counts;
 - ``Content-Type`` must be ``text/plain`` (§3.2 says the policy is served as text/plain;
-  mxguard rejects others, see RFC-NOTES);
+  mxguard rejects others, see docs/rfc-notes.md);
 - the body is read as a stream and abandoned past ``max_size`` (64 KiB by default, §3.3
   suggests a limit), and one deadline covers connect, TLS, headers and body.
 

@@ -228,7 +228,7 @@ def _presented_ders(ssl_object: Any) -> tuple[bytes, ...]:
     """The certificates the server sent, leaf first, as DER."""
     getter = getattr(ssl_object, "get_unverified_chain", None)  # public from Python 3.13
     if getter is None:
-        # Python 3.11/3.12: undocumented but present (see LAB-NOTES.md).
+        # Python 3.11/3.12: undocumented but present (see docs/lab-notes.md).
         getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
     ders: list[bytes] = []
     if getter is not None:

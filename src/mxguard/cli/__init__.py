@@ -1,4 +1,4 @@
-"""The ``mxguard`` command line (DESIGN.md "Command-line contract").
+"""The ``mxguard`` command line (docs/design.md, "Command-line contract").
 
 Front ends are thin: parse arguments, call the engine, render results. Exit codes: 0 success
 or valid, 1 invalid input being linted, 2 usage error, 69 permanent failure, 75 deferred.

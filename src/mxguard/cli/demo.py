@@ -103,7 +103,7 @@ def render(result: DemoResult, console: Console) -> None:
 def render_ehlo(ehlo: EhloComparison, console: Console) -> None:
     console.print(f"[bold]The EHLO reply of {ehlo.host}[/], straight from it and through the "
                   "attacker:")  # fmt: skip
-    # DESIGN.md's transcript style: one line each, labels padded to the same width.
+    # README.md's transcript style: one line each, labels padded to the same width.
     console.print(Text("honest:   " + ehlo.honest), soft_wrap=True)
     console.print(Text("stripped: " + ehlo.stripped, style="red"), soft_wrap=True)
 

@@ -13,8 +13,8 @@ import click
 from mxguard.cli.output import emit_lint
 from mxguard.protocol import mtasts
 
-# Senders cap the policy body they fetch (RFC-NOTES: 64 KiB); a bigger file is read anyway, to
-# say what is wrong with it, up to this much.
+# Senders cap the policy body they fetch (RFC 8461 §3.3 suggests 64 KiB); a bigger file is read
+# anyway, to say what is wrong with it, up to this much.
 POLICY_SIZE_LIMIT = 64 * 1024
 _READ_LIMIT = 1024 * 1024
 

@@ -153,7 +153,7 @@ class DeliveryResult:
         return {Outcome.DELIVERED: 0, Outcome.DEFERRED: 75, Outcome.FAILED: 69}[self.status]
 
     def to_json(self) -> dict[str, Any] | list[dict[str, Any]]:
-        """One domain: the object DESIGN.md shows; several: a list of them."""
+        """One domain: the object docs/design.md describes; several: a list of them."""
         if len(self.domains) == 1:
             return self.domains[0].to_json()
         return [d.to_json() for d in self.domains]

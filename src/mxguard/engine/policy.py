@@ -3,7 +3,8 @@
 A ``DeliveryPolicy`` says, for each MX host of a domain, whether it may be used, whether TLS
 is required there and how its certificate must be authenticated; it keeps every failure seen
 while deciding (in the RFC 8460 vocabulary) and a few sentences that explain the decision to
-people. ``to_json()`` is the one place where the ``policy --json`` shape of DESIGN.md is made.
+people. ``to_json()`` is the one place where the ``policy --json`` shape is made (see
+docs/design.md, "JSON output").
 """
 
 from __future__ import annotations

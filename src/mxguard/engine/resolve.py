@@ -1,6 +1,6 @@
 """``resolve(domain)``: the one place where the precedence of the defences is decided.
 
-For each MX host, in this order (DESIGN.md "Precedence", RFC 8461 §2, RFC 7672 §2.2):
+For each MX host, in this order (docs/design.md "Precedence", RFC 8461 §2, RFC 7672 §2.2):
 
 1. **DANE**: a DNSSEC-secure TLSA RRset at the host with a usable record makes TLS mandatory
    and DANE the only way to authenticate; MTA-STS never overrides it. A secure RRset with only

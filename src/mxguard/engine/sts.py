@@ -9,7 +9,8 @@
   the fetch fails (§5.1): this is what stops an attacker who can strip DNS or HTTPS *later*;
 - a fetched ``mode: none`` policy replaces the cached one (the domain withdrew it, §5);
 - one fetch serves all concurrent lookups of a domain, and a failed fetch is not repeated
-  for ``backoff`` seconds however many lookups arrive (RFC-NOTES: back off, never stampede).
+  for ``backoff`` seconds however many lookups arrive (RFC 8461 §3.3 asks for five minutes or
+  more after a failure; docs/rfc-notes.md).
 
 Failures are kept in the RFC 8460 vocabulary: fetch problems (``sts-policy-fetch-error``),
 the policy host's certificate (``sts-webpki-invalid``), an invalid body

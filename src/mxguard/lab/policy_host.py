@@ -8,9 +8,9 @@ follows ``MtaSts.behaviour`` (serve, 404, redirect, wrong content type, oversize
 
 The server is a small HTTP/1.1 implementation on asyncio streams: one request per
 connection, ``Connection: close`` after every answer, request head bounded to 8 KiB and POST
-bodies bounded too (untrusted input is bounded everywhere, STYLE.md). It also accepts POST to
-any other path and keeps what it received, for the TLS-RPT ``https:`` report endpoint
-(RFC 8460 §5.4).
+bodies bounded too (untrusted input is bounded everywhere: docs/design.md, "Conventions"). It
+also accepts POST to any other path and keeps what it received, for the TLS-RPT ``https:``
+report endpoint (RFC 8460 §5.4).
 """
 
 from __future__ import annotations

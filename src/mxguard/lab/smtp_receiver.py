@@ -46,7 +46,7 @@ def _peer_text(peer: Any) -> str:
     return str(peer)
 
 
-DATA_SIZE_LIMIT = 35882577  # the SIZE of DESIGN.md's transcript
+DATA_SIZE_LIMIT = 35882577  # the SIZE of the STRIPTLS transcript in README.md
 
 
 class _Handler:
@@ -59,7 +59,7 @@ class _Handler:
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
         responses: list[str],
     ) -> list[str]:  # fmt: skip
-        # The EHLO reply of DESIGN.md's transcript (the one ISPs were caught stripping), so
+        # The EHLO reply of README.md's transcript (the one ISPs were caught stripping), so
         # that the lab, the demo and a real sender see what a real mail server says.
         session.host_name = hostname
         keywords = [f"{server.hostname} at your service", f"SIZE {DATA_SIZE_LIMIT}", "8BITMIME"]

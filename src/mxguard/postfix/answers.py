@@ -1,7 +1,7 @@
 """What mxguard tells Postfix: a ``DeliveryPolicy`` as an ``smtp_tls_policy_maps`` answer.
 
 Pure functions, no I/O. The contract (postconf(5) ``smtp_tls_policy_maps``, socketmap_table(5),
-RFC-NOTES "Postfix policy plugin contract"):
+docs/rfc-notes.md "Postfix's lookup-table contract"):
 
 - **Requests** are ``<map name> <key>``. Keys as Postfix sends them: ``example.com`` (the
   next-hop domain), ``.example.com`` (a parent-domain lookup), ``[mx.example.com]`` and

@@ -16,8 +16,8 @@ this server's first duty is **never to stall Postfix**:
 - per connection: bounded buffers (see ``netstring``), pipelined requests answered in order
   (resolved concurrently), a defined reply to every request, malformed ones included.
 
-What was served is recorded (issue 6): each resolution whose answer Postfix delivers under
-(``OK``, ``NOTFOUND``; after a ``TEMP`` Postfix makes no session) becomes a ``ServedPolicy``
+What was served is recorded for TLS reporting: each resolution whose answer Postfix delivers
+under (``OK``, ``NOTFOUND``; after a ``TEMP`` Postfix makes no session) becomes a ``ServedPolicy``
 (the RFC 8460 §4.4 policy type, strings and MX patterns, the domain's TLS-RPT ``rua``, the MX
 hosts and addresses the policy allowed, the answer text) when it differs from the domain's
 last record. ``ServedRecorder`` writes them to the store in batches from its own task, so a

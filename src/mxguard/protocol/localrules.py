@@ -2,8 +2,9 @@
 
 Like Exim's `hosts_require_tls` or Postfix's `smtp_tls_policy_maps` entries, a local rule says
 "mail to this domain must at least use ...". Rules only raise the bar: the engine combines a
-rule's floor with DANE, MTA-STS and the policy list and never lets a rule lower them (DESIGN.md,
-"Precedence"). No RFC defines these rules; the result type vocabulary is RFC 8460 §4.3.
+rule's floor with DANE, MTA-STS and the policy list and never lets a rule lower them
+(docs/design.md, "Precedence"). No RFC defines these rules; the result type vocabulary is
+RFC 8460 §4.3.
 
 Configuration shape (a TOML table): `{"example.com": "verified", ".corp.example": "tls"}`.
 

@@ -4,7 +4,7 @@ A domain announces MTA-STS with a `_mta-sts.<domain>` TXT record (`v=STSv1; id=.
 serves the policy itself over HTTPS. This module only parses, validates, serialises and matches;
 fetching lives in the HTTPS adapter, caching in the engine. Everything here is pure.
 
-Decisions where the RFC leaves room (see also /work/shared/RFC-NOTES.md):
+Decisions where the RFC leaves room (see also docs/rfc-notes.md, "MTA-STS"):
 
 - `select_record` returns None when no TXT record begins with `v=STSv1;` (no policy announced)
   and raises `StsRecordError` when several do or the single one is malformed: both mean "no
@@ -405,7 +405,7 @@ def _scan_policy(text: str) -> _Scan:
             scan.mx.append((number, value))
         elif key in _KNOWN_POLICY_KEYS:
             if key in scan.first:
-                # mxguard rule (RFC-NOTES): for fields other than mx the first occurrence counts.
+                # mxguard's rule (docs/rfc-notes.md): for fields other than mx the first counts.
                 scan.warnings.append(
                     f"{where}: {key!r} repeated; the first value (line {scan.first[key][0]}) counts"
                 )

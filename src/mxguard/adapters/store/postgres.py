@@ -1,5 +1,5 @@
 """The shared store: PostgreSQL, for several mxguard nodes with one policy cache and one
-TLS-RPT result table (DESIGN.md "State").
+TLS-RPT result table (docs/design.md, "State").
 
 Uses psycopg 3's asyncio connection. Each store holds one connection and runs one operation
 at a time on it (a lock), every write in its own transaction; PostgreSQL's default

@@ -1,6 +1,6 @@
 """The default store: one SQLite file (or `:memory:`), embedded, no server to run.
 
-Durability (what DESIGN.md "State" asks: durable before acknowledged): the database runs in
+Durability (what docs/design.md "State" asks: durable before acknowledged): the database runs in
 WAL mode with `synchronous=FULL`, so a transaction is fsynced to the WAL before COMMIT
 returns; every write is one explicit transaction. Several mxguard processes may share the
 file: writers take the lock with `BEGIN IMMEDIATE` and wait up to BUSY_TIMEOUT for each other.
