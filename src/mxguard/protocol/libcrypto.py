@@ -242,6 +242,50 @@ def error_string(code: int) -> str:
     return text.decode("ascii", "replace") if text else f"error {code}"
 
 
+def _recorder(lib: Any, errors: list[VerifyError]) -> Any:
+    """A verify callback that records each error and lets verification go on."""
+
+    def record(ok: int, ctx_ptr: int | None) -> int:
+        if not ok:
+            code = lib.X509_STORE_CTX_get_error(ctx_ptr)
+            current = lib.X509_STORE_CTX_get_current_cert(ctx_ptr)
+            errors.append(
+                VerifyError(
+                    code,
+                    lib.X509_STORE_CTX_get_error_depth(ctx_ptr),
+                    error_string(code),
+                    to_der(lib, current) if current else b"",
+                )
+            )
+        return 1  # go on: the caller wants every problem, and refuses on any
+
+    return _VERIFY_CB(record)
+
+
+def _configure(
+    lib: Any, ctx: int, *, host: str | None, hostflags: int, auth_level: int, at: int
+) -> None:
+    # What libssl does for a client: server-authentication purpose and trust settings.
+    lib.X509_STORE_CTX_set_default(ctx, b"ssl_server")
+    param = lib.X509_STORE_CTX_get0_param(ctx)
+    lib.X509_VERIFY_PARAM_set_auth_level(param, auth_level)
+    lib.X509_VERIFY_PARAM_set_time(param, at)
+    if host is not None:
+        encoded = host.encode("ascii")
+        if not lib.X509_VERIFY_PARAM_set1_host(param, encoded, len(encoded)):
+            raise ValueError(f"OpenSSL does not accept {host!r} as a host name to check")
+        lib.X509_VERIFY_PARAM_set_hostflags(param, hostflags)
+
+
+def _built_chain(lib: Any, ctx: int) -> tuple[bytes, ...]:
+    built = lib.X509_STORE_CTX_get0_chain(ctx)
+    if not built:
+        return ()
+    return tuple(
+        to_der(lib, lib.OPENSSL_sk_value(built, i)) for i in range(lib.OPENSSL_sk_num(built))
+    )
+
+
 def verify(
     chain: Sequence[bytes],
     *,
@@ -261,68 +305,38 @@ def verify(
     if not chain:
         raise ValueError("no certificate to verify")
     lib = _get_lib()
-    leaf = _X509(lib, chain[0])
-    owned: list[_X509] = [leaf]
+    owned: list[_X509] = [_X509(lib, chain[0])]
     untrusted = lib.OPENSSL_sk_new_null()
-    store = _store(lib, roots)
     ctx = lib.X509_STORE_CTX_new()
+    store = 0
     errors: list[VerifyError] = []
-
-    def record(ok: int, ctx_ptr: int | None) -> int:
-        if not ok:
-            code = lib.X509_STORE_CTX_get_error(ctx_ptr)
-            current = lib.X509_STORE_CTX_get_current_cert(ctx_ptr)
-            errors.append(
-                VerifyError(
-                    code,
-                    lib.X509_STORE_CTX_get_error_depth(ctx_ptr),
-                    error_string(code),
-                    to_der(lib, current) if current else b"",
-                )
-            )
-        return 1  # go on: the caller wants every problem, and refuses on any
-
-    callback = _VERIFY_CB(record)
+    callback = _recorder(lib, errors)
     try:
         if not (untrusted and ctx):
             raise MemoryError("OpenSSL could not allocate a verification context")
+        store = _store(lib, roots)
         for der in chain[1:]:
             try:
-                cert = _X509(lib, der)
+                owned.append(_X509(lib, der))
             except ValueError:
                 continue
-            owned.append(cert)
-            lib.OPENSSL_sk_push(untrusted, cert.ptr)
-        if not lib.X509_STORE_CTX_init(ctx, store, leaf.ptr, untrusted):
+            lib.OPENSSL_sk_push(untrusted, owned[-1].ptr)
+        if not lib.X509_STORE_CTX_init(ctx, store, owned[0].ptr, untrusted):
             raise MemoryError("X509_STORE_CTX_init failed")
-        # What libssl does for a client: server-authentication purpose and trust settings.
-        lib.X509_STORE_CTX_set_default(ctx, b"ssl_server")
-        param = lib.X509_STORE_CTX_get0_param(ctx)
-        lib.X509_VERIFY_PARAM_set_auth_level(param, auth_level)
-        lib.X509_VERIFY_PARAM_set_time(param, at)
-        if host is not None:
-            encoded = host.encode("ascii")
-            if not lib.X509_VERIFY_PARAM_set1_host(param, encoded, len(encoded)):
-                raise ValueError(f"OpenSSL does not accept {host!r} as a host name to check")
-            lib.X509_VERIFY_PARAM_set_hostflags(param, hostflags)
+        _configure(lib, ctx, host=host, hostflags=hostflags, auth_level=auth_level, at=at)
         lib.X509_STORE_CTX_set_verify_cb(ctx, callback)
-        status = lib.X509_verify_cert(ctx)
-        if status <= 0 and not errors:
+        if lib.X509_verify_cert(ctx) <= 0 and not errors:
             # Refused without telling the callback (an internal failure): an error all the same.
             code = lib.X509_STORE_CTX_get_error(ctx)
             errors.append(VerifyError(code, 0, error_string(code), b""))
-        built = lib.X509_STORE_CTX_get0_chain(ctx)
-        path: list[bytes] = []
-        if built:
-            for i in range(lib.OPENSSL_sk_num(built)):
-                path.append(to_der(lib, lib.OPENSSL_sk_value(built, i)))
-        return VerifyResult(tuple(errors), tuple(path))
+        return VerifyResult(tuple(errors), _built_chain(lib, ctx))
     finally:
         if ctx:
             lib.X509_STORE_CTX_free(ctx)
         if untrusted:
             lib.OPENSSL_sk_free(untrusted)
-        lib.X509_STORE_free(store)
+        if store:
+            lib.X509_STORE_free(store)
         for cert in owned:
             cert.close()
         lib.ERR_clear_error()
