@@ -35,11 +35,11 @@ from mxguard.protocol.dane import (
     certificate_names,
     classify,
     from_rdata,
-    name_matches,
     parse_tlsa,
     usable,
     verify_chain,
 )
+from mxguard.protocol.names import identifier_matches as name_matches
 from mxguard.protocol.results import ResultType
 
 HOST = "mx.example.test"

@@ -32,7 +32,6 @@ Config file (all keys optional)::
 
 from __future__ import annotations
 
-import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -41,11 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from mxguard.adapters.dns import parse_server
-
-_HOST_NAME = re.compile(
-    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
-)
+from mxguard.protocol import names
 
 
 class ConfigError(ValueError):
@@ -148,6 +143,18 @@ def tlsrpt_settings(data: Any, where: str) -> TlsRptSettings:
     return TlsRptSettings(**values)
 
 
+def _helo_name_problem(value: str) -> str | None:
+    """Why ``value`` cannot be the EHLO name, or None. It is sent as written, so it must
+    already be ASCII (A-labels, RFC 5321 §4.1.2); names.normalise_host checks the rest."""
+    if not value.isascii():
+        return "write internationalised labels as A-labels (xn--…)"
+    try:
+        names.normalise_host(value)
+    except names.HostNameError as exc:
+        return exc.reason
+    return None
+
+
 def port(value: Any, where: str) -> int:
     if isinstance(value, str) and value.isdigit():
         value = int(value)
@@ -192,11 +199,13 @@ def from_mapping(data: Mapping[str, Any], source: str) -> Settings:
             if not isinstance(data[key], str) or not data[key]:
                 raise ConfigError(f"{source}: {key}: expected {_KEYS[key]}")
             values[key] = data[key]
-    if "helo_name" in values and not _HOST_NAME.fullmatch(values["helo_name"]):
-        raise ConfigError(
-            f"{source}: helo_name: {values['helo_name']!r} is not a host name "
-            "(letters, digits, '-' and '.', e.g. \"mail.example.org\")"
-        )
+    if "helo_name" in values:
+        helo_problem = _helo_name_problem(values["helo_name"])
+        if helo_problem:
+            raise ConfigError(
+                f"{source}: helo_name: {values['helo_name']!r} is not a host name "
+                f"({helo_problem}; letters, digits, '-' and '.', e.g. \"mail.example.org\")"
+            )
     if "json" in data:
         if not isinstance(data["json"], bool):
             raise ConfigError(f"{source}: json: expected {_KEYS['json']}")

@@ -38,6 +38,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
+from mxguard.protocol import names
+
 log = logging.getLogger(__name__)
 
 # RFC 8914 §4: the Extended DNS Error codes that mean "DNSSEC validation failed".
@@ -98,7 +100,8 @@ def _failed(name: str, rdtype: str, status: DnssecStatus, detail: str) -> DnsAns
 
 
 def _text(name: dns.name.Name) -> str:
-    return name.to_text(omit_final_dot=True).lower()
+    # The final dot of the absolute name goes, not an escaped dot inside the last label.
+    return names.dns_name(name.to_text())
 
 
 def is_loopback(address: str) -> bool:
@@ -164,7 +167,10 @@ class DnsResolver:
     async def query(self, name: str, rdtype: str) -> DnsAnswer:
         if self.cache is None:
             return await self._query(name, rdtype)
-        key = (name.lower().rstrip("."), rdtype)
+        try:
+            key = (names.dns_name(name), rdtype)
+        except names.HostNameError:
+            return await self._query(name, rdtype)  # says why the name cannot be looked up
         hit = self.cache.get(key)
         now = time.monotonic()
         if hit is not None and hit[0] > now:
@@ -179,17 +185,17 @@ class DnsResolver:
     async def _query(self, name: str, rdtype: str) -> DnsAnswer:
         self.queries += 1
         try:
-            qname = dns.name.from_text(name)
+            # IDNA is names.dns_name's (IDNA 2008, UTS #46); dnspython only sees A-labels.
+            text = names.dns_name(name)
+        except names.HostNameError as exc:
+            return self._impossible(name, rdtype, exc)  # a U-label that has no A-label
+        try:
+            qname = dns.name.from_text(text)
         except dns.exception.DNSException as exc:
             # A name longer than 255 octets (or with an empty or 64+ octet label) cannot exist
             # in the DNS at all (RFC 1035 §2.3.4): that is a certainty, not a lookup failure.
             # It happens for real when a long domain gets "_mta-sts." or "_25._tcp." in front.
-            text = name.lower().rstrip(".")
-            return DnsAnswer(
-                text, rdtype, Outcome.NXDOMAIN,
-                DnssecStatus.SECURE if self.trusted else DnssecStatus.INSECURE,
-                canonical=text, detail=f"{text[:60]}… cannot exist in the DNS: {exc}",
-            )  # fmt: skip
+            return self._impossible(text, rdtype, exc)
         text = _text(qname)
         query = dns.message.make_query(qname, rdtype, use_edns=0, payload=1232)
         # AD in a query asks a validating resolver to report the validation (RFC 6840 §5.7).
@@ -208,6 +214,14 @@ class DnsResolver:
             DnssecStatus.INDETERMINATE,
             f"no answer for {text} {rdtype}: " + "; ".join(problems),
         )
+
+    def _impossible(self, text: str, rdtype: str, exc: Exception) -> DnsAnswer:
+        """The answer for a name that cannot exist in the DNS: a certainty, so NXDOMAIN."""
+        return DnsAnswer(
+            text, rdtype, Outcome.NXDOMAIN,
+            DnssecStatus.SECURE if self.trusted else DnssecStatus.INSECURE,
+            canonical=text, detail=f"{text[:60]}… cannot exist in the DNS: {exc}",
+        )  # fmt: skip
 
     async def _exchange(self, query: dns.message.Message, addr: str, port: int) -> Any:
         async with asyncio.timeout(self.timeout):

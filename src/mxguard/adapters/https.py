@@ -4,8 +4,9 @@ A domain's policy lives at ``https://mta-sts.<domain>/.well-known/mta-sts.txt``.
 on the delivery path of every message to a new domain, so it is strict and bounded:
 
 - the host name is ``mta-sts.`` plus the domain in A-label form (IDNA 2008, UTS #46
-  mapping); it is the TLS server name (SNI), the Host header and the name the certificate
-  must be valid for (RFC 8461 §3.3: "valid for the "mta-sts" host name", RFC 6125);
+  mapping, by ``protocol.names``); it is the TLS server name (SNI), the Host header and the
+  name the certificate must be valid for (RFC 8461 §3.3: "valid for the "mta-sts" host
+  name", RFC 6125);
 - WebPKI verification against the system store plus an optional extra CA file; TLS 1.2 or
   newer (RFC 8461 §3.3 requires TLS that complies with RFC 7525);
 - redirects are not followed (§3.3: "MUST NOT follow HTTP redirects"); only 200 counts;
@@ -26,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
-import re
 import socket
 import ssl
 import time
@@ -35,15 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import idna
 from cryptography.hazmat.primitives import serialization
 
-from mxguard.protocol import pkix
+from mxguard.protocol import names, pkix
 from mxguard.protocol.results import ResultType
 
 POLICY_PATH = "/.well-known/mta-sts.txt"  # RFC 8461 §3.3
 DEFAULT_MAX_SIZE = 65536
-_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,27 +72,19 @@ def policy_host(domain: str) -> str:
     Raises ``ValueError`` naming the problem when ``domain`` is not a valid host name, so
     that nothing but a host name can ever end up in the URL.
     """
-    name = domain.strip().rstrip(".")
-    if not name:
-        raise ValueError("'' is not a valid domain name: it is empty")
     try:
-        # UTS #46 maps case and compatibility forms first (as browsers do); IDNA 2008
-        # (RFC 5891) then turns each label into its A-label.
-        ascii_name = idna.encode(name, uts46=True).decode("ascii").lower()
-    except idna.IDNAError as exc:
+        # names.normalise_host: UTS #46 mapping (case, compatibility forms, as browsers do),
+        # then IDNA 2008 (RFC 5891) A-labels, and the host name rules.
+        name = names.normalise_host(domain)
+    except names.HostNameError as exc:
         raise ValueError(f"{domain!r} is not a valid domain name: {exc}") from None
-    labels = ascii_name.split(".")
-    for label in labels:
-        if not _LDH_LABEL.fullmatch(label):
-            raise ValueError(
-                f"{domain!r} is not a valid domain name: label {label!r} must be 1-63 "
-                "letters, digits or hyphens, not starting or ending with a hyphen"
-            )
-    if len(labels) < 2:
+    if "." not in name:
         raise ValueError(f"{domain!r} is not a valid mail domain: it needs at least two labels")
-    host = "mta-sts." + ascii_name
-    if len(host) > 253:
-        raise ValueError(f"{domain!r} is too long: mta-sts.{ascii_name} exceeds 253 characters")
+    host = "mta-sts." + name
+    if len(host) > names.MAX_NAME_LENGTH:
+        raise ValueError(
+            f"{domain!r} is too long: {host} exceeds {names.MAX_NAME_LENGTH} characters"
+        )
     return host
 
 

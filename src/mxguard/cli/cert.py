@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from mxguard.cli.output import emit_lint
-from mxguard.protocol import mtasts, pkix
+from mxguard.protocol import names, pkix
 
 EXPIRY_WARNING = dt.timedelta(days=21)
 
@@ -88,8 +88,8 @@ def verify(
 
     s = settings(ctx)
     try:
-        mtasts.normalise_host(name)
-    except ValueError as exc:
+        names.normalise_host(name)
+    except names.HostNameError as exc:
         raise click.BadParameter(
             f"{name[:80]!r} is not a host name: {exc}", param_hint="--name"
         ) from None

@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 import click
 
 from mxguard.cli.output import emit_lint
-from mxguard.protocol import mtasts
+from mxguard.protocol import mtasts, names
 
 # Senders cap the policy body they fetch (RFC 8461 §3.3 suggests 64 KiB); a bigger file is read
 # anyway, to say what is wrong with it, up to this much.
@@ -76,8 +76,8 @@ def match(ctx: click.Context, policy_file: BinaryIO, host: str, as_json: bool) -
     text, errors, warnings = _read_policy(policy_file)
     fields: dict[str, Any] = {"host": host, "matched": None}
     try:
-        mtasts.normalise_host(host)
-    except ValueError as exc:
+        names.normalise_host(host)
+    except names.HostNameError as exc:
         raise click.BadParameter(
             f"{host[:80]!r} is not a host name: {exc}", param_hint="HOST"
         ) from None

@@ -5,7 +5,8 @@ A receiving domain pins the certificate (or the issuing CA) of each MX host in a
 them an SMTP client may use (RFC 7672 §3.1), and checks the certificate chain that a server
 presented against them (RFC 7672 §3.1.1-§3.2, RFC 7671 §5). It is pure: no sockets, no
 clock (the caller passes ``now``), no DNS. Whether the RRset was DNSSEC-secure is the DNS
-adapter's business; everything here assumes it was.
+adapter's business; everything here assumes it was. Reference names are matched against the
+certificate's names by ``names.identifier_matches`` (RFC 6125 §6.4, IDNA 2008).
 
 Failures are named with the RFC 8460 result types (``ResultType``) so that deliveries,
 reports and the CLI speak one vocabulary.
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, paddin
 from cryptography.x509.oid import NameOID
 
 from mxguard.protocol import certpath
+from mxguard.protocol.names import identifier_matches
 from mxguard.protocol.results import ResultType
 
 # RFC 6698 §2.1.1 / RFC 7218 §2: certificate usages, selectors and matching types.
@@ -399,35 +401,6 @@ def _dates_failure(
     return None
 
 
-def _normalise(name: str) -> str | None:
-    name = name.strip().rstrip(".").lower()
-    if not name:
-        return None
-    try:
-        # RFC 6125 §6.4.2: compare A-labels; a U-label reference is converted first.
-        return name.encode("idna").decode("ascii") if not name.isascii() else name
-    except UnicodeError:
-        return None
-
-
-def name_matches(pattern: str, reference: str) -> bool:
-    """Whether a certificate DNS name ``pattern`` covers ``reference`` (RFC 6125 §6.4).
-
-    Case-insensitive; a wildcard is allowed only as the whole left-most label, stands for
-    exactly one label, and needs at least two labels after it (RFC 7672 §3.2.3).
-    """
-    pat, ref = _normalise(pattern), _normalise(reference)
-    if pat is None or ref is None:
-        return False
-    if "*" not in pat:
-        return pat == ref
-    first, _, rest = pat.partition(".")
-    if first != "*" or "*" in rest or rest.count(".") < 1:
-        return False
-    head, _, ref_rest = ref.partition(".")
-    return bool(head) and ref_rest == rest
-
-
 def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
     """The DNS names a certificate is valid for: SAN dNSNames, else its CN (RFC 6125 §6.4.4)."""
     try:
@@ -445,7 +418,9 @@ def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
 
 def _name_failure(leaf: x509.Certificate, names: Sequence[str]) -> str | None:
     presented = certificate_names(leaf)
-    if any(name_matches(p, n) for p in presented for n in names):
+    # RFC 7672 §3.2.3 via RFC 6125 §6.4: A-labels, case-insensitive, a wildcard for one whole
+    # left-most label (and never directly above a top-level label).
+    if any(identifier_matches(p, n) for p in presented for n in names):
         return None
     return (
         f"certificate is for {', '.join(presented) or 'no DNS name'}, "

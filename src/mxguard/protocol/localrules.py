@@ -24,7 +24,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from mxguard.protocol.mtasts import normalise_host
+from mxguard.protocol.names import HostNameError, normalise_host
 from mxguard.protocol.results import ResultType
 
 
@@ -129,7 +129,7 @@ def parse_rules(mapping: Mapping[str, object]) -> Rules:
         name = raw_key[1:] if suffix else raw_key
         try:
             domain = normalise_host(name)
-        except ValueError as exc:
+        except HostNameError as exc:
             raise RuleError(
                 f"rule {raw_key!r}: not a domain ({exc}); write 'example.com' or '.example.com'"
             ) from None
@@ -159,7 +159,7 @@ def floor_for(rules: Sequence[Rule], domain: str) -> Rule | None:
     """
     try:
         name = normalise_host(domain)
-    except ValueError:
+    except HostNameError:
         return None
     best: Rule | None = None
     for rule in rules:

@@ -9,9 +9,10 @@ Decisions where the RFC leaves room (see also docs/rfc-notes.md, "MTA-STS"):
 - `select_record` returns None when no TXT record begins with `v=STSv1;` (no policy announced)
   and raises `StsRecordError` when several do or the single one is malformed: both mean "no
   usable record" (§3.1), but the reason is kept for logs, lint output and TLS-RPT.
-- The record grammar is applied strictly (§3.1): `*WSP ";" *WSP` between fields, an optional
-  trailing `;`, no whitespace inside a field. Whitespace before `;` is accepted (erratum 6285);
-  whitespace at the very end is tolerated too, as it cannot change the meaning.
+- The record grammar is applied strictly (§3.1), by `txtfields.split_fields`, which the TLS-RPT
+  record shares: `*WSP ";" *WSP` between fields, an optional trailing `;`, no whitespace inside
+  a field. Whitespace before `;` is accepted (erratum 6285); whitespace at the very end is
+  tolerated too, as it cannot change the meaning.
 - Policy bodies (§3.2): lines end in LF or CRLF (erratum 6253). Whitespace is allowed after the
   `:` and at the end of a line, nowhere else. Blank lines are outside the grammar but carry no
   meaning, so they are skipped with a warning rather than invalidating the policy.
@@ -21,29 +22,31 @@ Decisions where the RFC leaves room (see also docs/rfc-notes.md, "MTA-STS"):
 - `mx` patterns follow `["*." ] Domain` (§3.2, RFC 5321 §4.1.2). `*.com` is grammatical (a
   one-label Domain), so it is accepted; `lint_policy` warns about it. A trailing dot is outside
   the grammar but unambiguous: it is removed with a warning. U-labels are converted to A-labels.
+  Names and patterns are normalised and matched by `names` (IDNA 2008, RFC 6125 §6.4).
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import idna
+from mxguard.protocol import names
+from mxguard.protocol.txtfields import (
+    FIELD_NAME,
+    WSP,
+    begins_with,
+    case_hint,
+    presentation_format_error,
+    split_fields,
+)
 
-# RFC 8461 §3.1 / RFC 8460 §3: field names are (ALPHA / DIGIT) *31(ALPHA / DIGIT / "_" / "-" / ".")
-_EXT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}")
-# RFC 8461 §3.1: sts-ext-value = 1*(%x21-3A / %x3C / %x3E-7E), i.e. no "=", ";", SP or CTLs.
-_RECORD_EXT_VALUE = re.compile(r"[\x21-\x3a\x3c\x3e-\x7e]+")
 # RFC 8461 §3.1: sts-id = %s"id=" 1*32(ALPHA / DIGIT). ASCII only: `\w` would admit Unicode.
 _STS_ID = re.compile(r"[A-Za-z0-9]{1,32}")
 # RFC 8461 §3.2: sts-policy-max-age-value = 1*10(DIGIT). ASCII digits only (`\d` is Unicode).
 _MAX_AGE = re.compile(r"[0-9]{1,10}")
-# RFC 5321 §4.1.2 sub-domain (LDH label), at most 63 octets (RFC 1035 §2.3.4).
-_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?")
-_WSP = " \t"
 
 STS_VERSION = "STSv1"
 MAX_AGE_LIMIT = 31557600  # RFC 8461 §3.2 as corrected by erratum 7282: one year.
@@ -76,137 +79,20 @@ class Mode(enum.StrEnum):
 
 # --------------------------------------------------------------------------- host names
 
-
-def normalise_host(name: str) -> str:
-    """`name` as lower-case A-labels without a trailing dot; ValueError says what is wrong.
-
-    Accepts a host name in A-labels or U-labels (RFC 5890). This is the form in which MTA-STS
-    compares names (RFC 8461 §4.1) and which the policy list and local rules reuse.
-    """
-    if name.endswith("."):
-        name = name[:-1]
-    if not name:
-        raise ValueError("empty host name")
-    if not name.isascii():
-        try:
-            name = idna.encode(name, uts46=True).decode("ascii")
-        except (idna.IDNAError, UnicodeError) as exc:
-            raise ValueError(f"{name!r} is not a valid internationalised name: {exc}") from None
-    name = name.lower()
-    if len(name) > 253:
-        raise ValueError(f"host name is {len(name)} characters long; the limit is 253")
-    for label in name.split("."):
-        if not label:
-            raise ValueError(f"{name!r} has an empty label")
-        if not _LDH_LABEL.fullmatch(label):
-            raise ValueError(
-                f"label {label!r} of {name!r} is not a host name label (letters, digits and "
-                "inner hyphens, at most 63)"
-            )
-    return name
-
-
-def normalise_pattern(pattern: str) -> str:
-    """An MTA-STS `mx` pattern (`host` or `*.host`) normalised like `normalise_host`.
-
-    RFC 8461 §3.2: sts-policy-mx-value = ["*."] Domain, so `*` may only be the whole left-most
-    label, and at most once.
-    """
-    if pattern.startswith("*."):
-        rest = pattern[2:]
-        if "*" in rest:
-            raise ValueError(f"{pattern!r}: '*' may appear only once, as the left-most label")
-        try:
-            return "*." + normalise_host(rest)
-        except ValueError as exc:
-            raise ValueError(f"{pattern!r}: {exc}") from None
-    if "*" in pattern:
-        raise ValueError(
-            f"{pattern!r}: '*' must be the whole left-most label followed by '.', "
-            "e.g. '*.example.com'"
-        )
-    try:
-        return normalise_host(pattern)
-    except ValueError as exc:
-        raise ValueError(f"{pattern!r}: {exc}") from None
+# The name rules live in `names`; `normalise_host` stays importable from here for callers that
+# predate it (engine/resolve.py). New code imports `mxguard.protocol.names`.
+normalise_host = names.normalise_host
 
 
 def matches(pattern: str, host: str) -> bool:
     """Whether MX host `host` matches `mx` pattern `pattern` (RFC 8461 §4.1).
 
-    Case-insensitive, IDNA-aware, a trailing dot on either side is ignored, and the comparison
-    is anchored: `*.example.com` matches exactly one extra left-most label. Invalid input
-    matches nothing.
+    `names.identifier_matches` with the MTA-STS grammar: case-insensitive, IDNA-aware, a
+    trailing dot on either side is ignored, anchored, and `*.example.com` matches exactly one
+    extra left-most label. `*.com` is a valid pattern (RFC 8461 §3.2) and matches `a.com`.
+    Invalid input matches nothing.
     """
-    try:
-        pat = normalise_pattern(pattern)
-        name = normalise_host(host)
-    except ValueError:
-        return False
-    if pat.startswith("*."):
-        # RFC 8461 §4.1: the wildcard stands for exactly one label, never zero or several.
-        first, _, rest = name.partition(".")
-        return bool(first) and rest == pat[2:]
-    return name == pat
-
-
-# --------------------------------------------------------------------------- tagged records
-
-
-def split_fields(
-    text: str,
-    version: str,
-    error: Callable[[str], ValueError],
-    own_syntax: Collection[str] = (),
-) -> list[tuple[str, str]]:
-    """Split a `v=<version>; name=value; ...` TXT record into its fields after the version.
-
-    The grammar shared by RFC 8461 §3.1 and RFC 8460 §3: the version first, then one or more
-    fields separated by `*WSP ";" *WSP`, then an optional `;`. Field names and values are
-    checked for the generic extension syntax, except the values of fields named in
-    `own_syntax` (e.g. TLS-RPT `rua`, whose URIs may contain "="): the caller checks those.
-    """
-    prefix = "v=" + version
-    if not text.startswith(prefix):
-        raise error(f"the record must begin with {prefix!r}")
-    rest = text[len(prefix) :]
-    if not rest.lstrip(_WSP).startswith(";"):
-        raise error(f"{prefix!r} must be followed by ';' and at least one field")
-    parts = rest.split(";")
-    # parts[0] is what sits between the version and the first ";": whitespace only.
-    body = parts[1:]
-    if body and body[-1].strip(_WSP) == "":
-        body = body[:-1]  # the optional trailing delimiter
-    if not body:
-        raise error(f"no fields after {prefix!r}")
-    fields: list[tuple[str, str]] = []
-    for raw in body:
-        item = raw.strip(_WSP)
-        if not item:
-            raise error("empty field between two ';'")
-        name, eq, value = item.partition("=")
-        if not eq:
-            raise error(f"field {item!r} is not name=value")
-        if not _EXT_NAME.fullmatch(name):
-            raise error(
-                f"field name {name!r} is invalid (a letter or digit, then up to 31 letters, "
-                "digits, '_', '-' or '.')"
-            )
-        if name in own_syntax:
-            if not value:
-                raise error(f"{name!r} has an empty value")
-        elif not _RECORD_EXT_VALUE.fullmatch(value):
-            raise error(
-                f"value of {name!r} is {value!r}: values must be non-empty printable ASCII "
-                "without spaces, '=' or ';'"
-            )
-        fields.append((name, value))
-    return fields
-
-
-def _begins_with(text: str, version: str) -> bool:
-    # RFC 8461 §3.1 keeps records beginning with "v=STSv1;"; erratum 6285 allows WSP before ";".
-    return re.match(re.escape("v=" + version) + r"[ \t]*;", text) is not None
+    return names.identifier_matches(pattern, host, tld_wildcard=True)
 
 
 # --------------------------------------------------------------------------- TXT record
@@ -229,10 +115,9 @@ def parse_record(text: str) -> StsRecord:
     fields = split_fields(text, STS_VERSION, StsRecordError)
     ids = [value for name, value in fields if name == "id"]
     if not ids:
-        hint = ""
-        if any(name.lower() == "id" for name, _ in fields):
-            hint = " (field names are case-sensitive: write 'id=')"
-        raise StsRecordError("the record has no id field; RFC 8461 §3.1 requires one" + hint)
+        raise StsRecordError(
+            "the record has no id field; RFC 8461 §3.1 requires one" + case_hint(fields, "id")
+        )
     if len(ids) > 1:
         # Ambiguous: the id decides whether a cached policy is refetched (§3.1, §5.1).
         raise StsRecordError(f"the record has {len(ids)} id fields; exactly one is allowed")
@@ -249,7 +134,7 @@ def select_record(txt_strings: Sequence[str]) -> StsRecord | None:
     Records not beginning with `v=STSv1;` are dropped. None: no candidate (no policy
     announced). StsRecordError: several candidates, or the only one is malformed.
     """
-    candidates = [t for t in txt_strings if _begins_with(t, STS_VERSION)]
+    candidates = [t for t in txt_strings if begins_with(t, STS_VERSION)]
     if not candidates:
         return None
     if len(candidates) > 1:
@@ -258,16 +143,6 @@ def select_record(txt_strings: Sequence[str]) -> StsRecord | None:
             "RFC 8461 §3.1 requires exactly one"
         )
     return parse_record(candidates[0])
-
-
-def presentation_format_error(text: str) -> str | None:
-    """The common mistake of pasting a TXT record as `dig` shows it, quotes and all."""
-    if text.startswith('"'):
-        return (
-            "the record starts with a quote: pass the TXT content, not its presentation "
-            "format (join the strings with nothing between them)"
-        )
-    return None
 
 
 def lint_record(text: str) -> tuple[dict[str, Any], list[str], list[str]]:
@@ -373,28 +248,28 @@ def _scan_policy(text: str) -> _Scan:
         lines.pop()  # the optional final line terminator
     for number, line in enumerate(lines, start=1):
         where = f"line {number}"
-        if line.strip(_WSP) == "":
+        if line.strip(WSP) == "":
             scan.warnings.append(f"{where} is blank; RFC 8461 §3.2 has no blank lines (ignored)")
             continue
         scan.lines.append(line)
-        if line[0] in _WSP:
+        if line[0] in WSP:
             scan.errors.append(f"{where} starts with whitespace; write 'key: value'")
             continue
         key, colon, value = line.partition(":")
         if not colon:
             scan.errors.append(f"{where} ({line!r}) is not 'key: value'")
             continue
-        if key != key.rstrip(_WSP):
+        if key != key.rstrip(WSP):
             # §3.2: sts-policy-field-delim = ":" *WSP, so nothing may sit between key and ":".
             scan.errors.append(f"{where}: no whitespace is allowed before ':' ({line!r})")
             continue
-        if not _EXT_NAME.fullmatch(key):
+        if not FIELD_NAME.fullmatch(key):
             scan.errors.append(
                 f"{where}: {key!r} is not a field name (a letter or digit, then up to 31 "
                 "letters, digits, '_', '-' or '.')"
             )
             continue
-        value = value.strip(_WSP)  # §3.2: *WSP after ":" and before the line end
+        value = value.strip(WSP)  # §3.2: *WSP after ":" and before the line end
         if not value:
             scan.errors.append(f"{where}: {key!r} has no value")
             continue
@@ -470,12 +345,11 @@ def _build_policy(scan: _Scan) -> tuple[Policy | None, dict[str, Any]]:
 
     patterns: list[str] = []
     for number, raw in scan.mx:
-        value = raw
-        if value.endswith(".") and not value.endswith(("..", "*.")):
+        if raw.endswith(".") and not raw.endswith(("..", "*.")):
+            # Outside the §3.2 grammar but unambiguous; `normalise_pattern` removes it.
             warnings.append(f"line {number}: trailing dot removed from mx {raw!r}")
-            value = value[:-1]
         try:
-            pattern = normalise_pattern(value)
+            pattern = names.normalise_pattern(raw)
         except ValueError as exc:
             errors.append(f"line {number}: invalid mx pattern: {exc}")
             continue

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.utils import CryptographyDeprecationWarning
 
 from mxguard.protocol import libcrypto
+from mxguard.protocol.names import HostNameError, normalise_host
 from mxguard.protocol.results import ResultType
 
 _ISO = "%Y-%m-%dT%H:%M:%SZ"
@@ -130,13 +131,11 @@ def default_auth_level() -> int:
 
 
 def reference_name(name: str) -> str | None:
-    """The name RFC 8461 §4.2 compares: no trailing dot, lower case, A-labels; None if unusable."""
-    name = name.strip().rstrip(".").lower()
-    if not name or "\x00" in name:
-        return None
+    """The name RFC 8461 §4.2 compares (``names.normalise_host``: lower-case A-labels, IDNA
+    2008, no trailing dot); None if it is not a host name."""
     try:
-        return name if name.isascii() else name.encode("idna").decode("ascii")
-    except UnicodeError:
+        return normalise_host(name)
+    except HostNameError:
         return None
 
 

@@ -35,7 +35,8 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-from mxguard.protocol.mtasts import Mode, matches, normalise_host, normalise_pattern
+from mxguard.protocol.mtasts import Mode, matches
+from mxguard.protocol.names import HostNameError, normalise_host, normalise_pattern
 
 # RFC 3339 §5.6 date-time, strictly: "T", seconds, and an offset are required.
 _RFC3339 = re.compile(
@@ -84,7 +85,7 @@ class PolicyList:
         """The policy for exactly `domain` (parent domains do not count), or None."""
         try:
             return self.policies.get(normalise_host(domain))
-        except ValueError:
+        except HostNameError:
             return None
 
     def is_expired(self, now: datetime) -> bool:
@@ -156,7 +157,7 @@ def _parse_policy(obj: object, where: str) -> ListPolicy:
             )
         try:
             pattern = normalise_pattern(candidate)
-        except ValueError as exc:
+        except HostNameError as exc:
             raise PolicyListError(f"{where}: mxs entry {entry!r} is invalid: {exc}") from None
         if pattern not in patterns:
             patterns.append(pattern)
@@ -212,7 +213,7 @@ def parse_list(data: bytes | str, *, now: datetime) -> PolicyList:
         where = f"policies[{domain!r}]"
         try:
             key = normalise_host(domain)
-        except ValueError as exc:
+        except HostNameError as exc:
             raise PolicyListError(f"{where}: not a mail domain: {exc}") from None
         if key in policies:
             raise PolicyListError(f"{where}: {key!r} is listed twice")

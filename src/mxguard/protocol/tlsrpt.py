@@ -4,7 +4,7 @@ A domain publishes `_smtp._tls.<domain>` TXT `v=TLSRPTv1; rua=<uri>[,<uri>...]`.
 parses and validates that record; building and sending the reports (§4, §5) lives elsewhere.
 
 The record grammar is the one of MTA-STS records (RFC 8461 §3.1, shared via
-`mtasts.split_fields`): the version first, fields separated by `*WSP ";" *WSP`, an optional
+`txtfields.split_fields`): the version first, fields separated by `*WSP ";" *WSP`, an optional
 trailing `;`. Decisions:
 
 - `select_record` returns None when no TXT record begins with `v=TLSRPTv1;` and raises
@@ -29,7 +29,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from mxguard.protocol.mtasts import normalise_host, presentation_format_error, split_fields
+from mxguard.protocol import names
+from mxguard.protocol.txtfields import (
+    begins_with,
+    case_hint,
+    presentation_format_error,
+    split_fields,
+)
 
 TLSRPT_VERSION = "TLSRPTv1"
 # RFC 3986 §2: the characters a URI may contain, minus "," and "!" (RFC 8460 §3 requires them
@@ -116,8 +122,8 @@ def mailbox_of(uri: str) -> str:
             ) from None
     else:
         try:
-            normalise_host(domain)
-        except ValueError as exc:
+            names.normalise_host(domain)
+        except names.HostNameError as exc:
             raise TlsRptRecordError(f"rua URI {uri!r}: bad mail domain: {exc}") from None
     return address
 
@@ -183,10 +189,9 @@ def parse_record(text: str) -> TlsRptRecord:
             seen_rua = True
             rua.extend(_split_rua(value))
     if not seen_rua:
-        hint = ""
-        if any(name.lower() == "rua" for name, _ in fields):
-            hint = " (field names are case-sensitive: write 'rua=')"
-        raise TlsRptRecordError("the record has no rua field; RFC 8460 §3 requires one" + hint)
+        raise TlsRptRecordError(
+            "the record has no rua field; RFC 8460 §3 requires one" + case_hint(fields, "rua")
+        )
     extensions = tuple((n, v) for n, v in fields if n != "rua")
     return TlsRptRecord(rua=tuple(rua), extensions=extensions)
 
@@ -197,7 +202,7 @@ def select_record(txt_strings: Sequence[str]) -> TlsRptRecord | None:
     Records not beginning with `v=TLSRPTv1;` are dropped. None: no candidate. TlsRptRecordError:
     several candidates, or the only one is malformed.
     """
-    candidates = [t for t in txt_strings if re.match(r"v=TLSRPTv1[ \t]*;", t)]
+    candidates = [t for t in txt_strings if begins_with(t, TLSRPT_VERSION)]
     if not candidates:
         return None
     if len(candidates) > 1:
