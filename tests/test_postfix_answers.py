@@ -37,7 +37,7 @@ from mxguard.postfix.answers import (
     parse_request,
     policy_answer,
 )
-from mxguard.postfix.server import query
+from mxguard.postfix.query import query
 from mxguard.protocol import localrules
 from mxguard.protocol.results import Failure, ResultType
 

@@ -20,7 +20,10 @@ from mxguard.cli.output import emit_json
 from mxguard.config import ConfigError, Settings, load, port, resolvers
 from mxguard.engine.context import engine
 from mxguard.postfix.answers import Options
-from mxguard.postfix.server import ListenError, PolicyServer, options_from, query
+from mxguard.postfix.listen import ListenError
+from mxguard.postfix.options import options_from
+from mxguard.postfix.query import query
+from mxguard.postfix.server import PolicyServer
 
 log = logging.getLogger(__name__)
 

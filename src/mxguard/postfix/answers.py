@@ -47,7 +47,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mxguard.engine.policy import Auth, DeliveryPolicy, Mode, Source, Status, Tls
+from mxguard.engine.policy import Auth, DeliveryPolicy, Mode, MxPolicy, Source, Status, Tls
 from mxguard.engine.resolve import DomainError, normalise_domain
 from mxguard.postfix.netstring import pct_encode
 from mxguard.protocol import localrules
@@ -257,16 +257,7 @@ def policy_answer(
         # Null MX (RFC 7505) or no such domain: Postfix bounces these without our help.
         return NOTFOUND
     if policy.status is Status.DEFER:
-        deferred = [m.defer for m in policy.mx if m.defer is not None]
-        if (
-            policy.local_floor == localrules.Floor.DANE.value
-            and deferred
-            and all(d.result_type is ResultType.DANE_REQUIRED for d in deferred)
-        ):
-            # A local "dane" floor without usable TLSA: Postfix's dane-only defers the same
-            # way, and it re-checks DNS on every attempt without waiting for our cache.
-            return Answer(Kind.OK, "dane-only")
-        return temp(_defer_reason(policy))
+        return _deferred_answer(policy)
 
     usable = policy.usable_mx
     levels = [_host_level(m.tls, m.auth) for m in usable]
@@ -286,18 +277,7 @@ def policy_answer(
     if skipped and top is _Level.ENCRYPT:
         return temp(_defer_reason(policy))
     if top is _Level.DANE_ONLY:
-        # Postfix's "dane" applies DANE per host (usable TLSA: verified; only unusable TLSA:
-        # encrypt; no TLSA: may). That equals our per-host decision when every other host is
-        # opportunistic or DANE-unusable; anything stricter (an MTA-STS or local floor on the
-        # other hosts) must not be lowered, and MTA-STS must not override DANE (RFC 8461 §2):
-        # then only DANE hosts may be used: dane-only.
-        others_fit = all(
-            lv is _Level.MAY or (lv is _Level.ENCRYPT and m.source is Source.DANE)
-            for m, lv in zip(usable, levels, strict=True)
-            if lv is not _Level.DANE_ONLY
-        )
-        mixed = any(lv is not _Level.DANE_ONLY for lv in levels)
-        return Answer(Kind.OK, "dane" if mixed and others_fit else "dane-only")
+        return Answer(Kind.OK, _dane_level(usable, levels))
     if top is _Level.SECURE:
         return Answer(Kind.OK, _secure(policy, options, list_patterns))
     if top is _Level.ENCRYPT:
@@ -305,7 +285,43 @@ def policy_answer(
         if only_tlsa and options.unusable_tlsa == "dane":
             return Answer(Kind.OK, "dane")
         return Answer(Kind.OK, "encrypt")
-    # Opportunistic everywhere: MTA-STS/list testing, or no policy at all.
+    return _opportunistic_answer(policy, options)
+
+
+def _deferred_answer(policy: DeliveryPolicy) -> Answer:
+    """A domain the engine defers: ``TEMP``, except under a local ``dane`` floor."""
+    deferred = [m.defer for m in policy.mx if m.defer is not None]
+    if (
+        policy.local_floor == localrules.Floor.DANE.value
+        and deferred
+        and all(d.result_type is ResultType.DANE_REQUIRED for d in deferred)
+    ):
+        # A local "dane" floor without usable TLSA: Postfix's dane-only defers the same
+        # way, and it re-checks DNS on every attempt without waiting for our cache.
+        return Answer(Kind.OK, "dane-only")
+    return temp(_defer_reason(policy))
+
+
+def _dane_level(usable: Sequence[MxPolicy], levels: Sequence[_Level]) -> str:
+    """``dane`` or ``dane-only`` for a domain where at least one host is DANE-authenticated.
+
+    Postfix's "dane" applies DANE per host (usable TLSA: verified; only unusable TLSA:
+    encrypt; no TLSA: may). That equals our per-host decision when every other host is
+    opportunistic or DANE-unusable; anything stricter (an MTA-STS or local floor on the other
+    hosts) must not be lowered, and MTA-STS must not override DANE (RFC 8461 §2): then only
+    DANE hosts may be used: dane-only.
+    """
+    others_fit = all(
+        lv is _Level.MAY or (lv is _Level.ENCRYPT and m.source is Source.DANE)
+        for m, lv in zip(usable, levels, strict=True)
+        if lv is not _Level.DANE_ONLY
+    )
+    mixed = any(lv is not _Level.DANE_ONLY for lv in levels)
+    return "dane" if mixed and others_fit else "dane-only"
+
+
+def _opportunistic_answer(policy: DeliveryPolicy, options: Options) -> Answer:
+    """Opportunistic everywhere: MTA-STS/list testing, or no policy at all."""
     if policy.source in (Source.MTA_STS, Source.LIST) and policy.mode is Mode.TESTING:
         level = "encrypt" if options.strict_testing else "may"
         attrs = _sts_attributes(policy) if options.tlsrpt_attributes else ""

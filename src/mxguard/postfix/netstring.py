@@ -26,6 +26,7 @@ line is reported once and skipped through its newline; framing is never lost.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_REQUEST = 4096  # Postfix keys are domain names or [host]:port: far below this
@@ -78,6 +79,13 @@ class NetstringDecoder:
         self._want = 0  # payload bytes still to read (or to discard)
         self._skipped = 0
         self._skipping_long = False  # the payload being skipped was answered as too long
+        self._steps: dict[int, Callable[[bytes, int, list[Event]], int]] = {
+            self._LENGTH: self._length,
+            self._PAYLOAD: self._payload_bytes,
+            self._COMMA: self._comma,
+            self._DISCARD: self._discard,
+            self._RESYNC: self._resync,
+        }
 
     @property
     def buffered(self) -> int:
@@ -93,96 +101,105 @@ class NetstringDecoder:
         events: list[Event] = []
         i, n = 0, len(data)
         while i < n and self._state != self._DEAD:
-            state = self._state
-            if state == self._LENGTH:
-                byte = data[i]
-                i += 1
-                if 0x30 <= byte <= 0x39:
-                    if len(self._digits) >= self.max_digits:
-                        events.append(
-                            self._framing_error(f"length has more than {self.max_digits} digits")
-                        )
-                        continue
-                    self._digits.append(byte)
-                elif byte == 0x3A:  # ":"
-                    if not self._digits:
-                        events.append(self._framing_error("netstring has no length before ':'"))
-                        continue
-                    length = int(self._digits)
-                    self._digits.clear()
-                    if length > self.max_request:
-                        self._want = length
-                        self._state = self._DISCARD
-                        events.append(
-                            Malformed(
-                                f"request of {length} bytes is longer than the limit of "
-                                f"{self.max_request}",
-                                too_long=True,
-                            )
-                        )
-                    else:
-                        self._want = length
-                        self._state = self._PAYLOAD if length else self._COMMA
-                else:
-                    what = "a ','" if byte == 0x2C else f"byte 0x{byte:02x}"
-                    events.append(
-                        self._framing_error(
-                            f"netstring length expected digits and ':', got {what}",
-                            consumed_comma=byte == 0x2C,
-                        )
-                    )
-            elif state == self._PAYLOAD:
-                take = min(self._want, n - i)
-                self._payload += data[i : i + take]
-                self._want -= take
-                i += take
-                if self._want == 0:
-                    self._state = self._COMMA
-            elif state == self._DISCARD:
-                take = min(self._want, n - i)
-                self._want -= take
-                i += take
-                if self._want == 0:
-                    self._state = self._COMMA
-                    self._payload.clear()
-                    self._skipping_long = True
-            elif state == self._COMMA:
-                byte = data[i]
-                i += 1
-                if byte == 0x2C:
-                    if self._skipping_long:
-                        self._skipping_long = False
-                    else:
-                        events.append(Request(bytes(self._payload)))
-                    self._payload.clear()
-                    self._state = self._LENGTH
-                else:
-                    self._payload.clear()
-                    was_long = self._skipping_long
-                    self._skipping_long = False
-                    error = self._framing_error(
-                        f"netstring payload is not followed by ',' (got byte 0x{byte:02x})"
-                    )
-                    if not was_long:  # an over-long request was answered already
-                        events.append(error)
-            elif state == self._RESYNC:
-                comma = data.find(b",", i, min(n, i + self.max_skip - self._skipped + 1))
-                if comma >= 0:
-                    i = comma + 1
-                    self._state = self._LENGTH
-                else:
-                    self._skipped += n - i
-                    i = n
-                    if self._skipped >= self.max_skip:
-                        self._state = self._DEAD
-                        events.append(
-                            Malformed(
-                                f"no ',' within {self.max_skip} bytes after a malformed "
-                                "netstring: framing lost",
-                                fatal=True,
-                            )
-                        )
+            # Each step consumes at least one byte and may change the state.
+            i = self._steps[self._state](data, i, events)
         return events
+
+    # One method per state: ``(data, i, events) -> the index of the first byte not consumed``.
+
+    def _length(self, data: bytes, i: int, events: list[Event]) -> int:
+        """One byte of the length prefix: a digit, the ':' after the digits, or an error."""
+        byte = data[i]
+        if 0x30 <= byte <= 0x39:
+            if len(self._digits) >= self.max_digits:
+                events.append(self._framing_error(f"length has more than {self.max_digits} digits"))
+            else:
+                self._digits.append(byte)
+        elif byte == 0x3A:  # ":"
+            self._colon(events)
+        else:
+            what = "a ','" if byte == 0x2C else f"byte 0x{byte:02x}"
+            events.append(
+                self._framing_error(
+                    f"netstring length expected digits and ':', got {what}",
+                    consumed_comma=byte == 0x2C,
+                )
+            )
+        return i + 1
+
+    def _colon(self, events: list[Event]) -> None:
+        """The length is complete: read the payload, or skip it when it is too long."""
+        if not self._digits:
+            events.append(self._framing_error("netstring has no length before ':'"))
+            return
+        length = int(self._digits)
+        self._digits.clear()
+        self._want = length
+        if length > self.max_request:
+            self._state = self._DISCARD
+            events.append(
+                Malformed(
+                    f"request of {length} bytes is longer than the limit of {self.max_request}",
+                    too_long=True,
+                )
+            )
+        else:
+            self._state = self._PAYLOAD if length else self._COMMA
+
+    def _payload_bytes(self, data: bytes, i: int, events: list[Event]) -> int:
+        take = min(self._want, len(data) - i)
+        self._payload += data[i : i + take]
+        self._want -= take
+        if self._want == 0:
+            self._state = self._COMMA
+        return i + take
+
+    def _discard(self, data: bytes, i: int, events: list[Event]) -> int:
+        """Skip an over-long payload (already answered) without storing it."""
+        take = min(self._want, len(data) - i)
+        self._want -= take
+        if self._want == 0:
+            self._state = self._COMMA
+            self._payload.clear()
+            self._skipping_long = True
+        return i + take
+
+    def _comma(self, data: bytes, i: int, events: list[Event]) -> int:
+        """The ',' that ends a netstring: the request is complete (or its framing broken)."""
+        byte = data[i]
+        was_long, self._skipping_long = self._skipping_long, False
+        if byte == 0x2C:
+            if not was_long:
+                events.append(Request(bytes(self._payload)))
+            self._payload.clear()
+            self._state = self._LENGTH
+        else:
+            self._payload.clear()
+            error = self._framing_error(
+                f"netstring payload is not followed by ',' (got byte 0x{byte:02x})"
+            )
+            if not was_long:  # an over-long request was answered already
+                events.append(error)
+        return i + 1
+
+    def _resync(self, data: bytes, i: int, events: list[Event]) -> int:
+        """Skip to the next ',' after a framing error; past ``max_skip`` bytes give up."""
+        n = len(data)
+        comma = data.find(b",", i, min(n, i + self.max_skip - self._skipped + 1))
+        if comma >= 0:
+            self._state = self._LENGTH
+            return comma + 1
+        self._skipped += n - i
+        if self._skipped >= self.max_skip:
+            self._state = self._DEAD
+            events.append(
+                Malformed(
+                    f"no ',' within {self.max_skip} bytes after a malformed netstring: "
+                    "framing lost",
+                    fatal=True,
+                )
+            )
+        return n
 
     def _framing_error(self, reason: str, *, consumed_comma: bool = False) -> Malformed:
         self._digits.clear()
