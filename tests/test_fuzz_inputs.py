@@ -20,10 +20,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mxguard import config
-from mxguard.adapters.smtp import ReplyError, parse_reply, parse_reply_line
 from mxguard.lab import certprofiles
 from mxguard.lab.scenario import ScenarioError, from_toml
 from mxguard.protocol import pkix
+from mxguard.protocol.smtp import ReplyError, parse_reply, parse_reply_line
 from mxguard.protocol.tlsrpt_report import ReportError, parse_report
 from mxguard.tlsrpt import postfix_log
 

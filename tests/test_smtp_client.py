@@ -18,23 +18,14 @@ from cryptography.hazmat.primitives import serialization
 
 import lab_peers as peers
 from lab_peers import AddressPool, run
-from mxguard.adapters.smtp import (
-    MAX_LINE,
-    MAX_REPLY_LINES,
-    Reply,
-    ReplyError,
-    SmtpClient,
-    SmtpError,
-    SmtpErrorKind,
-    dot_stuff,
-    parse_reply,
-)
+from mxguard.adapters.smtp import MAX_LINE, SmtpClient, SmtpError, SmtpErrorKind
 from mxguard.lab.attacker import Attacker
 from mxguard.lab.pki import LabPKI
 from mxguard.lab.scenario import AttackMode, CertKind, Host
 from mxguard.lab.smtp_receiver import SmtpReceiver
 from mxguard.protocol.pkix import verify_pkix
 from mxguard.protocol.results import ResultType
+from mxguard.protocol.smtp import MAX_REPLY_LINES, Reply, ReplyError, dot_stuff, parse_reply
 
 pytestmark = pytest.mark.timeout(30)
 

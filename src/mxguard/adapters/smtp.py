@@ -20,6 +20,11 @@ was asked to send (a 550 to RCPT is the server's decision, not a client failure)
 ``SmtpError`` when the step could not do what it is for: no connection, a timeout, a broken
 reply, STARTTLS refused or failed, the TLS guard. ``SmtpError.result_type`` carries the RFC 8460
 result type when the failure is one TLS-RPT reports name.
+
+Reply parsing, dot-stuffing and the mailbox check are pure and live in ``protocol/smtp.py``;
+this module re-exports them (``Reply``, ``ReplyError``, ``parse_reply``, ``parse_reply_line``,
+``dot_stuff``, ``address_problem``, ``MAX_REPLY_LINES``) for the code that imports them from
+here.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import asyncio
 import base64
 import contextlib
 import enum
-import re
 import ssl
 import warnings
 from collections import deque
@@ -41,21 +45,25 @@ from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
 from mxguard.protocol.results import ResultType
+from mxguard.protocol.smtp import (
+    MAX_REPLY_LINES,
+    Reply,
+    ReplyError,
+    address_problem,
+    dot_stuff,
+    parse_reply,
+    parse_reply_line,
+)
 
 # RFC 5321 §4.5.3.1.5 limits a reply line to 512 octets, but real servers exceed it; this is
 # the bound past which we stop believing we talk to an SMTP server.
 MAX_LINE = 4096
-MAX_REPLY_LINES = 200
 MAX_CHAIN = 16  # certificates kept from the presented chain
 DEFAULT_TIMEOUT = 60.0
 TRANSCRIPT_LIMIT = 1000  # entries kept (the latest ones)
 _TRANSCRIPT_TEXT = 300  # characters kept of one entry
 _READ_HIGH_WATER = 64 * 1024  # stop reading from the socket while this much is unread
 _CLOSE_GRACE = 2.0
-
-# RFC 3463 §2: class.subject.detail, class 2, 4 or 5.
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})")
-_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 class SmtpErrorKind(enum.StrEnum):
@@ -91,104 +99,6 @@ class SmtpError(Exception):
         self.message = message
         self.reply = reply
         self.result_type = result_type
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """One SMTP reply (RFC 5321 §4.2): the code, the text of each line, the RFC 3463 code."""
-
-    code: int
-    lines: tuple[str, ...]
-    enhanced: str | None = None  # "2.0.0", taken from the first line when its class fits
-
-    @property
-    def text(self) -> str:
-        return " / ".join(self.lines)
-
-    @property
-    def positive(self) -> bool:
-        return 200 <= self.code < 400
-
-    @property
-    def transient(self) -> bool:
-        # RFC 5321 §4.2.1: 4yz, "Transient Negative Completion": try again later.
-        return 400 <= self.code < 500
-
-    @property
-    def permanent(self) -> bool:
-        return self.code >= 500
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text}".rstrip()
-
-
-class ReplyError(ValueError):
-    """Reply text that breaks RFC 5321 §4.2 syntax; the message says what and where."""
-
-
-def parse_reply_line(raw: bytes) -> tuple[int, bool, str]:
-    """``(code, is_last, text)`` of one reply line (line ending already removed or not)."""
-    line = raw.rstrip(b"\r\n")
-    head = line[:3]
-    # RFC 5321 §4.2: Reply-code = %x32-35 %x30-35 %x30-39; we accept any second/third digit.
-    if len(head) < 3 or not head.isdigit() or head[:1] not in b"2345":
-        raise ReplyError(f"reply line {_show(line)} does not start with a code 200-599")
-    sep = line[3:4]
-    if sep not in (b"", b" ", b"-"):
-        raise ReplyError(f"reply line {_show(line)}: expected ' ' or '-' after the code")
-    text = line[4:].decode("utf-8", "replace")
-    return int(head), sep != b"-", text
-
-
-def parse_reply(raw_lines: Sequence[bytes]) -> Reply:
-    """A complete reply from its lines; every line must carry the same code (RFC 5321 §4.2.1)
-    and only the last one may be final."""
-    if not raw_lines:
-        raise ReplyError("empty reply")
-    if len(raw_lines) > MAX_REPLY_LINES:
-        raise ReplyError(f"reply has {len(raw_lines)} lines; at most {MAX_REPLY_LINES} accepted")
-    code = 0
-    texts = []
-    for i, raw in enumerate(raw_lines):
-        this, last, text = parse_reply_line(raw)
-        if i and this != code:
-            raise ReplyError(f"reply line {i + 1} has code {this}, the first line had {code}")
-        if last != (i == len(raw_lines) - 1):
-            where = "before the end" if last else "at the end"
-            raise ReplyError(f"reply line {i + 1} is {'final' if last else 'continued'} {where}")
-        code = this
-        texts.append(text)
-    return Reply(code, tuple(texts), _enhanced(code, texts[0]))
-
-
-def _enhanced(code: int, text: str) -> str | None:
-    match = _ENHANCED.match(text)
-    # RFC 3463 §3 / RFC 2034 §3: the enhanced class must agree with the reply's class.
-    if match is None or match.group(1) != str(code)[0]:
-        return None
-    end = match.end()
-    if end < len(text) and not text[end].isspace():
-        return None
-    return match.group(0)
-
-
-def _show(line: bytes, limit: int = 60) -> str:
-    shown = line[:limit].decode("utf-8", "replace")
-    return repr(shown) + ("..." if len(line) > limit else "")
-
-
-def dot_stuff(message: bytes) -> bytes:
-    """The DATA payload for ``message``: CRLF line endings, leading dots doubled, final ".".
-
-    RFC 5321 §4.5.2: a line that starts with "." gets another "." in front; §4.1.1.4: the data
-    ends with CRLF "." CRLF. Bare CR and bare LF are line endings too (§2.3.8 forbids them in
-    the data, so they can only have been meant as line breaks).
-    """
-    text = _LINE_END.sub(b"\r\n", message)
-    if text and not text.endswith(b"\r\n"):
-        text += b"\r\n"
-    text = re.sub(rb"(?m)^\.", b"..", text)
-    return text + b".\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +164,20 @@ def _parsed_chain(ders: tuple[bytes, ...]) -> tuple[x509.Certificate, ...]:
             # like it was sent in its place.
             break
     return tuple(chain)
+
+
+def _tls_info(transport: asyncio.Transport, sni: str) -> TlsInfo:
+    """What the handshake on ``transport`` established, and the chain the server presented."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    cipher = ssl_object.cipher() if ssl_object is not None else None
+    ders = _presented_ders(ssl_object) if ssl_object is not None else ()
+    return TlsInfo(
+        server_name=sni,
+        version=str(ssl_object.version()) if ssl_object is not None else "unknown",
+        cipher=str(cipher[0]) if cipher else "unknown",
+        chain=_parsed_chain(ders),
+        ders=ders,
+    )
 
 
 class _Stream(asyncio.Protocol):
@@ -453,22 +377,8 @@ class SmtpClient:
         if not helo_name:
             raise SmtpError(SmtpErrorKind.USAGE, "connect", "helo_name must not be empty")
         self._timeout, self._helo_name = timeout, helo_name
-        loop = asyncio.get_running_loop()
         self._note("*", f"connecting to {address}:{port}")
-        try:
-            async with asyncio.timeout(timeout):
-                _, stream = await loop.create_connection(_Stream, address, port)
-        except TimeoutError:
-            raise SmtpError(
-                SmtpErrorKind.TIMEOUT,
-                "connect",
-                f"no connection to {address}:{port} within {timeout:g} s",
-            ) from None
-        except OSError as exc:
-            raise SmtpError(
-                SmtpErrorKind.CONNECT, "connect", f"cannot connect to {address}:{port}: {exc}"
-            ) from None
-        self._stream, self._peer = stream, (address, port)
+        self._stream, self._peer = await _open(address, port, timeout), (address, port)
         banner = await self._exchange(None, "banner")
         self._banner = banner
         if banner.code != 220:
@@ -539,6 +449,18 @@ class SmtpClient:
                 "the TLS handshake (an injection attempt, or a broken server)",
                 result_type=ResultType.VALIDATION_FAILURE,
             )
+        stream.transport = await self._handshake(stream, sni, server_name)
+        info = _tls_info(stream.transport, sni)
+        self._tls = info
+        self._note("*", f"TLS established: {info.version}, {info.cipher}, SNI {sni}")
+        # RFC 3207 §4.2: forget everything learnt in plain text and ask again.
+        self._ehlo = None
+        await self._greet()
+        return info
+
+    async def _handshake(self, stream: _Stream, sni: str, server_name: str) -> asyncio.Transport:
+        """The TLS handshake on ``stream``'s transport; on failure the connection is aborted."""
+        assert stream.transport is not None
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._timeout):
@@ -566,23 +488,7 @@ class SmtpClient:
                 "the connection closed during the TLS handshake",
                 result_type=ResultType.VALIDATION_FAILURE,
             )
-        stream.transport = transport
-        ssl_object = transport.get_extra_info("ssl_object")
-        cipher = ssl_object.cipher() if ssl_object is not None else None
-        ders = _presented_ders(ssl_object) if ssl_object is not None else ()
-        info = TlsInfo(
-            server_name=sni,
-            version=str(ssl_object.version()) if ssl_object is not None else "unknown",
-            cipher=str(cipher[0]) if cipher else "unknown",
-            chain=_parsed_chain(ders),
-            ders=ders,
-        )
-        self._tls = info
-        self._note("*", f"TLS established: {info.version}, {info.cipher}, SNI {sni}")
-        # RFC 3207 §4.2: forget everything learnt in plain text and ask again.
-        self._ehlo = None
-        await self._greet()
-        return info
+        return transport
 
     async def auth(self, username: str, password: str) -> Reply:
         """AUTH PLAIN (RFC 4954 §4, RFC 4616) with an initial response; returns the reply."""
@@ -702,19 +608,7 @@ class SmtpClient:
             async with asyncio.timeout(self._timeout):
                 if data is not None:
                     await stream.write(data)
-                lines: list[bytes] = []
-                while True:
-                    raw = await stream.read_line()
-                    self._note("S", raw.rstrip(b"\r\n").decode("utf-8", "replace"))
-                    lines.append(raw)
-                    _, last, _ = parse_reply_line(raw)
-                    if last:
-                        break
-                    if len(lines) >= MAX_REPLY_LINES:
-                        raise ReplyError(
-                            f"reply has more than {MAX_REPLY_LINES} lines and is not finished"
-                        )
-                return parse_reply(lines)
+                return await self._read_reply(stream)
         except TimeoutError:
             self._abort()
             raise SmtpError(
@@ -733,6 +627,39 @@ class SmtpClient:
             raise SmtpError(
                 SmtpErrorKind.CLOSED, step, str(exc) or repr(exc), result_type=result_type
             ) from None
+
+    async def _read_reply(self, stream: _Stream) -> Reply:
+        """One complete reply, each line noted in the transcript as it arrives."""
+        lines: list[bytes] = []
+        while True:
+            raw = await stream.read_line()
+            self._note("S", raw.rstrip(b"\r\n").decode("utf-8", "replace"))
+            lines.append(raw)
+            _, last, _ = parse_reply_line(raw)
+            if last:
+                break
+            if len(lines) >= MAX_REPLY_LINES:
+                raise ReplyError(f"reply has more than {MAX_REPLY_LINES} lines and is not finished")
+        return parse_reply(lines)
+
+
+async def _open(address: str, port: int, within: float) -> _Stream:
+    """A TCP connection to ``address``:``port`` within ``within`` seconds, or SmtpError."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(within):
+            _, stream = await loop.create_connection(_Stream, address, port)
+    except TimeoutError:
+        raise SmtpError(
+            SmtpErrorKind.TIMEOUT,
+            "connect",
+            f"no connection to {address}:{port} within {within:g} s",
+        ) from None
+    except OSError as exc:
+        raise SmtpError(
+            SmtpErrorKind.CONNECT, "connect", f"cannot connect to {address}:{port}: {exc}"
+        ) from None
+    return stream
 
 
 def _check_argument(step: str, what: str, value: str) -> None:
@@ -757,22 +684,6 @@ def _server_name_indication(server_name: str) -> str:
             f"server_name {server_name!r} is not a host name to send as SNI (e.g. mx.example.com)",
         )
     return sni
-
-
-def address_problem(address: str) -> str | None:
-    """Why ``address`` cannot go into MAIL FROM or RCPT TO, or None when it can."""
-    if "\r" in address or "\n" in address or "\0" in address:
-        return f"address {address[:60]!r} contains CR, LF or NUL"
-    if any(c in address for c in "<> ") or len(address) > 512:
-        return (
-            f"address {address[:60]!r} is not a mailbox: no '<', '>' or spaces, at most 512 "
-            "characters (RFC 5321 §4.1.2, §4.5.3.1)"
-        )
-    try:
-        address.encode("utf-8")
-    except UnicodeEncodeError:
-        return f"address {address[:60]!r} is not valid UTF-8 text"
-    return None
 
 
 def _check_address(step: str, address: str) -> None:
