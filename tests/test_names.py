@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mxguard.adapters.https import policy_host
+from mxguard.engine.resolve import normalise_domain
 from mxguard.protocol import localrules, mtasts, pkix, policylist
 from mxguard.protocol.names import (
     MAX_LABEL_LENGTH,
@@ -255,7 +256,7 @@ def _policy_mx(name: str) -> str:
 
 CALLERS: list[tuple[str, Callable[[str], str | None]]] = [
     ("mtasts_policy_mx_pattern", _policy_mx),
-    ("mtasts_normalise_host_alias", mtasts.normalise_host),
+    ("engine_normalise_domain", normalise_domain),
     ("pkix_reference_name", pkix.reference_name),
     ("https_policy_host", lambda name: policy_host(name).removeprefix("mta-sts.")),
     ("localrules_rule_domain", lambda name: localrules.parse_rules({name: "tls"})[0].domain),

@@ -44,6 +44,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
+from mxguard.protocol import names
 from mxguard.protocol.results import ResultType
 from mxguard.protocol.smtp import (
     MAX_REPLY_LINES,
@@ -672,12 +673,11 @@ def _check_argument(step: str, what: str, value: str) -> None:
 def _server_name_indication(server_name: str) -> str:
     """``server_name`` as SNI: RFC 6066 §3, a DNS host name without the trailing dot."""
     _check_argument("STARTTLS", "server_name", server_name)
-    sni = server_name.strip().rstrip(".")
     try:
-        valid = bool(sni) and not sni.startswith(".") and bool(sni.encode("idna"))
-    except UnicodeError:
-        valid = False
-    if not valid:
+        sni = names.dns_name(server_name)
+    except names.HostNameError:
+        sni = ""
+    if not sni or sni.startswith(".") or sni != sni.strip():
         raise SmtpError(
             SmtpErrorKind.USAGE,
             "STARTTLS",

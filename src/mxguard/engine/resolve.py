@@ -32,7 +32,7 @@ from mxguard.engine.precedence import (
     decide,
 )
 from mxguard.engine.sts import StsOutcome, StsResolver
-from mxguard.protocol import dane, localrules, mtasts, policylist, tlsrpt
+from mxguard.protocol import dane, localrules, names, policylist, tlsrpt
 
 
 class DomainError(ValueError):
@@ -42,7 +42,7 @@ class DomainError(ValueError):
 def normalise_domain(domain: str) -> str:
     """Lower-case A-label form without a trailing dot (IDNA, RFC 5891)."""
     try:
-        return mtasts.normalise_host(domain)
+        return names.normalise_host(domain)
     except ValueError as exc:
         raise DomainError(f"{domain!r} is not a valid domain name: {exc}") from None
 
@@ -191,7 +191,7 @@ def _policy(
 
 
 def _name(name: object) -> str:
-    return str(name).rstrip(".").lower()
+    return names.dns_name(str(name))  # dnspython's names are ASCII: this cannot fail
 
 
 def _rua(answer: DnsAnswer) -> tuple[str, ...]:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mxguard.protocol import names
+
 
 class ScenarioError(ValueError):
     """A scenario file or object is invalid; the message names the field and what is allowed."""
@@ -209,6 +211,13 @@ class Scenario:
         return self
 
 
+def _name(value: Any, where: str) -> str:
+    try:
+        return names.dns_name(str(value))
+    except names.HostNameError as exc:
+        raise ScenarioError(f"{where}: name {str(value)[:80]!r}: {exc}") from None
+
+
 def _check_tlsa_spec(host: str, spec: str) -> None:
     words = spec.split()
     if words and words[0] == "wrong":
@@ -256,7 +265,7 @@ def _host(t: Mapping[str, Any], where: str) -> Host:
     if "name" not in t:
         raise ScenarioError(f"{where}: 'name' is required")
     return Host(
-        name=str(t["name"]).lower().rstrip("."),
+        name=_name(t["name"], where),
         starttls=bool(t.get("starttls", True)),
         cert=_enum(CertKind, t.get("cert", "valid"), f"{where}.cert"),
         tlsa=_strings(t.get("tlsa", []), f"{where}.tlsa"),
@@ -297,7 +306,7 @@ def _domain(t: Mapping[str, Any], where: str) -> Domain:
     _check_keys(t, keys, where)
     if "name" not in t:
         raise ScenarioError(f"{where}: 'name' is required")
-    name = str(t["name"]).lower().rstrip(".")
+    name = _name(t["name"], where)
     mx = _strings(t["mx"], f"{where}.mx") if "mx" in t else None
     hosts = t.get("host", [])
     if not isinstance(hosts, list):

@@ -55,6 +55,7 @@ from mxguard.lab.scenario import (
     Host,
     Scenario,
 )
+from mxguard.protocol import names
 from mxguard.protocol.dane import association_data
 
 TTL = 60  # short, so that scenario switches reach resolvers quickly
@@ -371,7 +372,7 @@ def _corrupt_signatures(txn: dns.transaction.Transaction) -> None:
 
 
 def _plain(name: str) -> str:
-    return name.strip().rstrip(".").lower()
+    return names.dns_name(name.strip())
 
 
 def _absolute(name: str) -> dns.name.Name:

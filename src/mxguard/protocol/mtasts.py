@@ -79,10 +79,6 @@ class Mode(enum.StrEnum):
 
 # --------------------------------------------------------------------------- host names
 
-# The name rules live in `names`; `normalise_host` stays importable from here for callers that
-# predate it (engine/resolve.py). New code imports `mxguard.protocol.names`.
-normalise_host = names.normalise_host
-
 
 def matches(pattern: str, host: str) -> bool:
     """Whether MX host `host` matches `mx` pattern `pattern` (RFC 8461 §4.1).
