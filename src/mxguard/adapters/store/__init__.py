@@ -1,33 +1,48 @@
-"""mxguard's state: the MTA-STS policy cache and the TLS-RPT session results, behind one interface.
+"""mxguard's state, in four roles: the MTA-STS policy cache, the TLS-RPT session log, the
+report queue and the log of what the Postfix policy server served.
 
-Two things outlive a single delivery and must survive restarts:
+Several things outlive a single delivery and must survive restarts:
 
-- the MTA-STS policy cache (RFC 8461 §5): a policy fetched once is trusted until `max_age`
-  passes, and this trust on first use is exactly what stops a STRIPTLS attacker who later
-  blocks policy discovery; losing the cache silently removes the protection;
-- the TLS outcome of every SMTP session (RFC 8460 §4), from which the daily aggregate reports
-  are built, and which must be kept until some `rua` accepted the report (RFC 8460 §5);
-- what mxguard's Postfix policy server served for each domain and since when
-  (`ServedPolicy`), so that the sessions Postfix logged are reported under the policy Postfix
-  was actually told to apply, not one resolved later (RFC 8460 §4.4 `policy`).
+- the MTA-STS policy cache (RFC 8461 §5, `PolicyCache`): a policy fetched once is trusted
+  until `max_age` passes, and this trust on first use is exactly what stops a STRIPTLS
+  attacker who later blocks policy discovery; losing the cache silently removes the
+  protection;
+- the session log (`SessionLog`): the TLS outcome of every SMTP session (RFC 8460 §4), from
+  which the daily aggregate reports are built, and which must be kept until some `rua`
+  accepted the report (RFC 8460 §5);
+- the report queue (`ReportQueue`): built reports waiting for delivery, with the claim that
+  gives each to one reporter at a time and the count of attempts (RFC 8460 §5);
+- the served log (`ServedLog`): what mxguard's Postfix policy server served for each domain
+  and since when (`ServedPolicy`), so that the sessions Postfix logged are reported under the
+  policy Postfix was actually told to apply, not one resolved later (RFC 8460 §4.4 `policy`).
 
-`Store` is the interface; `open_store(url)` picks a backend from the URL:
+Each role is a `typing.Protocol` of its own (a backend conforms by having the methods; mypy
+checks it where `open_store` returns the backend), and `Store` is all four together: what the
+engine, the reporter, the collector and the Postfix server are given. `open_store(url)` picks a
+backend from the URL:
 
-- `sqlite:///ABS/PATH` or `sqlite:///:memory:` — the default, embedded (sqlite.py);
-- `postgresql://…` — several mxguard nodes share one cache and one results table (postgres.py);
-- `redis://…` (or `rediss://…`) — the policy cache only (redis.py).
+- `sqlite:///ABS/PATH` or `sqlite:///:memory:` — the default, embedded (sqlite.py): all four;
+- `postgresql://…` — several mxguard nodes share one state (postgres.py): all four;
+- `redis://…` (or `rediss://…`, `unix://…`) — the policy cache only (redis.py). `open_store`
+  returns it as a `Store` (cache_only.py) whose other roles raise StoreError naming what
+  cannot be kept there and where it can: a delivery still works and logs that its session
+  results could not be recorded.
 
-The store never interprets what it keeps: it does not parse policies and does not apply
-expiry (the engine decides what an expired policy means, RFC 8461 §5.1), except that Redis
-drops a key at `expires_at` because that is how Redis keeps memory bounded. Writes that
-matter are durable before the call returns. Datetimes go in and come out as UTC-aware values.
+SQLite and PostgreSQL behave the same, call for call (tests/test_store_conformance.py runs one
+set of cases against each backend for each role it keeps). The store never interprets what
+it keeps: it does not parse policies and does not apply expiry (the engine decides what an
+expired policy means, RFC 8461 §5.1), except that Redis drops a key at `expires_at` because
+that is how Redis keeps memory bounded. Writes that matter are durable before the call
+returns. Datetimes go in and come out as UTC-aware values. A value that some backend could not
+give back unchanged (a naive time, a name not in key form, text with a NUL or a lone
+surrogate) is refused with StoreError by every backend alike, before anything is written.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -35,8 +50,13 @@ from typing import Protocol
 __all__ = [
     "POLICY_TYPES",
     "CachedPolicy",
+    "Closable",
     "PendingReport",
+    "PolicyCache",
+    "ReportQueue",
+    "ServedLog",
     "ServedPolicy",
+    "SessionLog",
     "SessionResult",
     "Store",
     "StoreError",
@@ -134,11 +154,21 @@ class ServedPolicy:
     answer: str  # the socketmap answer Postfix got, e.g. "OK dane-only" or "NOTFOUND"
 
 
-class Store(Protocol):
-    """What every backend offers. All methods are coroutines; writes are durable on return."""
+class Closable(Protocol):
+    """What every role has: a store is closed once, by whoever opened it."""
+
+    async def close(self) -> None:
+        """Release connections; the store must not be used afterwards (StoreError if it is)."""
+        ...
+
+
+class PolicyCache(Closable, Protocol):
+    """The MTA-STS policy cache (RFC 8461 §5): one policy per domain, trusted on first use.
+    Kept by every backend."""
 
     async def get_policy(self, domain: str) -> CachedPolicy | None:
-        """The cached policy of `domain`, expired or not; None when there is none."""
+        """The cached policy of `domain`, expired or not (a backend that expires keys, Redis,
+        has forgotten it once `expires_at` passed); None when there is none."""
         ...
 
     async def put_policy(self, policy: CachedPolicy) -> None:
@@ -150,11 +180,18 @@ class Store(Protocol):
         ...
 
     async def policies(self) -> list[CachedPolicy]:
-        """Every cached policy, ordered by domain (for the background refresher)."""
+        """Every cached policy, ordered by domain in code point order (for the background
+        refresher)."""
         ...
 
+
+class SessionLog(Closable, Protocol):
+    """The TLS outcome of every SMTP session (RFC 8460 §4), kept until a report covering it was
+    accepted (§5). Kept by SQLite and PostgreSQL."""
+
     async def add_results(self, results: Sequence[SessionResult]) -> None:
-        """Record session outcomes; each `id` must be None (the store assigns one)."""
+        """Record session outcomes, all or none; each `id` must be None (the store assigns
+        one)."""
         ...
 
     async def results_between(
@@ -178,10 +215,20 @@ class Store(Protocol):
         """Record that an accepted report `report_id` covered the results `ids`."""
         ...
 
+
+class ReportQueue(Closable, Protocol):
+    """Built TLS-RPT reports until some `rua` accepted them (RFC 8460 §5): claims, attempts,
+    delivery. It works on the session log of the same store (a report takes its results
+    atomically), so a backend with a report queue has a session log too. Kept by SQLite and
+    PostgreSQL."""
+
     async def add_report(self, report: PendingReport) -> bool:
         """Keep a built report and give it its `result_ids`, in one transaction; False (and
-        nothing stored) when another report already covers one of those results (another
-        reporter built them first): no session is reported twice."""
+        nothing stored) when another report already covers one of those results, or one of
+        them is not in the store (another reporter built them first): no session is reported
+        twice. Idempotent per `report_id`: the same report added again answers True and
+        changes nothing; a different report under a stored report-id is a StoreError, and so
+        is a report that lists a result twice."""
         ...
 
     async def claim_report(
@@ -197,11 +244,13 @@ class Store(Protocol):
         self, *, start: datetime | None = None, pending_only: bool = False
     ) -> list[PendingReport]:
         """Reports (of the day beginning at `start`, or all; only those neither delivered nor
-        dropped if `pending_only`), ordered by (next_attempt_at, report_id)."""
+        dropped if `pending_only`), ordered by (next_attempt_at, report_id), report-ids in
+        code point order."""
         ...
 
     async def report_failed(self, report_id: str, error: str, next_attempt_at: datetime) -> None:
-        """Record a delivery attempt that no `rua` accepted, and when to try again."""
+        """Record a delivery attempt that no `rua` accepted, and when to try again (nothing
+        happens for a report-id the store does not have)."""
         ...
 
     async def report_dropped(self, report_id: str, error: str, at: datetime) -> None:
@@ -211,15 +260,23 @@ class Store(Protocol):
 
     async def report_delivered(self, report_id: str, uri: str, at: datetime) -> None:
         """Record that `uri` accepted the report and mark its results reported (one
-        transaction: a crash leaves either both or neither)."""
+        transaction: a crash leaves either both or neither); StoreError for an unknown
+        report-id."""
         ...
+
+
+class ServedLog(Closable, Protocol):
+    """What the Postfix policy server served for each domain and since when (`ServedPolicy`),
+    so that logged sessions are reported under the policy Postfix was told to apply. Kept by
+    SQLite and PostgreSQL."""
 
     async def add_served(self, records: Sequence[ServedPolicy]) -> None:
         """Record what the Postfix policy server served (one transaction)."""
         ...
 
     async def served_at(self, domain: str, at: datetime) -> ServedPolicy | None:
-        """The record of `domain` in force at `at`: the latest with `record.at <= at`."""
+        """The record of `domain` in force at `at`: the latest with `record.at <= at` (of two
+        at the same moment, the one written later)."""
         ...
 
     async def prune_served(self, before: datetime) -> int:
@@ -227,9 +284,12 @@ class Store(Protocol):
         then, however old: an unchanged policy is never written again); how many went."""
         ...
 
-    async def close(self) -> None:
-        """Release connections; the store must not be used afterwards."""
-        ...
+
+class Store(PolicyCache, SessionLog, ReportQueue, ServedLog, Protocol):
+    """All four roles: what `open_store` returns and what the engine, the reporter, the
+    collector and the Postfix server are given. All methods are coroutines; writes are
+    durable on return. Over a backend that lacks a role (Redis), that role's methods raise
+    StoreError (see cache_only.py)."""
 
 
 def default_store_url() -> str:
@@ -276,9 +336,10 @@ async def open_store(url: str) -> Store:
 
         return await PostgresStore.open(url)
     if scheme in ("redis", "rediss", "unix"):
+        from mxguard.adapters.store.cache_only import PolicyCacheOnly
         from mxguard.adapters.store.redis import RedisStore
 
-        return await RedisStore.open(url)
+        return PolicyCacheOnly(await RedisStore.open(url), f"the Redis store {redact_url(url)}")
     raise StoreError(
         f"store URL {redact_url(url)!r} has an unknown scheme {scheme!r}; "
         f"use one of: {ACCEPTED_URLS}"
@@ -299,14 +360,18 @@ def redact_url(url: str) -> str:
 
 
 # Validation shared by the backends: the store refuses values it could not give back
-# unchanged, rather than normalising them behind the caller's back.
+# unchanged, rather than normalising them behind the caller's back. The checks are the same
+# for every backend, so that a value one of them takes is taken by all (PostgreSQL's text
+# cannot hold NUL; no backend can encode a lone surrogate; SQLite would take both).
 
 
 def check_domain(domain: str) -> str:
-    """`domain` if it is a lower-case ASCII name without a trailing dot, else StoreError."""
+    """`domain` if it is a lower-case ASCII name without a trailing dot, white space or control
+    characters, else StoreError."""
     if (
         not domain
         or not domain.isascii()
+        or not domain.isprintable()
         or domain != domain.lower()
         or domain.endswith(".")
         or any(c.isspace() for c in domain)
@@ -318,14 +383,50 @@ def check_domain(domain: str) -> str:
     return domain
 
 
+def check_text(value: str, name: str) -> str:
+    """`value` if every backend can keep it unchanged, else StoreError: no NUL character and
+    no lone surrogate (what `errors="surrogateescape"` leaves for undecodable bytes)."""
+    shown = repr(value if len(value) <= 60 else value[:60] + "…")
+    if "\x00" in value:
+        raise StoreError(
+            f"{name} {shown} contains a NUL character, which the store cannot keep "
+            "(PostgreSQL text cannot hold it); escape or remove it before storing"
+        )
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise StoreError(
+                f"{name} {shown} has a lone surrogate at position {exc.start}, which has no "
+                "UTF-8 form to store; decode the bytes it came from with errors='replace'"
+            ) from None
+    return value
+
+
+def _check_texts(value: CachedPolicy | SessionResult | ServedPolicy | PendingReport) -> None:
+    """Every text (and every text in a tuple) among the fields of `value`, by check_text."""
+    for f in fields(value):
+        item = getattr(value, f.name)
+        for text in item if isinstance(item, tuple) else (item,):
+            if isinstance(text, str):
+                check_text(text, f.name)
+
+
 def as_utc(value: datetime, name: str) -> datetime:
-    """`value` converted to UTC; StoreError for a naive datetime (its zone would be a guess)."""
+    """`value` converted to UTC; StoreError for a naive datetime (its zone would be a guess) and
+    for one that is no datetime in UTC (e.g. 9999-12-31T23:00-05:00)."""
     if value.tzinfo is None or value.utcoffset() is None:
         raise StoreError(
             f"{name} {value.isoformat()} has no time zone; pass a timezone-aware datetime, "
             "e.g. datetime.now(UTC)"
         )
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise StoreError(
+            f"{name} {value.isoformat()} is outside the years 1 to 9999 in UTC; pass a time "
+            "that is a datetime in UTC too"
+        ) from None
 
 
 def check_policy(policy: CachedPolicy) -> CachedPolicy:
@@ -333,6 +434,7 @@ def check_policy(policy: CachedPolicy) -> CachedPolicy:
     check_domain(policy.domain)
     if not policy.policy_id:
         raise StoreError(f"policy for {policy.domain} has an empty policy_id; pass the TXT id")
+    _check_texts(policy)
     return CachedPolicy(
         domain=policy.domain,
         policy_id=policy.policy_id,
@@ -354,6 +456,7 @@ def check_result(result: SessionResult) -> SessionResult:
             f"use one of {sorted(POLICY_TYPES)}"
         )
     check_domain(result.policy_domain)
+    _check_texts(result)
     return replace(result, at=as_utc(result.at, "at"))
 
 
@@ -365,14 +468,31 @@ def check_served(record: ServedPolicy) -> ServedPolicy:
             f"policy_type {record.policy_type!r} is not an RFC 8460 §4.4 policy type; "
             f"use one of {sorted(POLICY_TYPES)}"
         )
+    _check_texts(record)
     return replace(record, at=as_utc(record.at, "at"))
 
 
-def check_report(report: PendingReport) -> PendingReport:
-    """`report` with UTC datetimes, after checking it can be stored."""
-    check_domain(report.policy_domain)
-    if not report.report_id:
+def check_report_id(report_id: str) -> str:
+    """`report_id` if it can name a stored report, else StoreError."""
+    if not report_id:
         raise StoreError("report_id is empty; pass the RFC 8460 §4.4 report-id")
+    return check_text(report_id, "report_id")
+
+
+def check_report(report: PendingReport) -> PendingReport:
+    """`report` with UTC datetimes, after checking it can be stored: a report covers each of
+    its results once."""
+    check_domain(report.policy_domain)
+    check_report_id(report.report_id)
+    _check_texts(report)
+    seen: set[int] = set()
+    for i in report.result_ids:
+        if i in seen:
+            raise StoreError(
+                f"report {report.report_id!r} lists session result {i} more than once; "
+                "list each result once (a session is counted in one report, once)"
+            )
+        seen.add(i)
     return replace(
         report,
         start=as_utc(report.start, "start"),
@@ -385,14 +505,32 @@ def check_report(report: PendingReport) -> PendingReport:
     )
 
 
+def readded_report(stored: PendingReport, report: PendingReport) -> bool:
+    """What `add_report(report)` answers when a report with its report-id is `stored` already:
+    True when it is the same build (adding is idempotent: a retry after a lost answer must not
+    fail), StoreError when it is another report (RFC 8460 §4.4: report-ids are unique). The
+    delivery state (attempts, lease, outcome) has moved on since and is not compared."""
+    if _build(stored) != _build(report):
+        raise StoreError(
+            f"another report with report-id {report.report_id!r} is already in the store; "
+            "give each report its own report-id (RFC 8460 §4.4)"
+        )
+    return True
+
+
+def _build(r: PendingReport) -> tuple[object, ...]:
+    return (r.policy_domain, r.start, r.filename, r.body, r.rua, r.result_ids, r.created_at)
+
+
 # Times are kept as fixed-width UTC text where the backend has no time type, so that text order
-# is time order and a person reading the data sees real dates.
+# is time order and a person reading the data sees real dates. The year has four digits even
+# before 1000 (strftime's %Y does not pad it: "999-…" would sort after "2026-…").
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 def format_time(value: datetime) -> str:
     """`value` (aware) as fixed-width UTC text, e.g. 2024-05-01T00:00:00.000000Z."""
-    return value.astimezone(UTC).strftime(_TIME_FORMAT)
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_time(text: str) -> datetime:

@@ -1,5 +1,6 @@
 """The shared store: PostgreSQL, for several mxguard nodes with one policy cache and one
-TLS-RPT result table (docs/design.md, "State").
+TLS-RPT result table (docs/design.md, "State"). A `Store`: all four roles (store/__init__.py),
+call for call as the SQLite backend does (tests/test_store_conformance.py).
 
 Uses psycopg 3's asyncio connection. Each store holds one connection and runs one operation
 at a time on it (a lock), every write in its own transaction; PostgreSQL's default
@@ -9,7 +10,12 @@ time zone is UTC, so `timestamptz` values come back as UTC-aware datetimes.
 The schema is created on open, under an advisory lock so that nodes starting together do not
 race, and is versioned like the SQLite schema (table `schema_version`). Give mxguard its own
 database (or its own schema via `?options=-csearch_path%3Dmxguard`): the table names are
-plain (`sts_policies`, `session_results`, `schema_version`).
+plain (`sts_policies`, `session_results`, `tlsrpt_reports`, `served_policies`,
+`schema_version`).
+
+Text is sorted with `COLLATE "C"`, code point order as in SQLite and Redis, whatever collation
+the database was created with (a language's collation puts `a_b.example` before
+`a-c.example`, and report-id `ra` before `rB`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from mxguard.adapters.store import (
     check_report,
     check_result,
     check_served,
+    check_text,
+    readded_report,
     redact_url,
 )
 
@@ -199,7 +207,9 @@ class PostgresStore:
         await self._write("DELETE FROM sts_policies WHERE domain = %s", [(domain,)])
 
     async def policies(self) -> list[CachedPolicy]:
-        rows = await self._fetch(f"SELECT {_POLICY_COLUMNS} FROM sts_policies ORDER BY domain")
+        rows = await self._fetch(
+            f'SELECT {_POLICY_COLUMNS} FROM sts_policies ORDER BY domain COLLATE "C"'
+        )
         return [_policy_from_row(row) for row in rows]
 
     # --- TLS-RPT session results (RFC 8460 §4) ---
@@ -243,6 +253,7 @@ class PostgresStore:
         id_list = [int(i) for i in ids]
         if not report_id:
             raise StoreError("report_id is empty; pass the report-id of the accepted report")
+        check_text(report_id, "report_id")
         if id_list:
             await self._write(
                 "UPDATE session_results SET reported = %s, "
@@ -259,19 +270,25 @@ class PostgresStore:
             list(r.result_ids), r.created_at, r.next_attempt_at, r.attempts, r.last_error,
             r.delivered_at, r.delivered_to, r.dropped_at,
         )  # fmt: skip
-        ids = sorted(set(r.result_ids))
 
         async def work(conn: psycopg.AsyncConnection[Any]) -> bool:
             try:
                 async with conn.transaction():
+                    cur = await conn.execute(
+                        f"SELECT {_REPORT_COLUMNS} FROM tlsrpt_reports WHERE report_id = %s",
+                        (r.report_id,),
+                    )
+                    stored = await cur.fetchone()
+                    if stored is not None:
+                        return readded_report(_report_from_row(stored), r)
                     # Row locks: a concurrent reporter taking the same results waits here,
                     # then finds them taken (READ COMMITTED re-checks the WHERE clause).
                     cur = await conn.execute(
                         "UPDATE session_results SET built_into = %s "
                         "WHERE id = ANY(%s) AND built_into IS NULL",
-                        (r.report_id, ids),
+                        (r.report_id, list(r.result_ids)),
                     )
-                    if cur.rowcount != len(ids):
+                    if cur.rowcount != len(r.result_ids):
                         raise _Refused
                     await conn.execute(
                         f"INSERT INTO tlsrpt_reports ({_REPORT_COLUMNS}) VALUES "
@@ -282,11 +299,13 @@ class PostgresStore:
                 return False
             return True
 
-        return await self._run(work, idempotent=False)
+        # Safe to run again on a new connection: a report that did get stored is found.
+        return await self._run(work, idempotent=True)
 
     async def claim_report(
         self, report_id: str, *, now: datetime, until: datetime, force: bool = False
     ) -> PendingReport | None:
+        check_text(report_id, "report_id")
         rows = await self._fetch(
             "UPDATE tlsrpt_reports SET next_attempt_at = %s WHERE report_id = %s "
             "AND delivered_at IS NULL AND dropped_at IS NULL "
@@ -307,7 +326,7 @@ class PostgresStore:
             where.append("delivered_at IS NULL AND dropped_at IS NULL")
         rows = await self._fetch(
             f"SELECT {_REPORT_COLUMNS} FROM tlsrpt_reports WHERE {' AND '.join(where)} "
-            "ORDER BY next_attempt_at, report_id",
+            'ORDER BY next_attempt_at, report_id COLLATE "C"',
             tuple(params),
         )
         return [_report_from_row(row) for row in rows]
@@ -322,6 +341,8 @@ class PostgresStore:
         self, report_id: str, error: str, column: str, when: datetime
     ) -> None:
         """Count a failed attempt and set ``column`` (retry time, or when it was given up)."""
+        check_text(report_id, "report_id")
+        check_text(error, "error")
         await self._write(
             "UPDATE tlsrpt_reports SET attempts = attempts + 1, last_error = %s, "
             f"{column} = %s WHERE report_id = %s",
@@ -330,6 +351,8 @@ class PostgresStore:
         )
 
     async def report_delivered(self, report_id: str, uri: str, at: datetime) -> None:
+        check_text(report_id, "report_id")
+        check_text(uri, "uri")
         when = as_utc(at, "at")
 
         async def work(conn: psycopg.AsyncConnection[Any]) -> None:

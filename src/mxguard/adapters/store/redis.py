@@ -1,14 +1,16 @@
 """The Redis store: an MTA-STS policy cache (RFC 8461 §5) shared by several nodes, nothing else.
 
+`RedisStore` is a `PolicyCache` (store/__init__.py); `open_store` hands it out as a `Store`
+through `PolicyCacheOnly` (cache_only.py), whose other roles refuse: TLS-RPT session results
+need range queries and must be kept until a report is accepted (RFC 8460 §5), which is
+SQLite's or PostgreSQL's job, and so are the report queue and the record of what the Postfix
+policy server served (`ServedPolicy`), which go with them.
+
 Each cached policy is one hash, `<prefix>sts-policy:<domain>`, with the fields `policy_id`,
 `policy_text`, `fetched_at` and `expires_at` (fixed-width UTC text). The key expires at
 `expires_at` (PEXPIREAT), so Redis forgets a policy once RFC 8461 §5 no longer lets anyone
 use it; this is the one place where a store applies expiry. The key prefix defaults to
 `mxguard:` and is chosen with `?prefix=…` in the URL.
-
-TLS-RPT session results need range queries and must be kept until a report is accepted
-(RFC 8460 §5); that is SQLite's or PostgreSQL's job, and the result methods say so. So is
-the record of what the Postfix policy server served (`ServedPolicy`), which goes with them.
 
 Durability is the server's: a write is acknowledged once Redis has it in memory. Run Redis
 with `appendonly yes` and `appendfsync always` if the cache must survive a crash of Redis.
@@ -17,8 +19,7 @@ with `appendonly yes` and `appendfsync always` if the cache must survive a crash
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
-from datetime import datetime
+import inspect
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -27,9 +28,6 @@ import redis.exceptions
 
 from mxguard.adapters.store import (
     CachedPolicy,
-    PendingReport,
-    ServedPolicy,
-    SessionResult,
     StoreError,
     check_domain,
     check_policy,
@@ -43,24 +41,15 @@ DEFAULT_PREFIX = "mxguard:"
 # Seconds to wait for the server on connect and on every command.
 TIMEOUT = 10.0
 
-_RESULTS_REFUSED = (
-    "the Redis store holds the MTA-STS policy cache only; keep TLS-RPT session results in "
-    "SQLite or PostgreSQL (--store sqlite:///PATH or --store postgresql://…)"
-)
-_SERVED_REFUSED = (
-    "the Redis store holds the MTA-STS policy cache only; the policies the Postfix policy "
-    "server served are kept, like TLS-RPT session results, in SQLite or PostgreSQL "
-    "(--store sqlite:///PATH or --store postgresql://…)"
-)
-
 
 class RedisStore:
-    """The policy half of a Store on Redis; open it with `await RedisStore.open(url)`."""
+    """A PolicyCache on Redis; open it with `await RedisStore.open(url)`."""
 
     def __init__(self, url: str, client: aioredis.Redis, prefix: str) -> None:
         self.url = url
         self.prefix = prefix
         self._client = client
+        self._closed = False
 
     @classmethod
     async def open(cls, url: str) -> RedisStore:
@@ -132,60 +121,10 @@ class RedisStore:
         policies: list[CachedPolicy] = await self._call(collect())
         return policies
 
-    # --- TLS-RPT session results: not here ---
-
-    async def add_results(self, results: Sequence[SessionResult]) -> None:
-        raise StoreError(_RESULTS_REFUSED)
-
-    async def results_between(
-        self,
-        start: datetime,
-        end: datetime,
-        *,
-        unreported_only: bool = True,
-        unbuilt_only: bool = False,
-    ) -> list[SessionResult]:
-        raise StoreError(_RESULTS_REFUSED)
-
-    async def oldest_unbuilt(self, start: datetime, end: datetime) -> datetime | None:
-        raise StoreError(_RESULTS_REFUSED)
-
-    async def mark_reported(self, ids: Iterable[int], report_id: str) -> None:
-        raise StoreError(_RESULTS_REFUSED)
-
-    async def add_report(self, report: PendingReport) -> bool:
-        raise StoreError(_RESULTS_REFUSED)
-
-    async def reports(
-        self, *, start: datetime | None = None, pending_only: bool = False
-    ) -> list[PendingReport]:
-        raise StoreError(_RESULTS_REFUSED)
-
-    async def claim_report(
-        self, report_id: str, *, now: datetime, until: datetime, force: bool = False
-    ) -> PendingReport | None:
-        raise StoreError(_RESULTS_REFUSED)
-
-    async def report_failed(self, report_id: str, error: str, next_attempt_at: datetime) -> None:
-        raise StoreError(_RESULTS_REFUSED)
-
-    async def report_dropped(self, report_id: str, error: str, at: datetime) -> None:
-        raise StoreError(_RESULTS_REFUSED)
-
-    async def report_delivered(self, report_id: str, uri: str, at: datetime) -> None:
-        raise StoreError(_RESULTS_REFUSED)
-
-    async def add_served(self, records: Sequence[ServedPolicy]) -> None:
-        raise StoreError(_SERVED_REFUSED)
-
-    async def served_at(self, domain: str, at: datetime) -> ServedPolicy | None:
-        raise StoreError(_SERVED_REFUSED)
-
-    async def prune_served(self, before: datetime) -> int:
-        raise StoreError(_SERVED_REFUSED)
-
     async def close(self) -> None:
-        await self._client.aclose()
+        if not self._closed:
+            self._closed = True
+            await self._client.aclose()
 
     # --- plumbing ---
 
@@ -193,12 +132,22 @@ class RedisStore:
         return f"{self.prefix}sts-policy:{domain}"
 
     async def _call(self, awaitable: Any) -> Any:
+        if self._closed:
+            # redis-py would quietly open a new connection; the other backends refuse.
+            _close_unawaited(awaitable)
+            raise StoreError(f"Redis store {redact_url(self.url)} is closed; open it again")
         try:
             async with asyncio.timeout(TIMEOUT * 2):
                 return await awaitable
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             reason = str(exc).strip() or type(exc).__name__
             raise StoreError(f"Redis store {redact_url(self.url)}: {reason}") from exc
+
+
+def _close_unawaited(awaitable: Any) -> None:
+    # A coroutine that is never awaited warns when it is collected.
+    if inspect.iscoroutine(awaitable):
+        awaitable.close()
 
 
 def _split_prefix(url: str) -> tuple[str, str]:

@@ -1,4 +1,6 @@
-"""The default store: one SQLite file (or `:memory:`), embedded, no server to run.
+"""The default store: one SQLite file (or `:memory:`), embedded, no server to run. A `Store`:
+all four roles (store/__init__.py), call for call as the PostgreSQL backend does
+(tests/test_store_conformance.py).
 
 Durability (what docs/design.md "State" asks: durable before acknowledged): the database runs in
 WAL mode with `synchronous=FULL`, so a transaction is fsynced to the WAL before COMMIT
@@ -34,8 +36,10 @@ from mxguard.adapters.store import (
     check_report,
     check_result,
     check_served,
+    check_text,
     format_time,
     parse_time,
+    readded_report,
 )
 
 T = TypeVar("T")
@@ -302,6 +306,7 @@ class SQLiteStore:
         params = [(report_id, int(i)) for i in ids]
         if not report_id:
             raise StoreError("report_id is empty; pass the report-id of the accepted report")
+        check_text(report_id, "report_id")
         if not params:
             return
 
@@ -326,6 +331,12 @@ class SQLiteStore:
             # BEGIN IMMEDIATE serialises this with every other writer of the file, so two
             # reporters cannot both take the same results.
             with _write(conn):
+                stored = conn.execute(
+                    f"SELECT {_REPORT_COLUMNS} FROM tlsrpt_reports WHERE report_id = ?",
+                    (r.report_id,),
+                ).fetchone()
+                if stored is not None:
+                    return readded_report(_report_from_row(stored), r)
                 taken = 0
                 for params in ids:
                     taken += conn.execute(
@@ -350,6 +361,7 @@ class SQLiteStore:
     async def claim_report(
         self, report_id: str, *, now: datetime, until: datetime, force: bool = False
     ) -> PendingReport | None:
+        check_text(report_id, "report_id")
         lease = format_time(as_utc(until, "until"))
         due = format_time(as_utc(now, "now"))
 
@@ -396,6 +408,8 @@ class SQLiteStore:
         self, report_id: str, error: str, column: str, when: datetime
     ) -> None:
         """Count a failed attempt and set ``column`` (retry time, or when it was given up)."""
+        check_text(report_id, "report_id")
+        check_text(error, "error")
         value = format_time(as_utc(when, column))
 
         def work(conn: sqlite3.Connection) -> None:
@@ -409,6 +423,8 @@ class SQLiteStore:
         await self._with_conn(work)
 
     async def report_delivered(self, report_id: str, uri: str, at: datetime) -> None:
+        check_text(report_id, "report_id")
+        check_text(uri, "uri")
         when = format_time(as_utc(at, "at"))
 
         def work(conn: sqlite3.Connection) -> None:
