@@ -465,9 +465,11 @@ class Sender:
                 sending_ip=a.sending_ip,
                 receiving_mx=a.mx,
                 receiving_ip=a.ip,
-                receiving_helo=a.helo,
-                detail=(sts_failure.detail if sts_failure and not a.result_type else a.tls_detail)
-                or None,
+                receiving_helo=storable(a.helo),
+                detail=storable(
+                    (sts_failure.detail if sts_failure and not a.result_type else a.tls_detail)
+                    or None
+                ),
                 rua=policy.tlsrpt_rua,
                 is_report=self.is_report,
                 reported=None,
@@ -508,6 +510,15 @@ def _go(a: Attempt, result: ResultType | None, detail: str) -> tuple[Attempt, bo
 
 def _reply(r: Reply | None) -> str | None:
     return str(r) if r else None
+
+
+def storable(text: str | None) -> str | None:
+    """``text`` as the store can keep it: the peer chose parts of it (its HELO name, the names
+    in its certificate), and a NUL or an undecodable byte must not cost the session its
+    TLS-RPT record. Both are written as backslash escapes."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def _announced_name(client: SmtpClient) -> str | None:
