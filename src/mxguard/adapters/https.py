@@ -140,6 +140,93 @@ def _new_context(ca_file: Path | None) -> ssl.SSLContext:
     return ctx
 
 
+@dataclass(slots=True)
+class _Request:
+    """Where and how one fetch goes, and the response head once it arrived."""
+
+    host: str  # mta-sts.<domain>: SNI, Host header and the certificate's name
+    url: str  # the policy URL, as reported
+    request_url: str  # what httpx connects to (an IP literal with ``connect_to``)
+    headers: dict[str, str]
+    extensions: dict[str, object]
+    status: int | None = None
+    content_type: str | None = None
+
+
+def _request(domain: str, port: int, connect_to: str | None) -> _Request:
+    """The request for ``domain``'s policy; ``FetchAbort`` if there can be none."""
+    try:
+        host = policy_host(domain)
+        url = policy_url(domain, port)
+    except ValueError as exc:
+        raise FetchAbort(ResultType.STS_POLICY_FETCH_ERROR, f"no policy fetch: {exc}") from None
+    headers = {"Accept": "text/plain", "Accept-Encoding": "identity", "Connection": "close"}
+    request = _Request(host, url, url, headers, {})
+    if connect_to is not None:
+        try:
+            ip = ipaddress.ip_address(connect_to)
+        except ValueError:
+            raise FetchAbort(
+                ResultType.STS_POLICY_FETCH_ERROR,
+                f"connect_to {connect_to!r} is not an IP address",
+            ) from None
+        # httpx connects to the URL's host; the name is kept where it matters: SNI (and thus
+        # the certificate check, which uses the server name) and the Host header.
+        literal = f"[{ip}]" if ip.version == 6 else str(ip)
+        request.request_url = f"https://{literal}:{port}{POLICY_PATH}"
+        headers["Host"] = host if port == 443 else f"{host}:{port}"
+        request.extensions["sni_hostname"] = host
+    return request
+
+
+async def _get(
+    request: _Request,
+    ctx: ssl.SSLContext,
+    timeout: float,  # noqa: ASYNC109 - the caller's one deadline, applied by the caller too
+    max_size: int,
+) -> bytes:
+    """The policy body, read under the size cap; the head is noted on ``request``."""
+    async with httpx.AsyncClient(
+        verify=ctx,
+        follow_redirects=False,  # RFC 8461 §3.3
+        trust_env=False,  # no proxies or CA overrides from the environment
+        timeout=httpx.Timeout(timeout),
+        http2=False,
+    ) as client:
+        built = client.build_request(
+            "GET", request.request_url, headers=request.headers, extensions=request.extensions
+        )
+        response = await client.send(built, stream=True)
+        try:
+            request.status = response.status_code
+            request.content_type = response.headers.get("content-type")
+            check_response(response, request.url, max_size)
+            return await read_capped(response.aiter_raw(), max_size, request.url)
+        finally:
+            await response.aclose()
+
+
+def _failure(exc: BaseException, request: _Request, timeout: float) -> tuple[ResultType, str]:
+    """The result type and detail of a fetch that raised ``exc``."""
+    url = request.url
+    if isinstance(exc, FetchAbort):
+        return exc.result_type, exc.detail
+    if isinstance(exc, TimeoutError):
+        return (
+            ResultType.STS_POLICY_FETCH_ERROR,
+            f"no complete answer from {url} within {timeout:g} s",
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return ResultType.STS_POLICY_FETCH_ERROR, f"timed out fetching {url} (limit {timeout:g} s)"
+    cert_error = _certificate_error(exc)
+    if cert_error is not None:
+        return ResultType.STS_WEBPKI_INVALID, (
+            f"the certificate of {request.host} failed WebPKI validation: "
+            f"{cert_error.verify_message or cert_error.reason} (fetching {url})"
+        )
+    return ResultType.STS_POLICY_FETCH_ERROR, f"cannot fetch {url}: {_describe(exc)}"
+
+
 async def fetch_policy(
     domain: str,
     *,
@@ -155,115 +242,46 @@ async def fetch_policy(
     TLS server name, Host header and certificate check still use ``mta-sts.<domain>``.
     """
     start = time.monotonic()
+    request: _Request | None = None
 
-    def failed(
-        result_type: ResultType,
-        detail: str,
-        status: int | None = None,
-        content_type: str | None = None,
-    ) -> FetchResult:
-        return FetchResult(
-            False, None, result_type, detail, status, content_type, time.monotonic() - start
-        )
+    def failed(result_type: ResultType, detail: str) -> FetchResult:
+        status = request.status if request else None
+        content_type = request.content_type if request else None
+        elapsed = time.monotonic() - start
+        return FetchResult(False, None, result_type, detail, status, content_type, elapsed)
 
     try:
-        host = policy_host(domain)
-        url = policy_url(domain, port)
-    except ValueError as exc:
-        return failed(ResultType.STS_POLICY_FETCH_ERROR, f"no policy fetch: {exc}")
+        request = _request(domain, port, connect_to)
+    except FetchAbort as exc:
+        return failed(exc.result_type, exc.detail)
     try:
         ctx = client_context(ca_file)
     except (OSError, ssl.SSLError) as exc:
         # A broken local CA file is not the policy host's fault, so not sts-webpki-invalid.
         return failed(ResultType.STS_POLICY_FETCH_ERROR, f"cannot load CA file {ca_file}: {exc}")
-
-    request_url = url
-    headers = {"Accept": "text/plain", "Accept-Encoding": "identity", "Connection": "close"}
-    extensions: dict[str, object] = {}
-    if connect_to is not None:
-        try:
-            ip = ipaddress.ip_address(connect_to)
-        except ValueError:
-            return failed(
-                ResultType.STS_POLICY_FETCH_ERROR,
-                f"connect_to {connect_to!r} is not an IP address",
-            )
-        # httpx connects to the URL's host; the name is kept where it matters: SNI (and thus
-        # the certificate check, which uses the server name) and the Host header.
-        literal = f"[{ip}]" if ip.version == 6 else str(ip)
-        request_url = f"https://{literal}:{port}{POLICY_PATH}"
-        headers["Host"] = host if port == 443 else f"{host}:{port}"
-        extensions["sni_hostname"] = host
-
-    status: int | None = None
-    content_type: str | None = None
     try:
         async with asyncio.timeout(timeout):
-            async with httpx.AsyncClient(
-                verify=ctx,
-                follow_redirects=False,  # RFC 8461 §3.3
-                trust_env=False,  # no proxies or CA overrides from the environment
-                timeout=httpx.Timeout(timeout),
-                http2=False,
-            ) as client:
-                request = client.build_request(
-                    "GET", request_url, headers=headers, extensions=extensions
-                )
-                response = await client.send(request, stream=True)
-                try:
-                    status = response.status_code
-                    content_type = response.headers.get("content-type")
-                    check_response(response, url, max_size)
-                    body = await read_capped(response.aiter_raw(), max_size, url)
-                finally:
-                    await response.aclose()
-    except FetchAbort as exc:
-        return failed(exc.result_type, exc.detail, status, content_type)
-    except TimeoutError:
-        return failed(
-            ResultType.STS_POLICY_FETCH_ERROR,
-            f"no complete answer from {url} within {timeout:g} s",
-            status,
-            content_type,
-        )
-    except httpx.TimeoutException:
-        return failed(
-            ResultType.STS_POLICY_FETCH_ERROR,
-            f"timed out fetching {url} (limit {timeout:g} s)",
-            status,
-            content_type,
-        )
-    except (httpx.HTTPError, OSError) as exc:  # OSError: anything httpx did not wrap
-        cert_error = _certificate_error(exc)
-        if cert_error is not None:
-            return failed(
-                ResultType.STS_WEBPKI_INVALID,
-                f"the certificate of {host} failed WebPKI validation: "
-                f"{cert_error.verify_message or cert_error.reason} (fetching {url})",
-            )
-        return failed(
-            ResultType.STS_POLICY_FETCH_ERROR,
-            f"cannot fetch {url}: {_describe(exc)}",
-            status,
-            content_type,
-        )
-
+            body = await _get(request, ctx, timeout, max_size)
+    except (FetchAbort, TimeoutError, httpx.HTTPError, OSError) as exc:
+        # OSError: anything httpx did not wrap
+        result_type, detail = _failure(exc, request, timeout)
+        if result_type is ResultType.STS_WEBPKI_INVALID:
+            request.status = request.content_type = None  # no response: the handshake failed
+        return failed(result_type, detail)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         return failed(
             ResultType.STS_POLICY_INVALID,
-            f"the policy from {url} is not UTF-8 text (byte {exc.start} is invalid)",
-            status,
-            content_type,
+            f"the policy from {request.url} is not UTF-8 text (byte {exc.start} is invalid)",
         )
     return FetchResult(
         True,
         text,
         None,
-        f"fetched {len(body)} bytes from {url}",
-        status,
-        content_type,
+        f"fetched {len(body)} bytes from {request.url}",
+        request.status,
+        request.content_type,
         time.monotonic() - start,
     )
 
