@@ -97,6 +97,30 @@ def test_check_policy_from_stdin(stdin: bytes, code: int, fragment: str | None) 
         assert any(fragment in e for e in errors), errors
 
 
+def test_check_policy_calls_an_mx_with_a_trailing_dot_invalid() -> None:
+    body = POLICY.replace("mail.example.net", "mail.example.net.")
+    code, out = run(["sts", "check-policy", "-"], stdin=body.encode())
+    assert code == 1
+    assert out["valid"] is False
+    [error] = out["errors"]
+    assert "line 4: mx 'mail.example.net.' ends with a dot" in error
+    assert "write 'mx: mail.example.net'" in error
+    text = CliRunner().invoke(main, ["sts", "check-policy", "-"], input=body.encode())
+    assert text.exit_code == 1
+    assert "INVALID" in text.output and "error: line 4: mx 'mail.example.net.'" in text.output
+
+
+def test_sts_match_warns_that_other_senders_may_not_match_a_trailing_dot(tmp_path: Path) -> None:
+    # mxguard matches it (its sender removes the dot), so the match is valid; but say that
+    # other senders may not.
+    path = tmp_path / "mta-sts.txt"
+    path.write_text(POLICY.replace("mail.example.net", "mail.example.net."))
+    code, out = run(["sts", "match", str(path), "mail.example.net"])
+    assert code == 0
+    assert out["matched"] == "mail.example.net"
+    assert any("'mail.example.net.'" in w and "other senders" in w for w in out["warnings"])
+
+
 def test_oversized_policy_warns() -> None:
     big = POLICY + "".join(f"x{i}: {'y' * 60}\n" for i in range(1200))
     code, out = run(["sts", "check-policy", "-"], stdin=big.encode())

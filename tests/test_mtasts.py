@@ -418,6 +418,44 @@ def test_lint_policy_reports_partial_fields_and_errors() -> None:
     assert any("mx" in e for e in errors)
 
 
+TRAILING_DOTS = [
+    # (rule, mx line as written, the pattern to write instead)
+    ("host", "mx.example.com.", "mx.example.com"),
+    ("wildcard", "*.example.com.", "*.example.com"),
+    ("upper_case", "MX.Example.COM.", "MX.Example.COM"),
+]
+
+
+@pytest.mark.parametrize(
+    ("written", "instead"), [r[1:] for r in TRAILING_DOTS], ids=[r[0] for r in TRAILING_DOTS]
+)
+def test_lint_policy_makes_a_trailing_dot_an_error(written: str, instead: str) -> None:
+    # RFC 8461 §4.1 compares patterns with MX names without their trailing dot: many senders
+    # take the pattern as written and then match no MX host. mxguard's own parser removes the
+    # dot (sending is unchanged), but the linter must call the policy invalid, say why and
+    # what to write.
+    body = GOOD.replace("mx.example.com", written)
+    fields, errors, warnings = lint_policy(body)
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"line 3: mx {written!r} ends with a dot")
+    assert "RFC 8461 §4.1" in errors[0] and "other senders" in errors[0]
+    assert f"write 'mx: {instead}'" in errors[0]
+    assert not any("trailing dot" in w for w in warnings), warnings  # said once, as an error
+    assert fields["mx"] == [instead.lower()]
+    assert fields["mode"] == "enforce"
+    # The sender's side stays liberal: the same body parses, the dot removed, with a warning.
+    policy = parse_policy(body)
+    assert policy.mx == (instead.lower(),)
+    assert policy.allows(instead.replace("*", "mx"))
+    assert any("trailing dot" in w for w in policy.warnings)
+
+
+def test_lint_policy_names_every_line_with_a_trailing_dot() -> None:
+    body = GOOD + "mx: backup.example.net.\nmx: other.example.org\nmx: *.example.org.\n"
+    _, errors, _ = lint_policy(body.replace("mx.example.com", "mx.example.com."))
+    assert [e.split(":")[0] for e in errors] == ["line 3", "line 5", "line 7"]
+
+
 # --------------------------------------------------------------------------- §4.1 matching
 
 MATCHES = [

@@ -129,6 +129,65 @@ def test_record_rejected(text: str, reason: str) -> None:
     assert reason in info.value.reason
 
 
+# A URI with characters it may not hold: the reason names the characters actually there (never
+# "commas and '!'" for a URI that has neither) and says what to write instead.
+BAD_CHARACTERS = [
+    # (rule, rua, fragments of the reason, fragments it must not contain)
+    (
+        "placeholder_pasted_as_is",
+        "mailto:tls@<your_domain>",
+        ("'<' and '>' are not allowed", "replace the placeholder <your_domain> with your domain"),
+        ("comma", "'!'"),
+    ),
+    (
+        "other_placeholder",
+        "mailto:<user>@example.com",
+        ("'<' and '>' are not allowed", "replace the placeholder <user>"),
+        ("comma", "'!'"),
+    ),
+    (
+        "brace_placeholder",
+        "mailto:tlsrpt@{domain}",
+        ("'{' and '}' are not allowed", "replace the placeholder {domain} with your domain"),
+        ("comma",),
+    ),
+    (
+        "address_in_angle_brackets",
+        "mailto:<tlsrpt@example.com>",
+        ("'<' and '>' are not allowed", "without the angle brackets: mailto:tlsrpt@example.com"),
+        ("placeholder",),
+    ),
+    (
+        "uri_in_angle_brackets",
+        "<mailto:tlsrpt@example.com>",
+        ("'<' and '>' are not allowed", "without the angle brackets: mailto:tlsrpt@example.com"),
+        ("placeholder",),
+    ),
+    ("stray_bracket", "mailto:tlsrpt@example.com>", ("'>' is not allowed", "%3E"), ("'<'",)),
+    ("exclamation_point", "mailto:a!b@example.com", ("'!'", "%21", "RFC 8460 §3"), ("comma",)),
+    ("space", "https://r.example/a b", ("a space", "%20"), ("comma", "'!'")),
+    ("double_quote", 'mailto:"a"@example.com', ("'\"'", "%22"), ("comma", "'!'")),
+    ("non_ascii", "mailto:tlsrpt@exämple.com", ("'ä'", "%C3%A4"), ("comma", "'!'")),
+    ("several_listed_once_each", "https://r.example/a b!c d", ("a space and '!'",), ()),
+]
+
+
+@pytest.mark.parametrize(
+    ("rua", "fragments", "absent"),
+    [r[1:] for r in BAD_CHARACTERS],
+    ids=[r[0] for r in BAD_CHARACTERS],
+)
+def test_bad_characters_in_a_uri_are_named(
+    rua: str, fragments: tuple[str, ...], absent: tuple[str, ...]
+) -> None:
+    _, errors, _ = lint_record(f"v=TLSRPTv1; rua={rua}")
+    assert len(errors) == 1, errors
+    for fragment in fragments:
+        assert fragment in errors[0]
+    for fragment in absent:
+        assert fragment not in errors[0], errors[0]
+
+
 SELECT_NONE = [
     ("no_records", []),
     ("only_other_records", ["v=spf1 -all", "v=STSv1; id=1"]),

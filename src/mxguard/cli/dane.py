@@ -15,7 +15,7 @@ from typing import Any
 import click
 from cryptography import x509
 
-from mxguard.cli.output import emit_lint
+from mxguard.cli.output import emit_lint, wants_json
 from mxguard.protocol.dane import Tlsa, TlsaError, classify, parse_tlsa, verify_chain
 
 
@@ -74,10 +74,16 @@ def _load_chain(path: Path) -> list[x509.Certificate]:
     help="Reference name (the MX host; repeatable). Checked for DANE-TA only.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
 def match(
-    tlsa_texts: tuple[str, ...], chain_file: Path, names: tuple[str, ...], as_json: bool
+    ctx: click.Context,
+    tlsa_texts: tuple[str, ...],
+    chain_file: Path,
+    names: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Verify a certificate chain against TLSA records (RFC 7672 §3)."""
+    as_json = wants_json(ctx, as_json)
     records = _parse_records(tlsa_texts)
     chain = _load_chain(chain_file)
     # The edge reads the clock; the protocol layer is handed the time.
@@ -97,6 +103,4 @@ def match(
         "detail": verdict.detail,
         "records": shown if as_json else [f"{s['tlsa']}" for s in shown],
     }
-    click.get_current_context().exit(
-        emit_lint("DANE match", fields, errors, warnings, as_json=as_json)
-    )
+    ctx.exit(emit_lint("DANE match", fields, errors, warnings, as_json=as_json))

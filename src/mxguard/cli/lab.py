@@ -1,4 +1,8 @@
-"""`mxguard lab`: run the simulated mail internet on loopback, list its scenarios, self-test."""
+"""`mxguard lab`: run the simulated mail internet on loopback, list its scenarios, self-test.
+
+Each command prints JSON with its own `--json` or with the global setting (`mxguard --json`,
+`MXGUARD_JSON`, the config file's `json`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from types import FrameType
 
 import click
 
-from mxguard.cli.output import emit_json
+from mxguard.cli.output import emit_json, wants_json
 from mxguard.lab.scenario import Scenario, ScenarioError, builtin_names, named
 
 
@@ -22,10 +26,11 @@ def lab() -> None:
 
 @lab.command("scenarios")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def scenarios(as_json: bool) -> None:
+@click.pass_context
+def scenarios(ctx: click.Context, as_json: bool) -> None:
     """List the built-in scenarios and what each domain in them demonstrates."""
     found = [named(name) for name in builtin_names()]
-    if as_json:
+    if wants_json(ctx, as_json):
         emit_json(
             [
                 {
@@ -55,10 +60,12 @@ def scenarios(as_json: bool) -> None:
     help="Keep certificates, configs and logs here (default: a temporary folder).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def up(scenario: str, net: str, workdir: Path | None, as_json: bool) -> None:
+@click.pass_context
+def up(ctx: click.Context, scenario: str, net: str, workdir: Path | None, as_json: bool) -> None:
     """Run the lab in the foreground until Ctrl-C or SIGTERM."""
     from mxguard.lab.lab import Lab, LabError
 
+    as_json = wants_json(ctx, as_json)
     scen = named_or_fail(scenario)
     stop = threading.Event()
 
@@ -117,23 +124,40 @@ def _print_summary(summary: dict[str, object], seconds: float) -> None:
 
 @lab.command("check")
 @click.option("--net", default="127.78", show_default=True, help="Loopback /16 the lab uses.")
-def check(net: str) -> None:
-    """Self-test: start the standard lab and check each kind of peer from the outside."""
-    from mxguard.lab.check import run_checks
-    from mxguard.lab.lab import Lab, LabError
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def check(ctx: click.Context, net: str, as_json: bool) -> None:
+    """Self-test: start the standard lab and check each kind of peer from the outside.
+
+    Exit status: 0 every check passed, 1 some failed. JSON: ``ok``, ``passed``, ``failed``,
+    ``seconds``, ``checks`` (``check``, ``ok``, ``detail``).
+    """
+    from mxguard.lab import check as lab_check
+    from mxguard.lab import lab as lab_module
 
     started = time.monotonic()
     try:
-        with Lab(named("standard"), net=net) as the_lab:
-            results = run_checks(the_lab)
-    except (LabError, OSError) as exc:
+        with lab_module.Lab(named("standard"), net=net) as the_lab:
+            results = lab_check.run_checks(the_lab)
+    except (lab_module.LabError, OSError) as exc:
         raise click.ClickException(f"the lab did not start: {exc}") from None
-    failed = 0
-    for name, ok, detail in results:
-        mark = click.style("ok  ", fg="green") if ok else click.style("FAIL", fg="red")
-        click.echo(f"{mark} {name}" + (f" — {detail}" if detail else ""))
-        failed += not ok
-    click.echo(
-        f"{len(results) - failed} passed, {failed} failed ({time.monotonic() - started:.1f} s)"
-    )
+    failed = sum(not ok for _, ok, _ in results)
+    seconds = time.monotonic() - started
+    if wants_json(ctx, as_json):
+        emit_json(
+            {
+                "ok": not failed,
+                "passed": len(results) - failed,
+                "failed": failed,
+                "seconds": round(seconds, 3),
+                "checks": [
+                    {"check": name, "ok": ok, "detail": detail} for name, ok, detail in results
+                ],
+            }
+        )
+    else:
+        for name, ok, detail in results:
+            mark = click.style("ok  ", fg="green") if ok else click.style("FAIL", fg="red")
+            click.echo(f"{mark} {name}" + (f" — {detail}" if detail else ""))
+        click.echo(f"{len(results) - failed} passed, {failed} failed ({seconds:.1f} s)")
     sys.exit(1 if failed else 0)

@@ -16,6 +16,15 @@ EXIT_PERMANENT = 69  # EX_UNAVAILABLE
 EXIT_DEFERRED = 75  # EX_TEMPFAIL
 
 
+def wants_json(ctx: click.Context, as_json: bool | None) -> bool:
+    """Whether to print JSON: the command's own ``--json``, or the global setting (``--json``
+    before the command, ``MXGUARD_JSON``, the config file's ``json``), as every command must
+    honour (docs/design.md, "Global options")."""
+    from mxguard.cli import settings  # the group module imports this one
+
+    return bool(as_json or settings(ctx).json)
+
+
 def emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 

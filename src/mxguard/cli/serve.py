@@ -16,10 +16,10 @@ from typing import Any
 import click
 
 from mxguard.adapters.store import StoreError
-from mxguard.cli.output import emit_json
+from mxguard.cli.output import EXIT_DEFERRED, EXIT_OK, EXIT_USAGE, emit_json
 from mxguard.config import ConfigError, Settings, load, port, resolvers
 from mxguard.engine.context import engine
-from mxguard.postfix.answers import Options
+from mxguard.postfix.answers import Answer, Kind, Options
 from mxguard.postfix.listen import ListenError
 from mxguard.postfix.options import options_from
 from mxguard.postfix.query import query
@@ -109,7 +109,8 @@ def serve() -> None:
     "--query",
     "query_key",
     metavar="KEY",
-    help="Print the answer for KEY (a domain or any Postfix key) and exit.",
+    help="Print the answer for KEY (a domain or any Postfix key) and exit: 0 for OK or "
+    "NOTFOUND, 75 for TEMP, 2 for PERM (KEY is not a valid key).",
 )
 @click.option("--json", "as_json", is_flag=True, default=None, help="With --query: JSON.")
 @click.pass_context
@@ -130,6 +131,10 @@ def postfix(
     Answers per domain: dane-only (usable DANE), secure match=... (MTA-STS or list enforce),
     encrypt, TEMP on temporary or DNSSEC failures, NOTFOUND without a policy. See
     docs/postfix.md for main.cf lines and every decision.
+
+    Exit status: 0 after SIGTERM or SIGINT, 1 when a listener cannot be opened, 2 on a usage
+    error. With --query KEY: 0 for an OK or NOTFOUND answer, 75 (EX_TEMPFAIL) for TEMP (Postfix
+    would defer the mail and ask again later), 2 for PERM (KEY is not a key Postfix sends).
     """
     from mxguard.cli import settings
 
@@ -146,8 +151,7 @@ def postfix(
         raise click.BadParameter("expected seconds from 0.05 to 60", param_hint="--budget")
 
     if query_key is not None:
-        _query(ctx, s, query_key, options, bool(as_json or s.json))
-        return
+        ctx.exit(_query(s, query_key, options, bool(as_json or s.json)))
 
     listens = list(listen) or table.get("listen") or ["inet:127.0.0.1:8461"]
     try:
@@ -176,8 +180,22 @@ def postfix(
         raise click.ClickException(str(exc)) from None
 
 
-def _query(ctx: click.Context, s: Settings, key: str, options: Options, as_json: bool) -> None:
-    async def run() -> tuple[Any, Any]:
+# `serve postfix --query`: the exit status of each kind of answer. TEMP (and TIMEOUT, which
+# the server alone gives) is what a caller must retry, as Postfix does; PERM, for a key that is
+# not one, is the caller's mistake.
+_QUERY_EXIT = {
+    Kind.OK: EXIT_OK,
+    Kind.NOTFOUND: EXIT_OK,
+    Kind.TEMP: EXIT_DEFERRED,
+    Kind.TIMEOUT: EXIT_DEFERRED,
+    Kind.PERM: EXIT_USAGE,
+}
+
+
+def _query(s: Settings, key: str, options: Options, as_json: bool) -> int:
+    """Print the answer for ``key``; return the exit status (``_QUERY_EXIT``)."""
+
+    async def run() -> tuple[Answer, Any]:
         async with engine(s) as e:
             return await query(e, key, options)
 
@@ -194,12 +212,13 @@ def _query(ctx: click.Context, s: Settings, key: str, options: Options, as_json:
                 "policy": policy.to_json() if policy is not None else None,
             }
         )
-        return
-    click.echo(answer.socketmap().decode())
-    if policy is not None:
-        from mxguard.cli.policy import render
+    else:
+        click.echo(answer.socketmap().decode())
+        if policy is not None:
+            from mxguard.cli.policy import render
 
-        render(policy)
+            render(policy)
+    return _QUERY_EXIT[answer.kind]
 
 
 def _reread(ctx: click.Context) -> Settings:

@@ -1,7 +1,8 @@
 """`mxguard sts`: MTA-STS linting: records, policies and MX matching (RFC 8461).
 
 Thin front end over `mxguard.protocol.mtasts`: each command prints a lint verdict with
-`emit_lint` and exits 0 when valid, 1 when invalid (2 for usage errors, from click).
+`emit_lint` and exits 0 when valid, 1 when invalid (2 for usage errors, from click). JSON comes
+with each command's own `--json` or with the global setting (`mxguard --json`, `MXGUARD_JSON`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any, BinaryIO
 
 import click
 
-from mxguard.cli.output import emit_lint
+from mxguard.cli.output import emit_lint, wants_json
 from mxguard.protocol import mtasts, names
 
 # Senders cap the policy body they fetch (RFC 8461 §3.3 suggests 64 KiB); a bigger file is read
@@ -33,7 +34,9 @@ def sts() -> None:
 def check_record(ctx: click.Context, text: str, as_json: bool) -> None:
     """Lint an `_mta-sts` TXT record, e.g. 'v=STSv1; id=20240501T000000'."""
     fields, errors, warnings = mtasts.lint_record(text)
-    ctx.exit(emit_lint("MTA-STS record", fields, errors, warnings, as_json=as_json))
+    ctx.exit(
+        emit_lint("MTA-STS record", fields, errors, warnings, as_json=wants_json(ctx, as_json))
+    )
 
 
 def _read_policy(stream: BinaryIO) -> tuple[str | None, list[str], list[str]]:
@@ -63,7 +66,9 @@ def check_policy(ctx: click.Context, policy_file: BinaryIO, as_json: bool) -> No
     if text is not None:
         fields, errors, lint_warnings = mtasts.lint_policy(text)
         warnings += lint_warnings
-    ctx.exit(emit_lint("MTA-STS policy", fields, errors, warnings, as_json=as_json))
+    ctx.exit(
+        emit_lint("MTA-STS policy", fields, errors, warnings, as_json=wants_json(ctx, as_json))
+    )
 
 
 @sts.command("match")
@@ -94,4 +99,8 @@ def match(ctx: click.Context, policy_file: BinaryIO, host: str, as_json: bool) -
                 errors.append(f"{host} matches no mx pattern of the policy (patterns: {shown})")
             if policy.mode is mtasts.Mode.NONE:
                 warnings.append("the policy's mode is 'none': senders do not enforce it")
-    ctx.exit(emit_lint("MTA-STS match", fields, errors, warnings, as_json=as_json))
+            # mxguard matches these (it removes the dot); other senders may not: say so here,
+            # and `sts check-policy` calls the policy invalid.
+            for dotted in mtasts.trailing_dot_patterns(policy):
+                warnings.append(mtasts.trailing_dot_problem(dotted))
+    ctx.exit(emit_lint("MTA-STS match", fields, errors, warnings, as_json=wants_json(ctx, as_json)))

@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from mxguard.adapters.store import StoreError
-from mxguard.cli.output import EXIT_DEFERRED, emit_json, emit_lint
+from mxguard.cli.output import EXIT_DEFERRED, emit_json, emit_lint, wants_json
 from mxguard.config import ConfigError
 from mxguard.engine.context import engine
 from mxguard.protocol import tlsrpt as tlsrpt_record
@@ -66,7 +66,9 @@ def tlsrpt() -> None:
 def check_record(ctx: click.Context, text: str, as_json: bool) -> None:
     """Lint an `_smtp._tls` TXT record, e.g. 'v=TLSRPTv1; rua=mailto:tlsrpt@example.com'."""
     fields, errors, warnings = tlsrpt_record.lint_record(text)
-    ctx.exit(emit_lint("TLS-RPT record", fields, errors, warnings, as_json=as_json))
+    ctx.exit(
+        emit_lint("TLS-RPT record", fields, errors, warnings, as_json=wants_json(ctx, as_json))
+    )
 
 
 def _day(ctx: click.Context, param: click.Parameter, value: str) -> dt.date:

@@ -21,8 +21,10 @@ Decisions where the RFC leaves room (see also docs/rfc-notes.md, "MTA-STS"):
 - `max_age` above 31557600 (erratum 7282) is capped, with a warning.
 - `mx` patterns follow `["*." ] Domain` (§3.2, RFC 5321 §4.1.2). `*.com` is grammatical (a
   one-label Domain), so it is accepted; `lint_policy` warns about it. A trailing dot is outside
-  the grammar but unambiguous: it is removed with a warning. U-labels are converted to A-labels.
-  Names and patterns are normalised and matched by `names` (IDNA 2008, RFC 6125 §6.4).
+  the grammar but unambiguous: it is removed with a warning (`lint_policy` makes it an error:
+  other senders may keep it and then match nothing, RFC 8461 §4.1). U-labels are converted to
+  A-labels. Names and patterns are normalised and matched by `names` (IDNA 2008, RFC 6125
+  §6.4).
 """
 
 from __future__ import annotations
@@ -225,6 +227,8 @@ class _Scan:
     mx: list[tuple[int, str]] = field(default_factory=list)
     extensions: list[tuple[str, str]] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
+    # mx lines ending in a dot: (line number, value as written, the warning parse_policy gives)
+    trailing_dots: list[tuple[int, str, str]] = field(default_factory=list)
 
 
 def _split_lines(text: str) -> list[str]:
@@ -341,14 +345,19 @@ def _build_policy(scan: _Scan) -> tuple[Policy | None, dict[str, Any]]:
 
     patterns: list[str] = []
     for number, raw in scan.mx:
-        if raw.endswith(".") and not raw.endswith(("..", "*.")):
-            # Outside the §3.2 grammar but unambiguous; `normalise_pattern` removes it.
-            warnings.append(f"line {number}: trailing dot removed from mx {raw!r}")
+        dotted = _has_trailing_dot(raw)
+        if dotted:
+            # Outside the §3.2 grammar but unambiguous; `normalise_pattern` removes it. The
+            # sender is liberal here; `lint_policy` calls it an error, as others may not be.
+            warning = f"line {number}: trailing dot removed from mx {raw!r}"
+            warnings.append(warning)
         try:
             pattern = names.normalise_pattern(raw)
         except ValueError as exc:
             errors.append(f"line {number}: invalid mx pattern: {exc}")
             continue
+        if dotted:
+            scan.trailing_dots.append((number, raw, warning))
         if pattern in patterns:
             warnings.append(f"line {number}: mx {raw!r} repeats an earlier pattern")
             continue
@@ -373,6 +382,30 @@ def _build_policy(scan: _Scan) -> tuple[Policy | None, dict[str, Any]]:
     return policy, fields
 
 
+def _has_trailing_dot(pattern: str) -> bool:
+    return pattern.endswith(".") and not pattern.endswith(("..", "*."))
+
+
+def trailing_dot_problem(pattern: str) -> str:
+    """Why an `mx` pattern written with a trailing dot is a mistake, and what to write."""
+    return (
+        f"mx {pattern!r} ends with a dot: RFC 8461 §4.1 compares patterns with MX host names "
+        "without the trailing dot, so other senders may match no MX host with this pattern "
+        "(under enforce they then deliver no mail; mxguard removes the dot); "
+        f"write 'mx: {pattern.rstrip('.')}'"
+    )
+
+
+def trailing_dot_patterns(policy: Policy) -> list[str]:
+    """The `mx` values of a parsed policy as written with a trailing dot (from `lines`)."""
+    found = []
+    for line in policy.lines:
+        key, colon, value = line.partition(":")
+        if colon and key == "mx" and _has_trailing_dot(value.strip(WSP)):
+            found.append(value.strip(WSP))
+    return found
+
+
 def parse_policy(text: str) -> Policy:
     """Parse and validate a policy body (RFC 8461 §3.2); PolicyError lists every problem."""
     scan = _scan_policy(text)
@@ -385,11 +418,16 @@ def parse_policy(text: str) -> Policy:
 def lint_policy(text: str) -> tuple[dict[str, Any], list[str], list[str]]:
     """(fields, errors, warnings) for a policy body, for the command line.
 
-    Adds advice that does not make a policy invalid (very short max_age, `*.tld` patterns).
+    Adds advice that does not make a policy invalid (very short max_age, `*.tld` patterns),
+    and is stricter than `parse_policy` where other senders are: an `mx` pattern with a
+    trailing dot, which mxguard's sender accepts (and removes), is an error here.
     """
     scan = _scan_policy(text)
     policy, fields = _build_policy(scan)
-    warnings = list(scan.warnings)
+    errors = list(scan.errors)
+    dotted = {warning for _, _, warning in scan.trailing_dots}
+    warnings = [w for w in scan.warnings if w not in dotted]
+    errors += [f"line {n}: {trailing_dot_problem(raw)}" for n, raw, _ in scan.trailing_dots]
     if policy is not None:
         if policy.max_age < 86400:
             # §3.2: max_age is expected to be weeks or more to resist attacks at refresh time.
@@ -403,4 +441,4 @@ def lint_policy(text: str) -> tuple[dict[str, Any], list[str], list[str]]:
                 )
         if policy.mode is Mode.NONE and policy.mx:
             warnings.append("mode 'none' withdraws the policy; its mx lines have no effect")
-    return fields, list(scan.errors), warnings
+    return fields, errors, warnings

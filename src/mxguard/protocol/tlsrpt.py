@@ -17,7 +17,9 @@ trailing `;`. Decisions:
   `@`, a host name or address literal, no control characters or spaces (a decoded CR LF
   would otherwise write headers into the report e-mail); `https:` needs a host. Other
   schemes are errors (§3: only these two are defined). Commas and `!` inside a URI must be
-  percent-encoded (§3), which the comma split enforces naturally.
+  percent-encoded (§3), which the comma split enforces naturally. A URI with characters no URI
+  may hold is refused with those characters named, and a template placeholder pasted as it is
+  (`mailto:tlsrpt@<your_domain>`) is called one.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from mxguard.protocol import names
 from mxguard.protocol.txtfields import (
@@ -128,13 +130,69 @@ def mailbox_of(uri: str) -> str:
     return address
 
 
+# Template placeholders pasted as they are: `<your_domain>`, `{domain}`.
+_PLACEHOLDER = re.compile(r"<[^<>]*>|\{[^{}]*\}")
+_BRACKETS = "<>{}"
+
+
+def _listed(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _shown(char: str) -> str:
+    return {" ": "a space", "\t": "a tab"}.get(char, repr(char))
+
+
+def _bad_characters(uri: str) -> str:
+    """What is wrong with a URI holding characters outside `_URI_CHARS`: which ones it holds
+    and what to write instead."""
+    bad = list(dict.fromkeys(c for c in uri if not _URI_CHARS.fullmatch(c)))
+    problems = []
+    brackets = [c for c in bad if c in _BRACKETS]
+    if brackets:
+        placeholders = list(dict.fromkeys(_PLACEHOLDER.findall(uri)))
+        if uri.startswith("<") and uri.endswith(">") and not _PLACEHOLDER.search(uri[1:-1]):
+            advice = f"write the URI without the angle brackets: {uri[1:-1]}"
+        elif len(placeholders) == 1 and "@" in placeholders[0]:
+            bare = uri.replace(placeholders[0], placeholders[0][1:-1])
+            advice = f"write the address without the angle brackets: {bare}"
+        elif placeholders:
+            replace = [
+                f"{p} with {'your domain' if 'domain' in p.lower() else 'the real value'}"
+                for p in placeholders
+            ]
+            plural = "s" if len(placeholders) > 1 else ""
+            advice = f"replace the placeholder{plural} {_listed(replace)}"
+        else:
+            encoded = ", ".join(f"{c!r} as {quote(c, safe='')}" for c in brackets)
+            advice = (
+                f"remove {'it' if len(brackets) == 1 else 'them'} (or percent-encode: {encoded})"
+            )
+        verb = "is" if len(brackets) == 1 else "are"
+        problems.append(
+            f"{_listed([repr(c) for c in brackets])} {verb} not allowed in a rua URI: {advice}"
+        )
+    others = [c for c in bad if c not in _BRACKETS]
+    if others:
+        encoded = ", ".join(f"{_shown(c)} as {quote(c, safe='')}" for c in others)
+        # RFC 3986 §2 allows '!' (a sub-delim); RFC 8460 §3 requires it percent-encoded.
+        rule = "RFC 8460 §3" if others == ["!"] else "RFC 3986 §2"
+        if "!" in others and len(others) > 1:
+            rule += ", RFC 8460 §3"
+        if any(ord(c) > 0x7F for c in others):
+            encoded += "; or write a domain name as its A-label (xn--...)"
+        problems.append(
+            f"it contains {_listed([_shown(c) for c in others])}, which a rua URI may not "
+            f"contain as is ({rule}); write {'it' if len(others) == 1 else 'them'} "
+            f"percent-encoded: {encoded}"
+        )
+    return f"rua URI {uri!r}: " + "; ".join(problems)
+
+
 def check_uri(uri: str) -> str:
     """Validate one `rua` URI (RFC 8460 §3); return it unchanged or raise TlsRptRecordError."""
     if not _URI_CHARS.fullmatch(uri):
-        raise TlsRptRecordError(
-            f"rua URI {uri!r} contains characters a URI may not (commas and '!' must be "
-            "percent-encoded)"
-        )
+        raise TlsRptRecordError(_bad_characters(uri))
     scheme, colon, rest = uri.partition(":")
     if not colon or not scheme:
         raise TlsRptRecordError(f"rua URI {uri!r} has no scheme; use mailto: or https:")
