@@ -70,6 +70,19 @@ def store(tmp_path: Path) -> Path:
     return tmp_path / "state.db"
 
 
+def test_a_bad_sender_is_a_usage_error_that_names_the_option(lab: Lab, store: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["--config", str(lab.config_file), "--store", f"sqlite:///{store}", "send",
+         "--from", "alice@client.test>", "--to", "bob@nopolicy.test"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    # The option once, then the problem: "Invalid value for --from: address '…' is not a …".
+    assert "--from: address 'alice@client.test>' is not a mailbox" in result.output
+    assert "--from: --from" not in result.output and "sender address" not in result.output
+    assert lab.attacker("mx.nopolicy.test").sessions == []
+
+
 def test_no_policy_stripped_is_delivered_in_plain_text_and_read(lab: Lab, store: Path) -> None:
     host = "mx.nopolicy.test"
     lab.set_attack(host, AttackMode.STRIP)

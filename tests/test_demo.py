@@ -30,7 +30,7 @@ from mxguard.demo import (
     Case,
     DemoResult,
     Expect,
-    Outcome,
+    MessageFate,
     Row,
     classify,
     judge,
@@ -41,8 +41,8 @@ from mxguard.lab.scenario import Domain, Scenario
 
 DEMO_NET = "127.210"  # this file's own range for the lab the CLI starts
 
-LEAKED, REFUSED, REPORTED = Outcome.LEAKED, Outcome.REFUSED, Outcome.REPORTED
-VERIFIED, UNVERIFIED = Outcome.VERIFIED, Outcome.UNVERIFIED
+LEAKED, REFUSED, REPORTED = MessageFate.LEAKED, MessageFate.REFUSED, MessageFate.REPORTED
+VERIFIED, UNVERIFIED = MessageFate.VERIFIED, MessageFate.UNVERIFIED
 
 
 def demo(lab: Lab, acts: tuple[Act, ...] = tuple(Act), cases: tuple[Case, ...] = CASES) -> Any:
@@ -220,21 +220,21 @@ def test_changing_the_scenario_changes_the_row(
 
 CLASSIFY = [
     # received, over TLS, verified, failure reported, attacker read -> outcome
-    (False, False, False, False, False, Outcome.REFUSED),
-    (False, False, False, True, False, Outcome.REFUSED),
-    (False, False, False, False, True, Outcome.REFUSED_LEAKED),
-    (True, False, False, True, True, Outcome.REPORTED),
-    (True, True, True, True, False, Outcome.REPORTED),
-    (True, False, False, False, True, Outcome.LEAKED),
-    (True, False, False, False, False, Outcome.PLAIN),
-    (True, True, True, False, False, Outcome.VERIFIED),
-    (True, True, False, False, False, Outcome.UNVERIFIED),
+    (False, False, False, False, False, MessageFate.REFUSED),
+    (False, False, False, True, False, MessageFate.REFUSED),
+    (False, False, False, False, True, MessageFate.REFUSED_LEAKED),
+    (True, False, False, True, True, MessageFate.REPORTED),
+    (True, True, True, True, False, MessageFate.REPORTED),
+    (True, False, False, False, True, MessageFate.LEAKED),
+    (True, False, False, False, False, MessageFate.PLAIN),
+    (True, True, True, False, False, MessageFate.VERIFIED),
+    (True, True, False, False, False, MessageFate.UNVERIFIED),
 ]
 
 
 @pytest.mark.parametrize(("received", "tls", "verified", "reported", "read", "outcome"), CLASSIFY)
 def test_outcome_is_derived_from_receiver_attacker_and_store(
-    received: bool, tls: bool, verified: bool, reported: bool, read: bool, outcome: Outcome
+    received: bool, tls: bool, verified: bool, reported: bool, read: bool, outcome: MessageFate
 ) -> None:
     got = classify(
         received=received, received_tls=tls, verified=verified, reported=reported,
@@ -245,25 +245,25 @@ def test_outcome_is_derived_from_receiver_attacker_and_store(
 
 JUDGE = [
     # expect, outcome, attacker read, attacker interfered, failure reported -> ok
-    (Expect.OPPORTUNISTIC, Outcome.LEAKED, True, True, False, True),
-    (Expect.OPPORTUNISTIC, Outcome.UNVERIFIED, False, False, False, True),
-    (Expect.OPPORTUNISTIC, Outcome.REFUSED, False, True, False, False),
-    (Expect.REPORT_ONLY, Outcome.REPORTED, True, True, True, True),
-    (Expect.REPORT_ONLY, Outcome.VERIFIED, False, False, False, True),
-    (Expect.REPORT_ONLY, Outcome.LEAKED, True, True, False, False),  # not reported
-    (Expect.REPORT_ONLY, Outcome.REFUSED, False, True, True, False),  # must deliver
-    (Expect.PROTECTED, Outcome.REFUSED, False, True, True, True),
-    (Expect.PROTECTED, Outcome.VERIFIED, False, False, False, True),
-    (Expect.PROTECTED, Outcome.LEAKED, True, True, False, False),
-    (Expect.PROTECTED, Outcome.REFUSED_LEAKED, True, True, True, False),
-    (Expect.PROTECTED, Outcome.UNVERIFIED, False, False, False, False),
-    (Expect.PROTECTED, Outcome.REPORTED, True, True, True, False),
+    (Expect.OPPORTUNISTIC, MessageFate.LEAKED, True, True, False, True),
+    (Expect.OPPORTUNISTIC, MessageFate.UNVERIFIED, False, False, False, True),
+    (Expect.OPPORTUNISTIC, MessageFate.REFUSED, False, True, False, False),
+    (Expect.REPORT_ONLY, MessageFate.REPORTED, True, True, True, True),
+    (Expect.REPORT_ONLY, MessageFate.VERIFIED, False, False, False, True),
+    (Expect.REPORT_ONLY, MessageFate.LEAKED, True, True, False, False),  # not reported
+    (Expect.REPORT_ONLY, MessageFate.REFUSED, False, True, True, False),  # must deliver
+    (Expect.PROTECTED, MessageFate.REFUSED, False, True, True, True),
+    (Expect.PROTECTED, MessageFate.VERIFIED, False, False, False, True),
+    (Expect.PROTECTED, MessageFate.LEAKED, True, True, False, False),
+    (Expect.PROTECTED, MessageFate.REFUSED_LEAKED, True, True, True, False),
+    (Expect.PROTECTED, MessageFate.UNVERIFIED, False, False, False, False),
+    (Expect.PROTECTED, MessageFate.REPORTED, True, True, True, False),
 ]
 
 
 @pytest.mark.parametrize(("expect", "outcome", "read", "interfered", "reported", "ok"), JUDGE)
 def test_protected_rows_never_leak_and_report_only_rows_always_deliver(
-    expect: Expect, outcome: Outcome, read: bool, interfered: bool, reported: bool, ok: bool
+    expect: Expect, outcome: MessageFate, read: bool, interfered: bool, reported: bool, ok: bool
 ) -> None:
     verdict, why = judge(
         expect, outcome, attacker_read=read, interfered=interfered, reported=reported

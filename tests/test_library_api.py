@@ -9,6 +9,7 @@ import pytest
 
 import mxguard
 from mxguard import config
+from mxguard.engine.deliver import AddressError
 from mxguard.lab.lab import Lab
 from mxguard.lab.scenario import AttackMode
 
@@ -31,3 +32,14 @@ def test_deliver_refuses_a_stripped_mta_sts_domain_and_delivers_an_honest_one(
     assert by_domain["dane-ee.test"].status == "delivered"
     assert result.exit_code == 75  # the worst outcome decides
     assert [m.tls for m in lab.receiver("mx.dane-ee.test").messages] == [True]
+
+
+def test_a_sender_that_is_not_an_address_is_an_address_error_before_any_connection(
+    lab: Lab, tmp_path: Path
+) -> None:
+    settings = config.load(lab.config_file).with_overrides(store=f"sqlite:///{tmp_path}/s.db")
+    with pytest.raises(AddressError, match=r"^sender address: address .* contains CR, LF") as e:
+        asyncio.run(mxguard.deliver("a@client.test\r\nRCPT TO:<x@y.test>", ["b@nopolicy.test"],
+                                    b"Subject: hi\r\n\r\nhi\r\n", settings=settings))  # fmt: skip
+    assert isinstance(e.value, ValueError) and e.value.address.startswith("a@client.test\r\n")
+    assert lab.attacker("mx.nopolicy.test").sessions == []

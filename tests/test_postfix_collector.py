@@ -32,6 +32,7 @@ from mxguard.engine.policy import DeliveryPolicy, Mode, MxPolicy, Source, Status
 from mxguard.lab.lab import Lab
 from mxguard.postfix.answers import Answer, Kind
 from mxguard.postfix.server import served_record
+from mxguard.protocol.tlsrpt_report import PolicyType, ReportedPolicy
 from mxguard.tlsrpt import collector as module
 from mxguard.tlsrpt.collector import (
     BAD_DOMAIN,
@@ -42,7 +43,7 @@ from mxguard.tlsrpt.collector import (
     Collector,
     Counts,
     EnginePolicies,
-    ReportPolicy,
+    PolicyInForce,
     State,
     report_policy,
     served_policy,
@@ -81,7 +82,7 @@ POLICIES = {
 }
 
 
-async def by_hand(domain: str) -> ReportPolicy:
+async def by_hand(domain: str) -> PolicyInForce:
     """The policies above; any other domain: none (which the collector must not be asked)."""
     assert domain in POLICIES, f"asked for the policy of {domain!r}: not an A-label domain?"
     return report_policy(POLICIES[domain])
@@ -101,7 +102,7 @@ def verified(pid: int, peer: str) -> str:
 def run(
     tmp_path: Path,
     lines: list[str],
-    policies: Callable[[str], Awaitable[ReportPolicy]] = by_hand,
+    policies: Callable[[str], Awaitable[PolicyInForce]] = by_hand,
     runs: int = 1,
     served: Sequence[ServedPolicy] = (),
     store_class: type[SQLiteStore] = SQLiteStore,
@@ -187,11 +188,12 @@ def test_an_smtputf8_recipient_domain_is_recorded_as_a_labels_and_never_wedges(
 
 
 def test_a_result_the_store_refuses_is_skipped_not_the_batch(tmp_path: Path) -> None:
-    async def odd(domain: str) -> ReportPolicy:
+    async def odd(domain: str) -> PolicyInForce:
         good = await by_hand(domain)
         if domain != "xn--bcher-kva.example":
             return good
-        return ReportPolicy("not-a-policy-type", (), (), (), good.mx_hosts, good.mx_addresses)
+        odd = ReportedPolicy("not-a-policy-type")  # type: ignore[arg-type]
+        return PolicyInForce(odd, good.mx_hosts, good.mx_addresses)
 
     lines = [
         sent(1, "anna@bücher.example", "mx.bücher.example[192.0.2.3]:25"),
@@ -254,10 +256,13 @@ T = dt.datetime(2025, 11, 29, 11, 0, tzinfo=dt.UTC)
 
 
 def served(at: dt.datetime, mode: str, rua: str) -> ServedPolicy:
+    sts = ReportedPolicy(
+        PolicyType.STS,
+        ("version: STSv1", f"mode: {mode}", "mx: mx.example.com", "max_age: 600"),
+        ("mx.example.com",), (rua,),
+    )  # fmt: skip
     return ServedPolicy(
-        domain="example.com", at=at, policy_type="sts",
-        policy_strings=("version: STSv1", f"mode: {mode}", "mx: mx.example.com", "max_age: 600"),
-        mx_patterns=("mx.example.com",), rua=(rua,), mx_hosts=("mx.example.com",),
+        domain="example.com", at=at, policy=sts, mx_hosts=("mx.example.com",),
         mx_addresses=("192.0.2.1",), answer="OK secure match=mx.example.com servername=hostname",
     )  # fmt: skip
 
@@ -285,14 +290,11 @@ def test_each_session_is_joined_with_the_policy_served_when_it_ran(tmp_path: Pat
     ]
     ((counts,), stored) = run(tmp_path, lines, served=[AFTER, BEFORE])
     resolved = report_policy(POLICIES["example.com"])
-    got = [(r.at.strftime("%H:%M:%S"), r.policy_type, r.policy_strings, r.rua) for r in stored]
-    assert got == [
-        (t, p.policy_type, p.policy_strings, p.rua)
-        if p is not None
-        else (t, resolved.policy_type, resolved.strings, resolved.rua)
-        for t, p in SESSION_TIMES
-    ]
-    assert all(r.mx_patterns == ("mx.example.com",) for r in stored if r.policy_type == "sts")
+    got = [(r.at.strftime("%H:%M:%S"), r.policy) for r in stored]
+    assert got == [(t, (p or resolved).policy) for t, p in SESSION_TIMES]
+    assert all(
+        r.mx_patterns == ("mx.example.com",) for r in stored if r.policy_type is PolicyType.STS
+    )
     assert counts.to_json()["policies"] == {SERVED: 4, RESOLVED: 1}
 
 
@@ -333,7 +335,7 @@ def test_a_store_without_served_records_falls_back_to_resolving_and_is_asked_onc
 
 def sts_policy(*mx: tuple[str, bool]) -> DeliveryPolicy:
     sts = StsState(
-        id="1", mode="enforce", max_age=600, mx=("*.example.com",),
+        id="1", mode=Mode.ENFORCE, max_age=600, mx=("*.example.com",),
         policy_strings=("version: STSv1", "mode: enforce", "mx: *.example.com", "max_age: 600"),
         fetched_at=T, expires_at=T, from_cache=False, error=None,
     )  # fmt: skip

@@ -12,12 +12,14 @@ import datetime as dt
 import pytest
 
 from mxguard.protocol.results import ResultType as R
+from mxguard.protocol.tlsrpt_report import PolicyType
 from mxguard.tlsrpt.postfix_log import (
     MAX_LINE,
     Ending,
     Joiner,
     Session,
     certificate_failure,
+    host_key,
     parse_line,
     result_type,
     sessions,
@@ -384,8 +386,8 @@ def test_each_session_to_an_mx_host_is_one_result(name: str) -> None:
     lines, expected = CASES[name]
     found = sessions(lines, now=NOW)
     got = [
-        (s.mx_host, s.tls, result_type(s, "sts"), result_type(s, "tlsa"),
-         result_type(s, "no-policy-found"))
+        (s.mx_host, s.tls, result_type(s, PolicyType.STS), result_type(s, PolicyType.TLSA),
+         result_type(s, PolicyType.NO_POLICY_FOUND))
         for s in found
     ]  # fmt: skip
     assert got == expected, name
@@ -508,3 +510,27 @@ def test_joiner_state_survives_a_stop_between_any_two_lines() -> None:
 def test_damaged_joiner_state_is_refused() -> None:
     with pytest.raises(ValueError, match="not a saved Postfix log joiner state"):
         Joiner.from_json({"x": {"pending": 1}})
+
+
+# Names as they are compared (lower-case A-labels, no root dot), and never an error: a log
+# line is untrusted, and a name without an A-label just matches nothing.
+HOST_KEYS = [
+    ("MX1.A.Test.", "mx1.a.test"),
+    ("mx.bücher.example", "mx.xn--bcher-kva.example"),
+    ("mx.xn--bcher-kva.example", "mx.xn--bcher-kva.example"),
+    ("_underscore.a.test", "_underscore.a.test"),  # not a host name: kept, lower-cased
+    ("a\u200db.example", "a\u200db.example"),  # no A-label (a joiner, RFC 5892): as logged
+    ("", ""),
+]
+
+
+@pytest.mark.parametrize(("logged", "key"), HOST_KEYS)
+def test_host_names_from_the_log_are_compared_as_a_labels(logged: str, key: str) -> None:
+    assert host_key(logged) == key
+
+
+def test_a_status_line_names_the_domain_and_mx_host_as_a_labels() -> None:
+    lines = [status("QID1234567", "Bob@Bücher.Example.", "MX.Bücher.Example[192.0.2.1]:25",
+                    "sent", "250 ok")]  # fmt: skip
+    [s] = sessions(lines, now=NOW)
+    assert (s.domain, s.mx_host) == ("xn--bcher-kva.example", "mx.xn--bcher-kva.example")

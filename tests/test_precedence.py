@@ -77,7 +77,8 @@ def sts(
     notes: tuple[str, ...] = (),
 ) -> StsOutcome:
     policy = mtasts.Policy("STSv1", mtasts.Mode(mode), 86400, patterns)
-    state = StsState("20260101T000000", mode, 86400, patterns, (), None, None, from_cache, None)
+    state = StsState("20260101T000000", mtasts.Mode(mode), 86400, patterns, (), None, None,
+                     from_cache, None)  # fmt: skip
     return StsOutcome(policy, state, errors, notes)
 
 

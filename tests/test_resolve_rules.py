@@ -11,7 +11,7 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
-from mxguard.adapters.dns import DnsAnswer, DnsResolver, DnssecStatus, Outcome
+from mxguard.adapters.dns import DnsAnswer, DnsOutcome, DnsResolver, DnssecStatus
 from mxguard.adapters.store import Store, open_store
 from mxguard.engine.policy import DeliveryPolicy
 from mxguard.engine.resolve import Resolver
@@ -27,7 +27,7 @@ class ScriptedDns(DnsResolver):
 
     async def query(self, name: str, rdtype: str) -> DnsAnswer:
         return self.script.get((name, rdtype)) or DnsAnswer(
-            name, rdtype, Outcome.NXDOMAIN, INSECURE, canonical=name
+            name, rdtype, DnsOutcome.NXDOMAIN, INSECURE, canonical=name
         )
 
 
@@ -37,15 +37,15 @@ def rr(rdtype: str, text: str) -> object:
 
 def ok(name: str, rdtype: str, *texts: str, status: DnssecStatus = INSECURE) -> DnsAnswer:
     records = tuple(rr(rdtype, t) for t in texts)
-    return DnsAnswer(name, rdtype, Outcome.OK, status, records, canonical=name, ttl=60)
+    return DnsAnswer(name, rdtype, DnsOutcome.OK, status, records, canonical=name, ttl=60)
 
 
 def nodata(name: str, rdtype: str, status: DnssecStatus = INSECURE) -> DnsAnswer:
-    return DnsAnswer(name, rdtype, Outcome.NODATA, status, canonical=name, ttl=60)
+    return DnsAnswer(name, rdtype, DnsOutcome.NODATA, status, canonical=name, ttl=60)
 
 
 def error(name: str, rdtype: str) -> DnsAnswer:
-    return DnsAnswer(name, rdtype, Outcome.ERROR, INDET, canonical=name, detail="timed out")
+    return DnsAnswer(name, rdtype, DnsOutcome.ERROR, INDET, canonical=name, detail="timed out")
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def test_tlsa_records_that_are_not_signed_never_make_a_host_dane(store: Store) -
 
 
 def test_a_bogus_tlsa_answer_defers_the_host(store: Store) -> None:
-    bogus = DnsAnswer("_25._tcp." + M, "TLSA", Outcome.ERROR, DnssecStatus.BOGUS,
+    bogus = DnsAnswer("_25._tcp." + M, "TLSA", DnsOutcome.ERROR, DnssecStatus.BOGUS,
                       canonical="_25._tcp." + M, detail="DNSSEC validation failed")  # fmt: skip
     p = resolve(store, [ok("example.test", "MX", "10 mx.example.test.", status=SECURE),
                         *SECURE_HOST, bogus])  # fmt: skip

@@ -16,6 +16,7 @@ import textwrap
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +33,9 @@ from mxguard.adapters.store import (
     open_store,
 )
 from mxguard.adapters.store.sqlite import SCHEMA_VERSION
+from mxguard.protocol import tlsrpt_report
+from mxguard.protocol.results import ResultType
+from mxguard.protocol.tlsrpt_report import PolicyType, ReportedPolicy
 
 pytest_plugins = ["servers"]
 
@@ -75,21 +79,30 @@ def policy(domain: str = "example.com", policy_id: str = "20260501", **kw: Any) 
     return CachedPolicy(**fields)
 
 
+STS = ReportedPolicy(
+    PolicyType.STS,
+    ("version: STSv1", "mode: enforce", "mx: *.example.com"),
+    ("*.example.com",),
+    ("mailto:tlsrpt@example.com", "https://report.example.com/v1"),
+)
+
+
 def result(at: datetime = T0, **kw: Any) -> SessionResult:
+    """A session result; `policy_type`, `policy_strings`, `mx_patterns` and `rua` change its
+    policy."""
+    fields_of_policy = ("policy_type", "policy_strings", "mx_patterns", "rua")
+    policy = {k: kw.pop(k) for k in fields_of_policy if k in kw}
     fields: dict[str, Any] = {
         "id": None,
         "at": at,
         "policy_domain": "example.com",
-        "policy_type": "sts",
-        "policy_strings": ("version: STSv1", "mode: enforce", "mx: *.example.com"),
-        "mx_patterns": ("*.example.com",),
-        "result_type": "certificate-expired",
+        "policy": replace(STS, **policy),
+        "result_type": ResultType.CERTIFICATE_EXPIRED,
         "sending_ip": "192.0.2.1",
         "receiving_mx": "mx1.example.com",
         "receiving_ip": "198.51.100.7",
         "receiving_helo": "mx1.example.com",
         "detail": "certificate expired on 2026-04-30",
-        "rua": ("mailto:tlsrpt@example.com", "https://report.example.com/v1"),
         "is_report": False,
         "reported": None,
     }
@@ -211,14 +224,15 @@ CHILD = textwrap.dedent(
     import asyncio, os, sys, time
     from datetime import UTC, datetime, timedelta
     from mxguard.adapters.store import CachedPolicy, SessionResult, open_store
+    from mxguard.protocol.tlsrpt_report import NO_POLICY_FOUND
 
     async def main(url, n):
         at = datetime(2026, 5, 1, 12, tzinfo=UTC)
         store = await open_store(url)
         await store.put_policy(CachedPolicy(f"p{n}.example", "id1", "version: STSv1\\n", at,
                                             at + timedelta(days=1)))
-        await store.add_results([SessionResult(None, at, f"p{n}.example", "sts", (), (), None,
-                                 None, None, None, None, None, (), False, None)])
+        await store.add_results([SessionResult(None, at, f"p{n}.example", NO_POLICY_FOUND, None,
+                                 None, None, None, None, None, False, None)])
         print("written", flush=True)
         time.sleep(60)  # never closes: the parent kills us with SIGKILL
 
@@ -304,6 +318,71 @@ def test_sqlite_memory_store_works_and_starts_empty() -> None:
             assert await store.get_policy("example.com") == policy()
         async with opened("sqlite:///:memory:") as store:
             assert await store.policies() == []
+
+    run(body())
+
+
+# --- rows this mxguard did not write ---------------------------------------------------------
+
+
+def _insert_result(url: str, policy_type: str, result_type: str) -> None:
+    """A session result row written by hand (or by another mxguard), behind the store's back."""
+    columns = "at, policy_domain, policy_type, policy_strings, mx_patterns, result_type, rua, "
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite://")) as conn:
+            conn.execute(
+                f"INSERT INTO session_results ({columns}is_report) VALUES "
+                "('2026-05-01T12:30:15.123456Z', 'example.com', ?, '[]', '[]', ?, "
+                "'[\"mailto:t@example.com\"]', 0)",
+                (policy_type, result_type),
+            )
+        return
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            f"INSERT INTO session_results ({columns}is_report) VALUES "
+            "(%s, 'example.com', %s, '{}', '{}', %s, '{mailto:t@example.com}', false)",
+            (T0, policy_type, result_type),
+        )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return str(request.getfixturevalue("postgres_server").create_database())
+
+
+def test_a_stored_result_type_this_mxguard_does_not_know_is_kept_and_reported(
+    sql_url: str,
+) -> None:
+    # RFC 8460 made result types an IANA registry: a newer mxguard may have written a new one.
+    async def body() -> None:
+        async with opened(sql_url):
+            pass  # creates the schema
+        _insert_result(sql_url, "sts", "x-new-result-type")
+        async with opened(sql_url) as store:
+            [r] = await store.results_between(T0 - DAY, T0 + DAY)
+        assert (r.result_type, r.other_result_type) == (None, "x-new-result-type")
+        [report] = tlsrpt_report.aggregate([r], day=T0.date(), organization_name="o",
+                                           contact_info="c@example.org")  # fmt: skip
+        [entry] = report.to_json()["policies"]
+        assert entry["summary"]["total-failure-session-count"] == 1
+        assert entry["failure-details"][0]["result-type"] == "x-new-result-type"
+
+    run(body())
+
+
+def test_a_stored_policy_type_rfc_8460_does_not_allow_is_a_store_error(sql_url: str) -> None:
+    # No mxguard writes one (add_results refuses it): such a row was edited by hand.
+    async def body() -> None:
+        async with opened(sql_url):
+            pass
+        _insert_result(sql_url, "dane", "certificate-expired")
+        async with opened(sql_url) as store:
+            with pytest.raises(StoreError, match=r"policy type 'dane'.*correct or delete"):
+                await store.results_between(T0 - DAY, T0 + DAY)
 
     run(body())
 

@@ -50,6 +50,8 @@ from mxguard.adapters.store.cache_only import PolicyCacheOnly
 from mxguard.adapters.store.postgres import PostgresStore
 from mxguard.adapters.store.redis import RedisStore
 from mxguard.adapters.store.sqlite import SQLiteStore
+from mxguard.protocol.results import ResultType
+from mxguard.protocol.tlsrpt_report import PolicyType, ReportedPolicy
 
 pytest_plugins = ["servers"]
 
@@ -144,15 +146,24 @@ def policy(domain: str = "example.com", **kw: Any) -> CachedPolicy:
     return replace(base, **kw)
 
 
+def _with_policy(base: ReportedPolicy, kw: dict[str, Any]) -> ReportedPolicy:
+    """`base` with the policy fields among `kw` (taken out of it): the flat names the store
+    keeps them under."""
+    fields = ("policy_type", "policy_strings", "mx_patterns", "rua")
+    return replace(base, **{k: kw.pop(k) for k in fields if k in kw})
+
+
 def result(at: datetime = T0, **kw: Any) -> SessionResult:
+    sts = ReportedPolicy(
+        PolicyType.STS, ("version: STSv1", "mode: enforce", "mx: *.example.com"),
+        ("*.example.com",), ("mailto:tlsrpt@example.com", "https://report.example.com/v1"),
+    )  # fmt: skip
     base = SessionResult(
-        id=None, at=at, policy_domain="example.com", policy_type="sts",
-        policy_strings=("version: STSv1", "mode: enforce", "mx: *.example.com"),
-        mx_patterns=("*.example.com",), result_type="certificate-expired",
-        sending_ip="192.0.2.1", receiving_mx="mx1.example.com", receiving_ip="198.51.100.7",
+        id=None, at=at, policy_domain="example.com", policy=_with_policy(sts, kw),
+        result_type=ResultType.CERTIFICATE_EXPIRED, sending_ip="192.0.2.1",
+        receiving_mx="mx1.example.com", receiving_ip="198.51.100.7",
         receiving_helo="mx1.example.com", detail="certificate expired on 2026-04-30",
-        rua=("mailto:tlsrpt@example.com", "https://report.example.com/v1"), is_report=False,
-        reported=None,
+        is_report=False, reported=None,
     )  # fmt: skip
     return replace(base, **kw)
 
@@ -168,10 +179,13 @@ def report(ids: tuple[int, ...], **kw: Any) -> PendingReport:
 
 
 def served(at: datetime, **kw: Any) -> ServedPolicy:
+    sts = ReportedPolicy(
+        PolicyType.STS,
+        ("version: STSv1", "mode: enforce", "mx: *.example.com", "max_age: 86400"),
+        ("*.example.com",), ("mailto:tlsrpt@example.com",),
+    )  # fmt: skip
     base = ServedPolicy(
-        domain="example.com", at=at, policy_type="sts",
-        policy_strings=("version: STSv1", "mode: enforce", "mx: *.example.com", "max_age: 86400"),
-        mx_patterns=("*.example.com",), rua=("mailto:tlsrpt@example.com",),
+        domain="example.com", at=at, policy=_with_policy(sts, kw),
         mx_hosts=("mx1.example.com", "mx2.example.com"), mx_addresses=("192.0.2.1", "2001:db8::1"),
         answer="OK secure match=mx1.example.com:mx2.example.com servername=hostname",
     )  # fmt: skip
@@ -515,9 +529,12 @@ class TestSessionLog:
         added = [
             result(),
             result(T0 + timedelta(seconds=1), result_type=None, detail=None, receiving_helo=None),
-            result(T0 + timedelta(seconds=2), policy_type="no-policy-found", policy_strings=(),
-                   mx_patterns=(), rua=(), sending_ip=None, is_report=True,
+            result(T0 + timedelta(seconds=2), policy_type=PolicyType.NO_POLICY_FOUND,
+                   policy_strings=(), mx_patterns=(), rua=(), sending_ip=None, is_report=True,
                    detail="ünïcode and a ' quote"),
+            # A result type registered after this mxguard (RFC 8460 made them an IANA registry),
+            # as a newer one wrote it.
+            result(T0 + timedelta(seconds=3), result_type=None, other_result_type="x-new-type"),
         ]  # fmt: skip
 
         async def body() -> None:
@@ -637,6 +654,13 @@ class TestSessionLog:
         [
             ("the store assigns ids", result(id=7), "store assigns ids"),
             ("policy types are RFC 8460 §4.4's", result(policy_type="dane"), "policy type"),
+            ("result types are RFC 8460 §4.3's", result(result_type="dane-failed"), "§4.3"),
+            (
+                "a known type is a result_type",
+                result(result_type=None, other_result_type="tlsa-invalid"),
+                "pass a known",
+            ),
+            ("one result type, not two", result(other_result_type="x-new-type"), "without result"),
             ("times carry a zone", result(T0.replace(tzinfo=None)), "has no time zone"),
             ("policy domains are in key form", result(policy_domain="EXAMPLE.com"), "A-label"),
             ("no NUL in a HELO name", result(receiving_helo=NUL), "receiving_helo .* NUL"),
@@ -962,7 +986,7 @@ class TestReportQueue:
 A = served(T0)
 B = served(T0 + timedelta(minutes=20), rua=("mailto:new@example.com",), mx_addresses=("192.0.2.9",))
 OTHER = served(
-    T0 - timedelta(days=1), domain="dane.example", policy_type="tlsa",
+    T0 - timedelta(days=1), domain="dane.example", policy_type=PolicyType.TLSA,
     policy_strings=("3 1 1 " + "ab" * 32,), mx_patterns=(), answer="OK dane-only",
 )  # fmt: skip
 

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from mxguard.adapters.store import ServedPolicy, open_store
+from mxguard.protocol.tlsrpt_report import PolicyType, ReportedPolicy
 
 pytest_plugins = ["servers"]
 
@@ -26,10 +27,13 @@ DAY = timedelta(days=1)
 
 
 def served(at: datetime, **kw: Any) -> ServedPolicy:
+    sts = ReportedPolicy(
+        PolicyType.STS,
+        ("version: STSv1", "mode: enforce", "mx: *.example.com", "max_age: 86400"),
+        ("*.example.com",), ("mailto:tlsrpt@example.com",),
+    )  # fmt: skip
     base = ServedPolicy(
-        domain="example.com", at=at, policy_type="sts",
-        policy_strings=("version: STSv1", "mode: enforce", "mx: *.example.com", "max_age: 86400"),
-        mx_patterns=("*.example.com",), rua=("mailto:tlsrpt@example.com",),
+        domain="example.com", at=at, policy=sts,
         mx_hosts=("mx1.example.com", "mx2.example.com"), mx_addresses=("192.0.2.1", "2001:db8::1"),
         answer="OK secure match=mx1.example.com:mx2.example.com servername=hostname",
     )  # fmt: skip

@@ -30,7 +30,7 @@ import parsedmarc
 import pytest
 from click.testing import CliRunner
 
-from mxguard.adapters.dns import Outcome
+from mxguard.adapters.dns import DnsOutcome
 from mxguard.adapters.store import SessionResult, Store, open_store
 from mxguard.cli import main
 from mxguard.config import Settings
@@ -38,6 +38,8 @@ from mxguard.engine.context import Engine, engine
 from mxguard.lab.lab import Lab
 from mxguard.lab.pki import LabPKI
 from mxguard.protocol import tlsrpt_report as tr
+from mxguard.protocol.results import ResultType
+from mxguard.protocol.tlsrpt_report import PolicyType, ReportedPolicy
 from mxguard.tlsrpt.reporter import (
     HttpsPoster,
     PostOutcome,
@@ -244,20 +246,22 @@ def test_run_reports_yesterday_survives_sigkill_and_stops_on_sigterm(
                         id=None,
                         at=yesterday,
                         policy_domain=domain,
-                        policy_type="sts",
-                        policy_strings=("version: STSv1", "mode: testing"),
-                        mx_patterns=(f"*.{domain}",),
+                        policy=ReportedPolicy(
+                            PolicyType.STS,
+                            ("version: STSv1", "mode: testing"),
+                            (f"*.{domain}",),
+                            (rua,),
+                        ),
                         result_type=rt,
                         sending_ip="127.0.0.1",
                         receiving_mx=f"mx.{domain}",
                         receiving_ip="127.0.0.9",
                         receiving_helo=f"mx.{domain}",
                         detail=None,
-                        rua=(rua,),
                         is_report=False,
                         reported=None,
                     )
-                    for rt in (None, None, "starttls-not-supported")
+                    for rt in (None, None, ResultType.STARTTLS_NOT_SUPPORTED)
                 ]
             )
         finally:
@@ -317,12 +321,17 @@ MIDNIGHT = dt.datetime(2026, 5, 2, tzinfo=dt.UTC)  # the end of D
 RUA = ("https://r.example.test/tlsrpt",)
 
 
-def result(at: dt.datetime, rt: str | None = None, domain: str = "example.com") -> SessionResult:
+def result(
+    at: dt.datetime,
+    rt: ResultType | None = None,
+    domain: str = "example.com",
+    rua: tuple[str, ...] = RUA,
+) -> SessionResult:
     return SessionResult(
-        id=None, at=at, policy_domain=domain, policy_type="no-policy-found", policy_strings=(),
-        mx_patterns=(), result_type=rt, sending_ip="192.0.2.1", receiving_mx=f"mx.{domain}",
-        receiving_ip="198.51.100.1", receiving_helo=None, detail=None, rua=RUA,
-        is_report=False, reported=None,
+        id=None, at=at, policy_domain=domain, policy=ReportedPolicy(PolicyType.NO_POLICY_FOUND,
+        rua=rua), result_type=rt, sending_ip="192.0.2.1", receiving_mx=f"mx.{domain}",
+        receiving_ip="198.51.100.1", receiving_helo=None, detail=None, is_report=False,
+        reported=None,
     )  # fmt: skip
 
 
@@ -406,7 +415,7 @@ def test_results_recorded_late_go_into_a_further_report_with_its_own_report_id()
         assert [d.delivered_to for d in await r.deliver_due()] == [RUA[0]]
         # The collector was behind: a session of 23:59:58 is recorded only now.
         await store.add_results(
-            [result(MIDNIGHT - dt.timedelta(seconds=2), "starttls-not-supported")]
+            [result(MIDNIGHT - dt.timedelta(seconds=2), ResultType.STARTTLS_NOT_SUPPORTED)]
         )
         clock.now += dt.timedelta(minutes=1)
         [second] = await r.build_due()
@@ -501,8 +510,7 @@ def test_a_report_every_rua_refuses_for_good_is_dropped_others_are_retried(
         clock = Clock(MIDNIGHT + dt.timedelta(hours=2))
         r = reporter(store, clock, FakePoster(outcome))
         r.mail = FakeMail(mail)
-        await store.add_results([dataclasses.replace(result(MIDNIGHT - dt.timedelta(hours=1)),
-                                                     rua=rua)])  # fmt: skip
+        await store.add_results([result(MIDNIGHT - dt.timedelta(hours=1), rua=rua)])
         await r.build_due()
         [d] = await r.deliver_due()
         assert d.delivered_to is None
@@ -593,9 +601,9 @@ class FixedDns:
 
     async def query(self, name: str, rdtype: str) -> Any:
         if rdtype != "A":
-            return types.SimpleNamespace(outcome=Outcome.NODATA, records=(), failed=False)
+            return types.SimpleNamespace(outcome=DnsOutcome.NODATA, records=(), failed=False)
         record = types.SimpleNamespace(address=self.address)
-        return types.SimpleNamespace(outcome=Outcome.OK, records=(record,), failed=False)
+        return types.SimpleNamespace(outcome=DnsOutcome.OK, records=(record,), failed=False)
 
 
 @pytest.mark.parametrize(

@@ -24,8 +24,12 @@ import pytest
 
 from mxguard.adapters.store import SessionResult
 from mxguard.engine.context import engine
+from mxguard.engine.policy import DeliveryPolicy, Mode, MxPolicy, Source, Status, StsState
 from mxguard.lab.lab import Lab
 from mxguard.protocol import tlsrpt_report as tr
+from mxguard.protocol.dane import parse_tlsa
+from mxguard.protocol.results import ResultType
+from mxguard.protocol.tlsrpt_report import NO_POLICY_FOUND, PolicyType, ReportedPolicy
 from tlsrpt_helpers import lab_settings
 
 SCHEMA = json.loads((Path(__file__).parent / "fixtures" / "tlsrpt-schema.json").read_text())
@@ -34,14 +38,19 @@ AT = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
 SUBMITTER = "client.mxguard.test"
 
 
+STS = ReportedPolicy(
+    PolicyType.STS,
+    ("version: STSv1", "mode: enforce", "mx: *.example.com", "max_age: 86400"),
+    ("*.example.com",),
+    ("mailto:t@example.com",),
+)
+
+
 def session(**kw: object) -> SessionResult:
     base = SessionResult(
-        id=None, at=AT, policy_domain="example.com", policy_type="sts",
-        policy_strings=("version: STSv1", "mode: enforce", "mx: *.example.com", "max_age: 86400"),
-        mx_patterns=("*.example.com",), result_type=None, sending_ip="192.0.2.1",
-        receiving_mx="mx1.example.com", receiving_ip="198.51.100.1",
-        receiving_helo="mx1.example.com", detail="delivered", rua=("mailto:t@example.com",),
-        is_report=False, reported=None,
+        id=None, at=AT, policy_domain="example.com", policy=STS, result_type=None,
+        sending_ip="192.0.2.1", receiving_mx="mx1.example.com", receiving_ip="198.51.100.1",
+        receiving_helo="mx1.example.com", detail="delivered", is_report=False, reported=None,
     )  # fmt: skip
     return replace(base, **kw)  # type: ignore[arg-type]
 
@@ -58,8 +67,7 @@ def validate(report: tr.Report) -> None:
 
 
 def test_one_report_per_policy_domain_covering_the_utc_day() -> None:
-    other = session(policy_domain="other.example", policy_type="no-policy-found",
-                    policy_strings=(), mx_patterns=())  # fmt: skip
+    other = session(policy_domain="other.example", policy=NO_POLICY_FOUND)
     reports = build([session(), other])
     assert [r.policy_domain for r in reports] == ["example.com", "other.example"]
     doc = reports[0].to_json()
@@ -75,17 +83,18 @@ def test_one_report_per_policy_domain_covering_the_utc_day() -> None:
     [
         pytest.param([session(), session()], 2, 0, [], id="successes-are-counted-not-detailed"),
         pytest.param(
-            [session(result_type="starttls-not-supported")] * 3, 0, 3,
+            [session(result_type=ResultType.STARTTLS_NOT_SUPPORTED)] * 3, 0, 3,
             [("starttls-not-supported", 3)], id="identical-failures-form-one-group",
         ),
         pytest.param(
-            [session(result_type="certificate-expired"),
-             session(result_type="certificate-expired", receiving_ip="198.51.100.2")],
+            [session(result_type=ResultType.CERTIFICATE_EXPIRED),
+             session(result_type=ResultType.CERTIFICATE_EXPIRED, receiving_ip="198.51.100.2")],
             0, 2, [("certificate-expired", 1), ("certificate-expired", 1)],
             id="a-different-receiving-ip-is-a-different-group",
         ),
         pytest.param(
-            [session(), session(is_report=True), session(is_report=True, result_type="x")],
+            [session(), session(is_report=True),
+             session(is_report=True, result_type=ResultType.VALIDATION_FAILURE)],
             1, 0, [], id="sessions-that-delivered-reports-are-left-out",
         ),
     ],
@@ -101,12 +110,13 @@ def test_summary_and_failure_groups(
 
 
 def test_a_policy_change_during_the_day_gives_two_policy_entries() -> None:
-    [report] = build([session(), session(policy_strings=("version: STSv1", "mode: testing"))])
+    testing = replace(STS, policy_strings=("version: STSv1", "mode: testing"))
+    [report] = build([session(), session(policy=testing)])
     assert len(report.policies) == 2
 
 
 def test_failure_details_carry_every_field_of_the_session() -> None:
-    [report] = build([session(result_type="validation-failure", detail="DANE mismatch")])
+    [report] = build([session(result_type=ResultType.VALIDATION_FAILURE, detail="DANE mismatch")])
     [detail] = report.to_json()["policies"][0]["failure-details"]
     assert detail == {
         "result-type": "validation-failure", "sending-mta-ip": "192.0.2.1",
@@ -119,6 +129,52 @@ def test_failure_details_carry_every_field_of_the_session() -> None:
 def test_sts_policy_names_its_mx_patterns_under_both_keys_receivers_use() -> None:
     policy = build([session()])[0].to_json()["policies"][0]["policy"]
     assert policy["mx-host"] == policy["mx-host-pattern"] == ["*.example.com"]
+
+
+EE = parse_tlsa("3 1 1 " + "ab" * 32)
+TA = parse_tlsa("2 0 1 " + "cd" * 32)
+STS_STATE = StsState("1", Mode.ENFORCE, 86400, ("*.example.com",), STS.policy_strings, None,
+                     None, False, None)  # fmt: skip
+RUA = ("mailto:t@example.com",)
+
+
+def delivery_policy(source: Source, *mx: MxPolicy, **kw: object) -> DeliveryPolicy:
+    return DeliveryPolicy("example.com", source, Mode.ENFORCE, Status.OK, mx, tlsrpt_rua=RUA,
+                          **kw)  # type: ignore[arg-type]  # fmt: skip
+
+
+# RFC 8460 §4.4: which policy a session made under a delivery policy is reported under.
+REPORTED = [
+    pytest.param(
+        delivery_policy(Source.DANE, MxPolicy("mx1.example.com", 10, tlsa=(EE,)),
+                        MxPolicy("mx2.example.com", 20, tlsa=(EE,), tlsa_unusable=(TA,))),
+        ReportedPolicy(PolicyType.TLSA, (EE.to_text(), TA.to_text()), (), RUA),
+        id="dane-names-each-tlsa-record-once",
+    ),
+    pytest.param(
+        delivery_policy(Source.MTA_STS, mta_sts=STS_STATE), STS, id="mta-sts-names-its-lines",
+    ),
+    pytest.param(
+        delivery_policy(Source.LIST), ReportedPolicy(PolicyType.NO_POLICY_FOUND, rua=RUA),
+        id="the-static-list-is-no-published-policy",
+    ),
+    pytest.param(
+        delivery_policy(Source.NONE), ReportedPolicy(PolicyType.NO_POLICY_FOUND, rua=RUA),
+        id="none",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("policy", "reported"), REPORTED)
+def test_a_delivery_policy_is_reported_as_the_policy_the_domain_published(
+    policy: DeliveryPolicy, reported: ReportedPolicy
+) -> None:
+    assert policy.reported() == reported
+
+
+@pytest.mark.parametrize("result_type", list(ResultType))
+def test_mta_sts_policy_failures_are_the_three_of_section_4_3_2_2(result_type: ResultType) -> None:
+    assert result_type.is_sts_policy_failure == result_type.value.startswith("sts-")
 
 
 def test_file_name_follows_section_5_1() -> None:
@@ -136,7 +192,7 @@ def test_file_name_refuses_parts_that_would_break_it(bad: str) -> None:
 
 
 def test_gzip_round_trip_gives_the_same_report() -> None:
-    [report] = build([session(), session(result_type="certificate-expired")])
+    [report] = build([session(), session(result_type=ResultType.CERTIFICATE_EXPIRED)])
     assert tr.parse_report(report.to_gzip()) == report
 
 

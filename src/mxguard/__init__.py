@@ -36,6 +36,8 @@ async def deliver(
     resolver, CA file, store, static list and local rules to use; by default the system
     resolver and the default SQLite store. The result says, per recipient domain, whether the
     message was delivered, deferred or failed, and every attempt with its RFC 8460 result type.
+    A sender address that cannot go into MAIL FROM raises ``mxguard.engine.deliver.AddressError``
+    (a ``ValueError``) before any connection is made.
     """
     from mxguard.config import Settings
     from mxguard.engine.context import engine

@@ -53,11 +53,16 @@ class DnssecStatus(enum.StrEnum):
     INDETERMINATE = "indeterminate"
 
 
-class Outcome(enum.StrEnum):
-    OK = "ok"
-    NXDOMAIN = "nxdomain"
-    NODATA = "nodata"
-    ERROR = "error"
+class DnsOutcome(enum.StrEnum):
+    """How a DNS lookup ended, apart from its DNSSEC status (``DnssecStatus``)."""
+
+    OK = "ok"  # records of the type asked for
+    NXDOMAIN = "nxdomain"  # the name does not exist
+    NODATA = "nodata"  # the name exists, without records of that type
+    ERROR = "error"  # no usable answer (timeout, SERVFAIL, refused, ...): nothing is known
+
+
+Outcome = DnsOutcome  # the former name, still importable
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +71,7 @@ class DnsAnswer:
 
     name: str
     rdtype: str
-    outcome: Outcome
+    outcome: DnsOutcome
     dnssec: DnssecStatus
     records: tuple[Any, ...] = ()
     canonical: str = ""
@@ -81,7 +86,7 @@ class DnsAnswer:
     @property
     def failed(self) -> bool:
         """True when nothing can be concluded: a temporary failure or a validation failure."""
-        return self.outcome is Outcome.ERROR or self.dnssec in (
+        return self.outcome is DnsOutcome.ERROR or self.dnssec in (
             DnssecStatus.BOGUS,
             DnssecStatus.INDETERMINATE,
         )
@@ -96,7 +101,7 @@ class DnsAnswer:
 
 def _failed(name: str, rdtype: str, status: DnssecStatus, detail: str) -> DnsAnswer:
     """No usable answer: nothing can be concluded about ``name`` now."""
-    return DnsAnswer(name, rdtype, Outcome.ERROR, status, canonical=name, detail=detail)
+    return DnsAnswer(name, rdtype, DnsOutcome.ERROR, status, canonical=name, detail=detail)
 
 
 def _text(name: dns.name.Name) -> str:
@@ -218,7 +223,7 @@ class DnsResolver:
     def _impossible(self, text: str, rdtype: str, exc: Exception) -> DnsAnswer:
         """The answer for a name that cannot exist in the DNS: a certainty, so NXDOMAIN."""
         return DnsAnswer(
-            text, rdtype, Outcome.NXDOMAIN,
+            text, rdtype, DnsOutcome.NXDOMAIN,
             DnssecStatus.SECURE if self.trusted else DnssecStatus.INSECURE,
             canonical=text, detail=f"{text[:60]}… cannot exist in the DNS: {exc}",
         )  # fmt: skip
@@ -273,12 +278,12 @@ class DnsResolver:
         if cnames:
             cnames = cnames[:-1]  # intermediate names only; the last is the canonical name
         if rcode == dns.rcode.NXDOMAIN:
-            outcome = Outcome.NXDOMAIN
+            outcome = DnsOutcome.NXDOMAIN
             detail = f"{canonical} does not exist"
         elif records:
-            outcome, detail = Outcome.OK, ""
+            outcome, detail = DnsOutcome.OK, ""
         else:
-            outcome = Outcome.NODATA
+            outcome = DnsOutcome.NODATA
             detail = f"{canonical} has no {rdtype} records"
         if not records:
             # RFC 2308 §5: a negative answer lives for min(SOA TTL, SOA MINIMUM).

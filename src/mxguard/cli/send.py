@@ -12,7 +12,13 @@ from mxguard.adapters.store import StoreError
 from mxguard.cli.output import emit_json
 from mxguard.config import ConfigError
 from mxguard.engine.context import engine
-from mxguard.engine.deliver import DeliveryResult, DomainResult, message_with_headers
+from mxguard.engine.deliver import (
+    AddressError,
+    DeliveryResult,
+    DeliveryStatus,
+    DomainResult,
+    message_with_headers,
+)
 
 
 @click.command("send")
@@ -61,8 +67,8 @@ def send(
         result = asyncio.run(run())
     except (ConfigError, StoreError) as exc:
         raise click.UsageError(str(exc)) from None
-    except ValueError as exc:  # a bad --from: the caller's mistake, before any connection
-        raise click.BadParameter(str(exc), param_hint="--from") from None
+    except AddressError as exc:  # a bad --from: the caller's mistake, before any connection
+        raise click.BadParameter(exc.problem, param_hint="--from") from None
     if as_json or s.json:
         emit_json(result.to_json())
     else:
@@ -71,8 +77,15 @@ def send(
     ctx.exit(result.exit_code)
 
 
+_COLOURS = {
+    DeliveryStatus.DELIVERED: "green",
+    DeliveryStatus.DEFERRED: "yellow",
+    DeliveryStatus.FAILED: "red",
+}
+
+
 def render(d: DomainResult, *, verbose: bool = False) -> None:
-    colour = {"delivered": "green", "deferred": "yellow", "failed": "red"}[d.status.value]
+    colour = _COLOURS[d.status]
     policy = f"{d.policy.source.value}/{d.policy.mode.value}" if d.policy else "—"
     click.echo(
         click.style(d.domain, bold=True)

@@ -1,7 +1,7 @@
 """What the STRIPTLS demonstration checks and how it judges: cases, outcomes, rows.
 
 Pure data and rules, no I/O: the defences and their lab domains (``CASES``), what a secure
-sender must do for each (``Expect``), what happened to a message (``Outcome``, derived by
+sender must do for each (``Expect``), what happened to a message (``MessageFate``, derived by
 ``classify`` from what the receiver, the attacker and the store showed), and whether that was
 right (``judge``). The results (``Row``, ``ActResult``, ``DemoResult``) carry the JSON of
 ``mxguard demo --json`` (``to_json``). The run that fills them in is ``runner.py``.
@@ -12,6 +12,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from typing import Any
+
+from mxguard.engine.deliver import DeliveryStatus
+from mxguard.protocol.results import ResultType
 
 
 class Expect(enum.StrEnum):
@@ -44,8 +47,9 @@ TOFU_CASE = Case(
 )
 
 
-class Outcome(enum.StrEnum):
-    """What happened to one message, as observed at the receiver and the attacker."""
+class MessageFate(enum.StrEnum):
+    """What happened to one message, as observed at the receiver and the attacker (the
+    sender's own verdict is a ``DeliveryStatus``)."""
 
     LEAKED = "delivered in plain text, READ by the attacker"
     REFUSED = "refused (not delivered)"
@@ -54,6 +58,9 @@ class Outcome(enum.StrEnum):
     UNVERIFIED = "delivered over unverified TLS"
     PLAIN = "delivered in plain text"  # and yet the attacker did not read it
     REFUSED_LEAKED = "not delivered, but READ by the attacker"
+
+
+Outcome = MessageFate  # the former name, still importable
 
 
 class Act(enum.StrEnum):
@@ -83,9 +90,9 @@ class Row:
     attack: str  # the attacker modes of the sessions it proxied ("pass", "strip", ...)
     policy: str  # source/mode the sender applied, e.g. "mta-sts/enforce"
     policy_cached: bool  # the MTA-STS policy came from the cache (RFC 8461 §5.1)
-    status: str  # the sender's verdict: delivered | deferred | failed
-    result_type: str | None  # RFC 8460 result type of the sender's result
-    reported: tuple[str, ...]  # result types recorded in the store for TLS-RPT
+    status: DeliveryStatus  # the sender's verdict
+    result_type: ResultType | None  # RFC 8460 result type of the sender's result
+    reported: tuple[ResultType, ...]  # result types recorded in the store for TLS-RPT
     attacker_sessions: int
     attacker_stripped: bool  # the attacker deleted STARTTLS from an EHLO reply it forwarded
     attacker_read_password: bool  # the password line is in the attacker's plain-text records
@@ -93,7 +100,7 @@ class Row:
     received: bool  # a receiver has the message
     received_tls: str | None  # the TLS version it arrived over; None: plain text or not at all
     verified: str | None  # how the sender authenticated the receiver: dane-ee, pkix, ...
-    outcome: Outcome
+    outcome: MessageFate
     ok: bool
     why: str  # what a secure sender does for this defence, and whether that happened
 
@@ -105,9 +112,9 @@ class Row:
             "attack": self.attack,
             "policy": self.policy,
             "policy_cached": self.policy_cached,
-            "status": self.status,
-            "result_type": self.result_type,
-            "reported": list(self.reported),
+            "status": self.status.value,
+            "result_type": self.result_type.value if self.result_type else None,
+            "reported": [t.value for t in self.reported],
             "attacker": {
                 "sessions": self.attacker_sessions,
                 "stripped": self.attacker_stripped,
@@ -185,22 +192,22 @@ class DemoResult:
 
 def classify(
     *, received: bool, received_tls: bool, verified: bool, reported: bool, attacker_read: bool
-) -> Outcome:
+) -> MessageFate:
     """The outcome of one message from what the receiver, the attacker and the store show."""
     if not received:
-        return Outcome.REFUSED_LEAKED if attacker_read else Outcome.REFUSED
+        return MessageFate.REFUSED_LEAKED if attacker_read else MessageFate.REFUSED
     if reported:
-        return Outcome.REPORTED
+        return MessageFate.REPORTED
     if not received_tls:
-        return Outcome.LEAKED if attacker_read else Outcome.PLAIN
-    return Outcome.VERIFIED if verified else Outcome.UNVERIFIED
+        return MessageFate.LEAKED if attacker_read else MessageFate.PLAIN
+    return MessageFate.VERIFIED if verified else MessageFate.UNVERIFIED
 
 
 def judge(
-    expect: Expect, outcome: Outcome, *, attacker_read: bool, interfered: bool, reported: bool
+    expect: Expect, outcome: MessageFate, *, attacker_read: bool, interfered: bool, reported: bool
 ) -> tuple[bool, str]:
     """Whether the sender did what a secure sender must for this defence, and why (or why not)."""
-    delivered = outcome not in (Outcome.REFUSED, Outcome.REFUSED_LEAKED)
+    delivered = outcome not in (MessageFate.REFUSED, MessageFate.REFUSED_LEAKED)
     if expect is Expect.OPPORTUNISTIC:
         if delivered:
             return True, "no policy: an opportunistic sender delivers, and cannot tell"
@@ -214,6 +221,7 @@ def judge(
         return True, "testing mode: delivered" + (", failure reported" if reported else "")
     if attacker_read:
         return False, "a protected message was READ by the attacker"
-    if outcome in (Outcome.REFUSED, Outcome.VERIFIED):
-        return True, "protected: " + ("refused" if outcome is Outcome.REFUSED else "verified TLS")
+    if outcome in (MessageFate.REFUSED, MessageFate.VERIFIED):
+        how = "refused" if outcome is MessageFate.REFUSED else "verified TLS"
+        return True, f"protected: {how}"
     return False, f"a protected message was {outcome.value}"

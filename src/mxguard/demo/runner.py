@@ -47,6 +47,7 @@ from mxguard.engine.deliver import DeliveryResult, DomainResult, message_with_he
 from mxguard.lab.attacker import AttackSession
 from mxguard.lab.lab import Lab
 from mxguard.lab.scenario import AttackMode, CertKind, DnsAttack, Domain, Scenario, named
+from mxguard.protocol.results import ResultType
 
 DEFAULT_NET = "127.76"  # not `mxguard lab up`'s 127.77: both may run at once
 EHLO_DOMAIN = "nopolicy.test"  # whose MX host's EHLO reply is shown honest and stripped
@@ -177,17 +178,17 @@ def _observe(lab: Lab, sessions: Sequence[AttackSession], needle: bytes) -> _Obs
 
 async def _reported(
     e: Engine, domain: str, start: dt.datetime, end: dt.datetime
-) -> tuple[str, ...]:
+) -> tuple[ResultType, ...]:
     """The result types recorded in the store for ``domain``'s TLS-RPT between the times."""
     recorded = [
-        r
+        r.result_type
         for r in await e.store.results_between(start, end, unreported_only=False)
         if r.policy_domain == domain and r.result_type is not None
     ]
-    return tuple(dict.fromkeys(str(r.result_type) for r in recorded))
+    return tuple(dict.fromkeys(recorded))
 
 
-def _row(case: Case, d: DomainResult, seen: _Observed, reported: tuple[str, ...]) -> Row:
+def _row(case: Case, d: DomainResult, seen: _Observed, reported: tuple[ResultType, ...]) -> Row:
     """The row for ``case`` from what the sender, the attacker and the receivers showed."""
     delivering = [a for a in d.attempts if a.delivered]
     verified = delivering[0].verified if delivering else None
@@ -213,8 +214,8 @@ def _row(case: Case, d: DomainResult, seen: _Observed, reported: tuple[str, ...]
         attack=", ".join(sorted({s.mode.value for s in seen.sessions})) or "no connection",
         policy=f"{policy.source.value}/{policy.mode.value}" if policy else "none",
         policy_cached=bool(policy and policy.mta_sts and policy.mta_sts.from_cache),
-        status=d.status.value,
-        result_type=d.result_type.value if d.result_type else None,
+        status=d.status,
+        result_type=d.result_type,
         reported=reported,
         attacker_sessions=len(seen.sessions),
         attacker_stripped=any(s.stripped for s in seen.sessions),

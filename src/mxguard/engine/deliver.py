@@ -28,18 +28,38 @@ from typing import Any
 
 from mxguard.adapters.smtp import Reply, SmtpClient, SmtpError, SmtpErrorKind, address_problem
 from mxguard.adapters.store import SessionResult, Store
-from mxguard.engine.policy import Auth, DeliveryPolicy, MxPolicy, Source, Status, Tls
+from mxguard.engine.policy import Auth, DeliveryPolicy, MxPolicy, Status, Tls
 from mxguard.engine.resolve import Resolver, normalise_domain
 from mxguard.protocol import dane, pkix
 from mxguard.protocol.results import ResultType
+from mxguard.protocol.tlsrpt_report import PolicyType
 
 log = logging.getLogger(__name__)
 
 
-class Outcome(enum.StrEnum):
+class DeliveryStatus(enum.StrEnum):
+    """What became of a message for one recipient domain (or one recipient): ``send --json``
+    ``status``, and the exit status of ``mxguard send`` (0, 75, 69)."""
+
     DELIVERED = "delivered"
-    DEFERRED = "deferred"
-    FAILED = "failed"
+    DEFERRED = "deferred"  # try again later
+    FAILED = "failed"  # for good
+
+
+Outcome = DeliveryStatus  # the former name, still importable
+
+# `mxguard send` exits 0, 75 (EX_TEMPFAIL) or 69 (EX_UNAVAILABLE): docs/design.md, "Commands".
+_EXIT_CODES = {DeliveryStatus.DELIVERED: 0, DeliveryStatus.DEFERRED: 75, DeliveryStatus.FAILED: 69}
+
+
+class AddressError(ValueError):
+    """The sender address cannot go into MAIL FROM; found before any connection is made. The
+    message says why (``problem``); ``address`` is the address as given."""
+
+    def __init__(self, address: str, problem: str) -> None:
+        super().__init__(f"sender address: {problem}")
+        self.address = address
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -89,7 +109,7 @@ class Attempt:
 @dataclass(frozen=True)
 class DomainResult:
     domain: str
-    status: Outcome
+    status: DeliveryStatus
     recipients: tuple[str, ...]
     policy: DeliveryPolicy | None
     attempts: tuple[Attempt, ...] = ()
@@ -98,7 +118,7 @@ class DomainResult:
 
     @property
     def delivered(self) -> bool:
-        return self.status is Outcome.DELIVERED
+        return self.status is DeliveryStatus.DELIVERED
 
     def recipient_outcomes(self) -> list[tuple[str, str, str | None]]:
         """(address, delivered|deferred|failed, the server's refusal if any) per recipient."""
@@ -110,9 +130,9 @@ class DomainResult:
         for r in self.recipients:
             reply = refused.get(r)
             if reply is None:
-                out.append((r, Outcome.DELIVERED.value, None))
+                out.append((r, DeliveryStatus.DELIVERED.value, None))
             else:
-                status = Outcome.FAILED if reply.startswith("5") else Outcome.DEFERRED
+                status = DeliveryStatus.FAILED if reply.startswith("5") else DeliveryStatus.DEFERRED
                 out.append((r, status.value, reply))
         return out
 
@@ -140,17 +160,17 @@ class DeliveryResult:
     domains: tuple[DomainResult, ...]
 
     @property
-    def status(self) -> Outcome:
+    def status(self) -> DeliveryStatus:
         states = {d.status for d in self.domains}
-        if Outcome.FAILED in states:
-            return Outcome.FAILED
-        if Outcome.DEFERRED in states:
-            return Outcome.DEFERRED
-        return Outcome.DELIVERED
+        if DeliveryStatus.FAILED in states:
+            return DeliveryStatus.FAILED
+        if DeliveryStatus.DEFERRED in states:
+            return DeliveryStatus.DEFERRED
+        return DeliveryStatus.DELIVERED
 
     @property
     def exit_code(self) -> int:
-        return {Outcome.DELIVERED: 0, Outcome.DEFERRED: 75, Outcome.FAILED: 69}[self.status]
+        return _EXIT_CODES[self.status]
 
     def to_json(self) -> dict[str, Any] | list[dict[str, Any]]:
         """One domain: the object docs/design.md describes; several: a list of them."""
@@ -175,11 +195,14 @@ class Sender:
     async def deliver(
         self, mail_from: str, recipients: Sequence[str], data: bytes
     ) -> DeliveryResult:
+        """Deliver ``data`` to ``recipients`` under their domains' policies. A recipient that is
+        not an address fails for good in the result; a sender that is not is ``AddressError``.
+        """
         # A bad address is the caller's mistake, found before any connection: it fails for
         # good (never "deferred", which would make callers retry it forever).
         problem = address_problem(mail_from)
         if problem is not None:
-            raise ValueError(f"--from: {problem}")
+            raise AddressError(mail_from, problem)
         by_domain: dict[str, list[str]] = {}
         bad: list[DomainResult] = []
         for rcpt in recipients:
@@ -195,7 +218,7 @@ class Sender:
                 bad.append(
                     DomainResult(
                         domain or rcpt,
-                        Outcome.FAILED,
+                        DeliveryStatus.FAILED,
                         (rcpt,),
                         None,
                         detail=f"recipient {rcpt!r} is not an address: {exc}",
@@ -216,9 +239,9 @@ class Sender:
         policy = await self.resolver.resolve(domain)
         if policy.status is Status.FAIL:
             why = "; ".join(policy.explanation) or "the domain accepts no mail"
-            return DomainResult(domain, Outcome.FAILED, tuple(rcpts), policy, detail=why)
+            return DomainResult(domain, DeliveryStatus.FAILED, tuple(rcpts), policy, detail=why)
         attempts: list[Attempt] = []
-        outcome = Outcome.DEFERRED
+        outcome = DeliveryStatus.DEFERRED
         final_detail = ""
         for m in policy.mx:
             if self.is_report and m.addresses:
@@ -227,44 +250,24 @@ class Sender:
                 # is tried, with opportunistic TLS and no certificate checks.
                 m = replace(m, allowed=True, defer=None, tls=Tls.OPPORTUNISTIC, auth=Auth.NONE,
                             report_only=False)  # fmt: skip
-            if not m.allowed:
-                attempts.append(
-                    Attempt(
-                        m.host,
-                        None,
-                        result_type=ResultType.VALIDATION_FAILURE,
-                        detail=f"not contacted: the {m.source.value} policy does not list "
-                        "this MX host",
-                    )
-                )
-                continue
-            if m.defer is not None:
-                attempts.append(
-                    Attempt(
-                        m.host,
-                        None,
-                        result_type=m.defer.result_type,
-                        detail=f"not contacted: {m.defer.detail}",
-                    )
-                )
-                continue
-            if not m.addresses:
-                attempts.append(Attempt(m.host, None, detail="not contacted: no address"))
+            skipped = _not_contacted(m)
+            if skipped is not None:
+                attempts.append(skipped)
                 continue
             for ip in m.addresses:
                 attempt, permanent = await self._attempt(policy, m, ip, mail_from, rcpts, data)
                 attempts.append(attempt)
                 if attempt.delivered:
-                    outcome = Outcome.DELIVERED
+                    outcome = DeliveryStatus.DELIVERED
                     break
                 if permanent:
-                    outcome, final_detail = Outcome.FAILED, attempt.detail
+                    outcome, final_detail = DeliveryStatus.FAILED, attempt.detail
                     break
-            if outcome is not Outcome.DEFERRED:
+            if outcome is not DeliveryStatus.DEFERRED:
                 break
         await self._record(policy, attempts)
         result_type = None
-        if outcome is not Outcome.DELIVERED:
+        if outcome is not DeliveryStatus.DELIVERED:
             failed = [a.result_type for a in attempts if a.result_type is not None]
             failed += [e.result_type for e in policy.errors if policy.status is Status.DEFER]
             result_type = failed[0] if failed else None
@@ -276,13 +279,13 @@ class Sender:
                 )
         elif any(a.result_type for a in attempts):
             result_type = next(a.result_type for a in attempts if a.result_type)
-        if outcome is Outcome.DELIVERED:
+        if outcome is DeliveryStatus.DELIVERED:
             # Recipients the server refused while accepting others are not delivered: a 5xx
             # fails them for good, a 4xx leaves them to be tried again (RFC 5321 §4.2.1).
             done = next(a for a in attempts if a.delivered)
             if done.refused:
                 for_good = any(reply.startswith("5") for _, reply in done.refused)
-                outcome = Outcome.FAILED if for_good else Outcome.DEFERRED
+                outcome = DeliveryStatus.FAILED if for_good else DeliveryStatus.DEFERRED
                 final_detail = (
                     f"delivered to {len(rcpts) - len(done.refused)} of {len(rcpts)} recipients; "
                     + "; ".join(f"{a} refused: {reply}" for a, reply in done.refused)
@@ -444,24 +447,20 @@ class Sender:
         """One durable result per session that took place (RFC 8460 §4: sessions count)."""
         if self.store is None:
             return
-        kind, strings, patterns = policy_for_report(policy)
+        reported = policy.reported()
         # RFC 8460 §4.3.2.2: a failed MTA-STS discovery or fetch is a policy failure of every
         # session made without the policy, even when the session itself went well.
         sts_failure = next(
-            (e for e in policy.errors if e.result_type.value.startswith("sts-")), None
-        ) if kind == "no-policy-found" else None  # fmt: skip
+            (e for e in policy.errors if e.result_type.is_sts_policy_failure), None
+        ) if reported.policy_type is PolicyType.NO_POLICY_FOUND else None  # fmt: skip
         now = self.clock()
         results = [
             SessionResult(
                 id=None,
                 at=now,
                 policy_domain=policy.domain,
-                policy_type=kind,
-                policy_strings=strings,
-                mx_patterns=patterns,
-                result_type=a.result_type.value
-                if a.result_type
-                else (sts_failure.result_type.value if sts_failure else None),
+                policy=reported,
+                result_type=a.result_type or (sts_failure.result_type if sts_failure else None),
                 sending_ip=a.sending_ip,
                 receiving_mx=a.mx,
                 receiving_ip=a.ip,
@@ -470,7 +469,6 @@ class Sender:
                     (sts_failure.detail if sts_failure and not a.result_type else a.tls_detail)
                     or None
                 ),
-                rua=policy.tlsrpt_rua,
                 is_report=self.is_report,
                 reported=None,
             )
@@ -484,14 +482,17 @@ class Sender:
                 log.error("could not record %d TLS-RPT session result(s): %s", len(results), exc)
 
 
-def policy_for_report(p: DeliveryPolicy) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-    """RFC 8460 §4.4 policy-type, policy-string and mx-host for this policy."""
-    if p.source is Source.DANE:
-        tlsa = tuple(dict.fromkeys(t.to_text() for m in p.mx for t in (*m.tlsa, *m.tlsa_unusable)))
-        return "tlsa", tlsa, ()
-    if p.source is Source.MTA_STS and p.mta_sts is not None:
-        return "sts", p.mta_sts.policy_strings, p.mta_sts.mx
-    return "no-policy-found", (), ()
+def _not_contacted(m: MxPolicy) -> Attempt | None:
+    """The attempt that says why ``m`` is not contacted at all; None when it may be."""
+    if not m.allowed:
+        detail = f"not contacted: the {m.source.value} policy does not list this MX host"
+        return Attempt(m.host, None, result_type=ResultType.VALIDATION_FAILURE, detail=detail)
+    if m.defer is not None:
+        detail = f"not contacted: {m.defer.detail}"
+        return Attempt(m.host, None, result_type=m.defer.result_type, detail=detail)
+    if not m.addresses:
+        return Attempt(m.host, None, detail="not contacted: no address")
+    return None
 
 
 def _with(a: Attempt, **changes: Any) -> Attempt:

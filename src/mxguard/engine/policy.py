@@ -4,7 +4,12 @@ A ``DeliveryPolicy`` says, for each MX host of a domain, whether it may be used,
 is required there and how its certificate must be authenticated; it keeps every failure seen
 while deciding (in the RFC 8460 vocabulary) and a few sentences that explain the decision to
 people. ``to_json()`` is the one place where the ``policy --json`` shape is made (see
-docs/design.md, "JSON output").
+docs/design.md, "JSON output"), and ``reported()`` the one place where a delivery policy
+becomes the policy a TLS-RPT report names (RFC 8460 §4.4).
+
+``Mode`` is the MTA-STS mode of ``protocol/mtasts.py`` (RFC 8461 §5), re-exported: a domain's
+mode is the mode of the policy that decided it (or ``enforce`` for DANE and local rules,
+``none`` without a policy).
 """
 
 from __future__ import annotations
@@ -16,7 +21,20 @@ from typing import Any
 
 from mxguard.adapters.dns import DnssecStatus
 from mxguard.protocol.dane import Tlsa
+from mxguard.protocol.mtasts import Mode
 from mxguard.protocol.results import Failure
+from mxguard.protocol.tlsrpt_report import PolicyType, ReportedPolicy
+
+__all__ = [
+    "Auth",
+    "DeliveryPolicy",
+    "Mode",
+    "MxPolicy",
+    "Source",
+    "Status",
+    "StsState",
+    "Tls",
+]
 
 
 class Source(enum.StrEnum):
@@ -24,12 +42,6 @@ class Source(enum.StrEnum):
     MTA_STS = "mta-sts"
     LIST = "list"
     LOCAL = "local"
-    NONE = "none"
-
-
-class Mode(enum.StrEnum):
-    ENFORCE = "enforce"
-    TESTING = "testing"  # check and report, but deliver anyway
     NONE = "none"
 
 
@@ -100,7 +112,7 @@ class StsState:
     """What is known of the domain's MTA-STS policy, for output and for TLS-RPT."""
 
     id: str | None
-    mode: str | None
+    mode: Mode | None
     max_age: int | None
     mx: tuple[str, ...]
     policy_strings: tuple[str, ...]
@@ -112,7 +124,7 @@ class StsState:
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "mode": self.mode,
+            "mode": None if self.mode is None else str(self.mode),
             "max_age": self.max_age,
             "mx": list(self.mx),
             "fetched_at": _iso(self.fetched_at),
@@ -145,6 +157,33 @@ class DeliveryPolicy:
     @property
     def usable_mx(self) -> list[MxPolicy]:
         return [m for m in self.mx if m.usable]
+
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]:
+        """The MX host names the policy lets a sender use (MTA-STS `enforce` forbids the others,
+        RFC 8461 §4.1), as published and CNAME-expanded, sorted and each once: the hosts whose
+        sessions a TLS-RPT report is about."""
+        allowed = [m for m in self.mx if m.allowed]
+        return tuple(sorted({h for m in allowed for h in (m.host, m.canonical) if h}))
+
+    @property
+    def allowed_addresses(self) -> tuple[str, ...]:
+        """The addresses of `allowed_hosts`, sorted and each once."""
+        return tuple(sorted({a for m in self.mx if m.allowed for a in m.addresses}))
+
+    def reported(self) -> ReportedPolicy:
+        """The policy as a TLS-RPT report names it (RFC 8460 §4.4): `tlsa` with every TLSA
+        record of the MX hosts when DANE decided, `sts` with the policy's lines and MX
+        patterns when MTA-STS did, else `no-policy-found`; and the domain's `rua` (§3)."""
+        if self.source is Source.DANE:
+            records = (t.to_text() for m in self.mx for t in (*m.tlsa, *m.tlsa_unusable))
+            return ReportedPolicy(
+                PolicyType.TLSA, tuple(dict.fromkeys(records)), (), self.tlsrpt_rua
+            )
+        if self.source is Source.MTA_STS and self.mta_sts is not None:
+            sts = self.mta_sts
+            return ReportedPolicy(PolicyType.STS, sts.policy_strings, sts.mx, self.tlsrpt_rua)
+        return ReportedPolicy(PolicyType.NO_POLICY_FOUND, rua=self.tlsrpt_rua)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -289,7 +289,7 @@ class _Policy:
     """The domain-wide policy that applies where DANE does not authenticate."""
 
     source: Source  # MTA_STS or LIST
-    mode: mtasts.Mode  # ENFORCE or TESTING
+    mode: Mode  # ENFORCE or TESTING
     allows: Callable[[str], bool]  # does the policy match this MX host name
 
 
@@ -303,16 +303,16 @@ class _PolicyRow:
 
 
 # Keyed by (mode, "the host matches one of the policy's MX patterns").
-_POLICY: Final[Mapping[tuple[mtasts.Mode, bool], _PolicyRow]] = {
+_POLICY: Final[Mapping[tuple[Mode, bool], _PolicyRow]] = {
     # RFC 8461 §4.2, §5: enforce: a matching MX host needs WebPKI-verified TLS.
-    (mtasts.Mode.ENFORCE, True): _PolicyRow(tls=Tls.REQUIRED, auth=Auth.PKIX),
+    (Mode.ENFORCE, True): _PolicyRow(tls=Tls.REQUIRED, auth=Auth.PKIX),
     # RFC 8461 §4.1, §5: enforce: a host that fails MX matching is never used.
-    (mtasts.Mode.ENFORCE, False): _PolicyRow(
+    (Mode.ENFORCE, False): _PolicyRow(
         allowed=False, note="not an MX host the {source} policy allows: never used"
     ),
     # RFC 8461 §5: testing: check and report, deliver anyway.
-    (mtasts.Mode.TESTING, True): _PolicyRow(report_only=True),
-    (mtasts.Mode.TESTING, False): _PolicyRow(
+    (Mode.TESTING, True): _PolicyRow(report_only=True),
+    (Mode.TESTING, False): _PolicyRow(
         report_only=True,
         note="not an MX host the {source} policy lists (testing: reported, still used)",
     ),
@@ -394,7 +394,7 @@ def _context(facts: DomainFacts) -> _Context:
     usable_list = policy is None and not facts.listed.expired
     return _Context(
         # RFC 8461 §5: mode none is no policy.
-        sts=policy if policy is not None and policy.mode is not mtasts.Mode.NONE else None,
+        sts=policy if policy is not None and policy.mode is not Mode.NONE else None,
         from_cache=bool(facts.sts.state and facts.sts.state.from_cache),
         listed=facts.listed.entry if usable_list else None,
         floor=facts.rule.floor if facts.rule is not None else localrules.Floor.NONE,
@@ -432,7 +432,7 @@ def _sts_decides(ctx: _Context, mx: tuple[MxPolicy, ...]) -> _Verdict | None:
     """RFC 8461 §5: the domain's own MTA-STS policy, enforced or (testing) only reported."""
     if ctx.sts is None:
         return None
-    mode = Mode(ctx.sts.mode.value)
+    mode = ctx.sts.mode
     line = (
         f"MTA-STS {ctx.sts.mode.value} policy (max_age {ctx.sts.max_age} s"
         + (", from the cache" if ctx.from_cache else "")
@@ -449,7 +449,7 @@ def _list_decides(ctx: _Context, mx: tuple[MxPolicy, ...]) -> _Verdict | None:
         return None
     return (
         Source.LIST,
-        Mode(ctx.listed.mode.value),
+        ctx.listed.mode,
         f"static policy list entry ({ctx.listed.mode.value})",
     )
 
@@ -506,7 +506,7 @@ def _warnings(facts: DomainFacts) -> tuple[str, ...]:
 def _remarks(facts: DomainFacts, ctx: _Context) -> list[str]:
     """Explanation lines about MTA-STS withdrawn and the local rule, whoever decided."""
     lines = []
-    if facts.sts.policy is not None and facts.sts.policy.mode is mtasts.Mode.NONE:
+    if facts.sts.policy is not None and facts.sts.policy.mode is Mode.NONE:
         # RFC 8461 §8.3: publishing mode none is how a domain withdraws its policy.
         lines.append("MTA-STS mode none: the domain has withdrawn its policy")
     if facts.rule is not None:

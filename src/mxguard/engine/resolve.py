@@ -19,7 +19,7 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import replace
 
-from mxguard.adapters.dns import DnsAnswer, DnsResolver, DnssecStatus, Outcome
+from mxguard.adapters.dns import DnsAnswer, DnsOutcome, DnsResolver, DnssecStatus
 from mxguard.engine.policy import DeliveryPolicy
 from mxguard.engine.precedence import (
     Decision,
@@ -106,15 +106,15 @@ class Resolver:
         bogus = [x for x in answers if x.dnssec is DnssecStatus.BOGUS]
         if bogus:
             return HostFacts(host, preference, HostLookup.ADDRESS_BOGUS, detail=bogus[0].detail)
-        usable = [x for x in answers if x.outcome is not Outcome.ERROR]
+        usable = [x for x in answers if x.outcome is not DnsOutcome.ERROR]
         addresses = tuple(str(r.address) for x in usable for r in x.records)
         if not addresses and len(usable) < len(answers):
             # One lookup failed and the other found nothing: the host may well have an
             # address we could not see now. That is temporary, never "no address".
-            failed = next(x for x in answers if x.outcome is Outcome.ERROR)
+            failed = next(x for x in answers if x.outcome is DnsOutcome.ERROR)
             return HostFacts(host, preference, HostLookup.ADDRESS_FAILED, detail=failed.detail)
         canonical = next((x.canonical for x in usable if x.records), usable[0].canonical)
-        notes: list[str] = [x.detail for x in answers if x.outcome is Outcome.ERROR]
+        notes: list[str] = [x.detail for x in answers if x.outcome is DnsOutcome.ERROR]
         if not addresses:
             notes.append(f"{host} has no address records")
         found = HostFacts(
@@ -137,12 +137,12 @@ class Resolver:
             if answer.dnssec is DnssecStatus.BOGUS:
                 return replace(found, lookup=HostLookup.TLSA_BOGUS, tlsa_base=base,
                                detail=answer.detail)  # fmt: skip
-            if answer.outcome is Outcome.ERROR:
+            if answer.outcome is DnsOutcome.ERROR:
                 # RFC 7672 §2.2: a TLSA lookup that fails (not a proof of absence) means
                 # this host cannot be used now; never fall back to unauthenticated TLS.
                 return replace(found, lookup=HostLookup.TLSA_FAILED, tlsa_base=base,
                                detail=answer.detail)  # fmt: skip
-            if answer.outcome is Outcome.OK:
+            if answer.outcome is DnsOutcome.OK:
                 if not answer.secure:
                     return replace(found, lookup=HostLookup.TLSA_UNSIGNED, tlsa_base=base)
                 records = [dane.from_rdata(rd) for rd in answer.records]
@@ -156,9 +156,9 @@ def _mx_targets(domain: str, answer: DnsAnswer) -> tuple[MxLookup, list[tuple[in
     if answer.failed:
         bogus = answer.dnssec is DnssecStatus.BOGUS
         return (MxLookup.BOGUS if bogus else MxLookup.FAILED), []
-    if answer.outcome is Outcome.NXDOMAIN:
+    if answer.outcome is DnsOutcome.NXDOMAIN:
         return MxLookup.NXDOMAIN, []
-    if answer.outcome is Outcome.NODATA:
+    if answer.outcome is DnsOutcome.NODATA:
         # RFC 5321 §5.1: no MX records: the domain itself is the implicit MX host.
         return MxLookup.IMPLICIT, [(0, domain)]
     targets = sorted(
@@ -195,7 +195,7 @@ def _name(name: object) -> str:
 
 
 def _rua(answer: DnsAnswer) -> tuple[str, ...]:
-    if answer.outcome is not Outcome.OK:
+    if answer.outcome is not DnsOutcome.OK:
         return ()
     try:
         record = tlsrpt.select_record(answer.texts())

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mxguard.adapters import https
-from mxguard.adapters.dns import DnsResolver, Outcome
+from mxguard.adapters.dns import DnsOutcome, DnsResolver
 from mxguard.adapters.store import CachedPolicy, Store
 from mxguard.engine.policy import StsState
 from mxguard.protocol import mtasts
@@ -77,7 +77,7 @@ class StsResolver:
         )
         notes: list[str] = []
         record: mtasts.StsRecord | None = None
-        if txt.outcome is Outcome.OK:
+        if txt.outcome is DnsOutcome.OK:
             try:
                 record = mtasts.select_record(txt.texts())
             except mtasts.StsRecordError as exc:
@@ -221,9 +221,9 @@ class StsResolver:
         """The policy host's address through the configured resolver (not the system's)."""
         for rdtype in ("A", "AAAA"):
             answer = await self.dns.query(host, rdtype)
-            if answer.outcome is Outcome.OK:
+            if answer.outcome is DnsOutcome.OK:
                 return str(answer.records[0].address)
-            if answer.failed or answer.outcome is Outcome.NXDOMAIN:
+            if answer.failed or answer.outcome is DnsOutcome.NXDOMAIN:
                 break
         return https.FetchResult(
             ok=False,
@@ -247,7 +247,7 @@ def _state(
 ) -> StsState:
     return StsState(
         id=policy_id,
-        mode=policy.mode.value,
+        mode=policy.mode,
         max_age=policy.max_age,
         mx=policy.mx,
         policy_strings=tuple(policy.policy_strings()),

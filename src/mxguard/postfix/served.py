@@ -22,7 +22,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from mxguard.adapters.store import ServedPolicy, Store
-from mxguard.engine.deliver import policy_for_report
 from mxguard.engine.policy import DeliveryPolicy
 from mxguard.postfix.answers import Answer
 from mxguard.postfix.metrics import Metrics
@@ -34,26 +33,20 @@ def served_record(
     domain: str, policy: DeliveryPolicy, answer: Answer, at: dt.datetime
 ) -> ServedPolicy:
     """The record of serving ``answer`` for ``policy`` from ``at`` on."""
-    kind, strings, patterns = policy_for_report(policy)
-    allowed = [m for m in policy.mx if m.allowed]
     return ServedPolicy(
         domain=domain,
         at=at,
-        policy_type=kind,
-        policy_strings=strings,
-        mx_patterns=patterns,
-        rua=policy.tlsrpt_rua,
+        policy=policy.reported(),
         # Sorted: DNS may list the same hosts and addresses in another order next time.
-        mx_hosts=tuple(sorted({h for m in allowed for h in (m.host, m.canonical) if h})),
-        mx_addresses=tuple(sorted({a for m in allowed for a in m.addresses})),
+        mx_hosts=policy.allowed_hosts,
+        mx_addresses=policy.allowed_addresses,
         answer=answer.socketmap().decode("utf-8", "replace").rstrip(),
     )
 
 
 def _content(r: ServedPolicy) -> tuple[object, ...]:
     """What a record says, apart from when: equal content means nothing changed."""
-    return (r.policy_type, r.policy_strings, r.mx_patterns, r.rua, r.mx_hosts, r.mx_addresses,
-            r.answer)  # fmt: skip
+    return (r.policy, r.mx_hosts, r.mx_addresses, r.answer)
 
 
 class ServedRecorder:

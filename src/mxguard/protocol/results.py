@@ -29,6 +29,21 @@ class ResultType(enum.StrEnum):
     STS_POLICY_INVALID = "sts-policy-invalid"
     STS_WEBPKI_INVALID = "sts-webpki-invalid"
 
+    @property
+    def is_sts_policy_failure(self) -> bool:
+        """RFC 8460 §4.3.2.2: an MTA-STS policy failure (discovery, fetch, body, certificate of
+        the policy host), as opposed to a negotiation failure or a DANE policy failure."""
+        return self in _STS_POLICY_FAILURES
+
+
+_STS_POLICY_FAILURES = frozenset(
+    {
+        ResultType.STS_POLICY_FETCH_ERROR,
+        ResultType.STS_POLICY_INVALID,
+        ResultType.STS_WEBPKI_INVALID,
+    }
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Failure:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import enum
 import gzip
 import io
 import json
@@ -37,7 +38,8 @@ from email.mime.text import MIMEText
 from email.policy import SMTP
 from typing import Any, Protocol
 
-POLICY_TYPES = ("sts", "tlsa", "no-policy-found")  # RFC 8460 §4.4
+from mxguard.protocol.results import ResultType
+
 MEDIA_TYPE_GZIP = "application/tlsrpt+gzip"  # RFC 8460 §6.4
 MEDIA_TYPE_JSON = "application/tlsrpt+json"  # RFC 8460 §6.4
 MAX_REPORT_SIZE = 16 * 1024 * 1024  # decompressed; a report bigger than this is refused
@@ -48,19 +50,58 @@ class ReportError(ValueError):
     """A report violates RFC 8460 §4 (or is too big to read); the message says which rule."""
 
 
+class PolicyType(enum.StrEnum):
+    """RFC 8460 §4.4 `policy-type`: the kind of policy a sender applied. The value is the wire
+    spelling; the RFC allows exactly these three."""
+
+    STS = "sts"
+    TLSA = "tlsa"
+    NO_POLICY_FOUND = "no-policy-found"
+
+
+def parse_policy_type(value: str) -> PolicyType:
+    """`value` as a PolicyType; ReportError naming the allowed values when it is none."""
+    try:
+        return PolicyType(value)
+    except ValueError:
+        raise ReportError(
+            f"policy-type {value!r} is not one of {tuple(t.value for t in PolicyType)} "
+            "(RFC 8460 §4.4)"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class ReportedPolicy:
+    """A policy as a TLS-RPT report names it (RFC 8460 §4.4 `policy`: `policy-type`,
+    `policy-string`, `mx-host`), and where the domain wanted reports then (its `rua`, §3).
+
+    The one shape of "the policy a session was made under": the sender records it with each
+    session (`SessionResult.policy`), the Postfix policy server with what it served
+    (`ServedPolicy.policy`), and a report's `policies[]` entries are built from it (without
+    the `rua`, which a report does not name). The engine makes it from a delivery policy in
+    one place, `DeliveryPolicy.reported()`.
+    """
+
+    policy_type: PolicyType
+    policy_strings: tuple[str, ...] = ()  # STS policy lines, or one TLSA RR each
+    mx_patterns: tuple[str, ...] = ()  # the STS policy's mx patterns
+    rua: tuple[str, ...] = ()  # the domain's TLS-RPT rua (RFC 8460 §3); () in a report
+
+
+NO_POLICY_FOUND = ReportedPolicy(PolicyType.NO_POLICY_FOUND)
+
+
 class SessionLike(Protocol):
     """What a recorded session must offer (mxguard.adapters.store.SessionResult does)."""
 
     @property
     def policy_domain(self) -> str: ...
     @property
-    def policy_type(self) -> str: ...
+    def policy(self) -> ReportedPolicy: ...
     @property
-    def policy_strings(self) -> tuple[str, ...]: ...
+    def result_type(self) -> ResultType | None: ...
     @property
-    def mx_patterns(self) -> tuple[str, ...]: ...
-    @property
-    def result_type(self) -> str | None: ...
+    def other_result_type(self) -> str | None: ...
     @property
     def sending_ip(self) -> str | None: ...
     @property
@@ -76,20 +117,12 @@ class SessionLike(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class AppliedPolicy:
-    """RFC 8460 §4.4 `policy`: what the sender applied to the domain."""
-
-    policy_type: str  # sts | tlsa | no-policy-found
-    policy_strings: tuple[str, ...]  # STS policy lines, or one TLSA RR each
-    policy_domain: str
-    mx_host: tuple[str, ...]  # the STS policy's mx patterns
-
-
-@dataclass(frozen=True, slots=True)
 class FailureDetail:
     """RFC 8460 §4.4 `failure-details[]`: one group of failed sessions."""
 
-    result_type: str
+    # A result type this mxguard does not know (RFC 8460 made them an IANA registry, which may
+    # grow) stays the text it came as: in a parsed report, or read back from a newer store.
+    result_type: ResultType | str
     sending_mta_ip: str | None
     receiving_mx_hostname: str | None
     receiving_ip: str | None
@@ -101,9 +134,11 @@ class FailureDetail:
 
 @dataclass(frozen=True, slots=True)
 class PolicyResult:
-    """One `policies[]` entry: a policy and the sessions made under it."""
+    """One `policies[]` entry: a policy (RFC 8460 §4.4 `policy`: its `policy-domain` and the
+    policy itself, without a `rua`) and the sessions made under it."""
 
-    policy: AppliedPolicy
+    policy_domain: str
+    policy: ReportedPolicy
     successful: int  # total-successful-session-count
     failed: int  # total-failure-session-count
     failure_details: tuple[FailureDetail, ...] = ()
@@ -122,7 +157,7 @@ class Report:
 
     @property
     def policy_domain(self) -> str:
-        return self.policies[0].policy.policy_domain if self.policies else ""
+        return self.policies[0].policy_domain if self.policies else ""
 
     @property
     def successful(self) -> int:
@@ -180,27 +215,16 @@ def aggregate(
     `unique` maps a policy domain to the unique part of its report-id (default: "0"); report
     sessions (`is_report`) are not counted (§5.3). Domains are in name order.
     """
-    by_domain: dict[str, dict[AppliedPolicy, list[SessionLike]]] = {}
+    by_domain: dict[str, dict[ReportedPolicy, list[SessionLike]]] = {}
     for s in sessions:
         if s.is_report:
             continue  # RFC 8460 §5.3: the sessions that delivered reports are not reported
-        if s.policy_type not in POLICY_TYPES:
-            raise ReportError(
-                f"session for {s.policy_domain} has policy type {s.policy_type!r}; "
-                f"RFC 8460 §4.4 allows {', '.join(POLICY_TYPES)}"
-            )
-        policy = AppliedPolicy(
-            s.policy_type,
-            tuple(s.policy_strings),
-            s.policy_domain,
-            tuple(s.mx_patterns) if s.policy_type == "sts" else (),
-        )
-        by_domain.setdefault(s.policy_domain, {}).setdefault(policy, []).append(s)
+        by_domain.setdefault(s.policy_domain, {}).setdefault(_applied(s), []).append(s)
     start, after = day_range(day)
     end = after - dt.timedelta(seconds=1)
     reports = []
     for domain in sorted(by_domain):
-        policies = tuple(_policy_result(p, ss) for p, ss in by_domain[domain].items())
+        policies = tuple(_policy_result(domain, p, ss) for p, ss in by_domain[domain].items())
         reports.append(
             Report(
                 organization_name=organization_name,
@@ -214,14 +238,28 @@ def aggregate(
     return reports
 
 
-def _policy_result(policy: AppliedPolicy, sessions: Sequence[SessionLike]) -> PolicyResult:
+def _applied(s: SessionLike) -> ReportedPolicy:
+    """The `policy` entry a session counts under (RFC 8460 §4.4): one per distinct type, strings
+    and (for MTA-STS) mx patterns; where reports go is not part of it."""
+    try:
+        kind = parse_policy_type(s.policy.policy_type)
+    except ReportError as exc:
+        raise ReportError(f"session for {s.policy_domain}: {exc}") from None
+    patterns = s.policy.mx_patterns if kind is PolicyType.STS else ()
+    return ReportedPolicy(kind, tuple(s.policy.policy_strings), tuple(patterns))
+
+
+def _policy_result(
+    domain: str, policy: ReportedPolicy, sessions: Sequence[SessionLike]
+) -> PolicyResult:
     groups: dict[tuple[str, str | None, str | None, str | None, str | None], list[str]] = {}
     successful = 0
     for s in sessions:
-        if s.result_type is None:
+        result = s.result_type or s.other_result_type
+        if result is None:
             successful += 1
             continue
-        key = (s.result_type, s.sending_ip, s.receiving_mx, s.receiving_ip, s.receiving_helo)
+        key = (result, s.sending_ip, s.receiving_mx, s.receiving_ip, s.receiving_helo)
         groups.setdefault(key, []).append(s.detail or "")
     details = []
     for (rtype, sip, mx, rip, helo), texts in sorted(groups.items(), key=lambda kv: _sort(kv[0])):
@@ -238,7 +276,7 @@ def _policy_result(policy: AppliedPolicy, sessions: Sequence[SessionLike]) -> Po
             )
         )
     return PolicyResult(
-        policy, successful, sum(d.failed_session_count for d in details), tuple(details)
+        domain, policy, successful, sum(d.failed_session_count for d in details), tuple(details)
     )
 
 
@@ -252,13 +290,13 @@ def _rfc3339(value: dt.datetime) -> str:
 
 def _policy_json(p: PolicyResult) -> dict[str, Any]:
     policy: dict[str, Any] = {
-        "policy-type": p.policy.policy_type,
+        "policy-type": p.policy.policy_type.value,
         "policy-string": list(p.policy.policy_strings),
-        "policy-domain": p.policy.policy_domain,
+        "policy-domain": p.policy_domain,
     }
-    if p.policy.mx_host:
-        policy["mx-host"] = list(p.policy.mx_host)
-        policy["mx-host-pattern"] = list(p.policy.mx_host)
+    if p.policy.mx_patterns:
+        policy["mx-host"] = list(p.policy.mx_patterns)
+        policy["mx-host-pattern"] = list(p.policy.mx_patterns)
     out: dict[str, Any] = {
         "policy": policy,
         "summary": {
@@ -272,7 +310,7 @@ def _policy_json(p: PolicyResult) -> dict[str, Any]:
 
 
 def _detail_json(d: FailureDetail) -> dict[str, Any]:
-    out: dict[str, Any] = {"result-type": d.result_type}
+    out: dict[str, Any] = {"result-type": str(d.result_type)}
     # Optional members are left out rather than sent empty: receivers differ on "" vs null.
     for key, value in (
         ("sending-mta-ip", d.sending_mta_ip),
@@ -409,12 +447,11 @@ def _report_from_json(doc: Any) -> Report:
     policies = []
     for p in doc["policies"]:
         pol = p["policy"]
-        if pol["policy-type"] not in POLICY_TYPES:
-            raise ReportError(f"policy-type {pol['policy-type']!r} is not one of {POLICY_TYPES}")
+        kind = parse_policy_type(pol["policy-type"])
         mx = pol.get("mx-host", pol.get("mx-host-pattern", []))
         details = tuple(
             FailureDetail(
-                result_type=str(d["result-type"]),
+                result_type=_result_type(str(d["result-type"])),
                 sending_mta_ip=d.get("sending-mta-ip"),
                 receiving_mx_hostname=d.get("receiving-mx-hostname"),
                 receiving_ip=d.get("receiving-ip"),
@@ -427,10 +464,10 @@ def _report_from_json(doc: Any) -> Report:
         )
         policies.append(
             PolicyResult(
-                AppliedPolicy(
-                    str(pol["policy-type"]),
+                str(pol["policy-domain"]),
+                ReportedPolicy(
+                    kind,
                     tuple(pol.get("policy-string", [])),
-                    str(pol["policy-domain"]),
                     (mx,) if isinstance(mx, str) else tuple(mx),
                 ),
                 _count(p["summary"]["total-successful-session-count"]),
@@ -446,6 +483,14 @@ def _report_from_json(doc: Any) -> Report:
         report_id=str(doc["report-id"]),
         policies=tuple(policies),
     )
+
+
+def _result_type(text: str) -> ResultType | str:
+    """A parsed `result-type`: a ResultType, or the text of one registered after RFC 8460."""
+    try:
+        return ResultType(text)
+    except ValueError:
+        return text
 
 
 def _count(value: Any) -> int:

@@ -36,7 +36,7 @@ Only sessions to the recipient domain's MX hosts are results (RFC 8460 §4: the 
 about the policy domain's MX hosts). Postfix's next hop is often something else: a content
 filter (amavis at ``127.0.0.1:10024``), a ``relayhost``, an internal server of
 ``postfix/relay``. A session is kept when its host name or address is one of the MX hosts of
-the policy (`ReportPolicy.is_mx`); the others are counted as "not to an MX host".
+the policy (`PolicyInForce.is_mx`); the others are counted as "not to an MX host".
 A recipient domain is converted to the A-label form the store keys on (IDNA: SMTPUTF8
 recipients such as ``anna@bücher.example``); a session whose domain or result still cannot be
 stored is counted and skipped, so that one bad line never fails its batch (which would fail
@@ -64,10 +64,17 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from mxguard.adapters.store import ServedPolicy, SessionResult, Store, StoreError, check_result
-from mxguard.engine.deliver import policy_for_report
 from mxguard.engine.policy import DeliveryPolicy, Status
 from mxguard.engine.resolve import DomainError, normalise_domain
-from mxguard.tlsrpt.postfix_log import MAX_LINE, Joiner, Session, parse_line, result_type
+from mxguard.protocol.tlsrpt_report import NO_POLICY_FOUND, ReportedPolicy
+from mxguard.tlsrpt.postfix_log import (
+    MAX_LINE,
+    Joiner,
+    Session,
+    host_key,
+    parse_line,
+    result_type,
+)
 
 BATCH_LINES = 10_000
 FINGERPRINT_BYTES = 256
@@ -94,35 +101,43 @@ class CollectorError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class ReportPolicy:
-    """What a session's result says about the domain's policy (RFC 8460 §4.4)."""
+class PolicyInForce:
+    """The policy a logged session is judged and reported under (RFC 8460 §4.4), and the MX
+    hosts it allowed: whom a session must have gone to for it to be a result at all."""
 
-    policy_type: str  # "sts" | "tlsa" | "no-policy-found"
-    strings: tuple[str, ...]
-    mx_patterns: tuple[str, ...]
-    rua: tuple[str, ...]
+    policy: ReportedPolicy
     # The domain's MX hosts (names as published and CNAME-expanded) and their addresses.
     mx_hosts: frozenset[str] = frozenset()
     mx_addresses: frozenset[str] = frozenset()
     deferred: bool = False  # the lookup failed for now: MX hosts may be missing
 
+    @classmethod
+    def of(
+        cls,
+        policy: ReportedPolicy,
+        hosts: Iterable[str],
+        addresses: Iterable[str],
+        *,
+        deferred: bool = False,
+    ) -> PolicyInForce:
+        """`policy` with the MX host names and addresses in the form sessions are matched in."""
+        return cls(
+            policy,
+            mx_hosts=frozenset(host_key(h) for h in hosts),
+            mx_addresses=frozenset(_ip_key(a) for a in addresses),
+            deferred=deferred,
+        )
+
     def is_mx(self, host: str, ip: str) -> bool:
         """Whether a session to `host`[`ip`] was one to an MX host of this domain."""
-        return _host_key(host) in self.mx_hosts or _ip_key(ip) in self.mx_addresses
+        return host_key(host) in self.mx_hosts or _ip_key(ip) in self.mx_addresses
 
 
-NO_POLICY = ReportPolicy("no-policy-found", (), (), ())
+NO_POLICY = PolicyInForce(NO_POLICY_FOUND)
 
 
 class PolicySource(Protocol):
-    async def __call__(self, domain: str) -> ReportPolicy: ...
-
-
-def _host_key(host: str) -> str:
-    try:
-        return normalise_domain(host)
-    except DomainError:
-        return host.lower().rstrip(".")
+    async def __call__(self, domain: str) -> PolicyInForce: ...
 
 
 def _ip_key(ip: str) -> str:
@@ -132,35 +147,21 @@ def _ip_key(ip: str) -> str:
         return ip
 
 
-def report_policy(policy: DeliveryPolicy) -> ReportPolicy:
-    """A resolved policy as a result names it; its MX hosts are those the policy allows (as
-    the policy server records them: an MTA-STS `enforce` policy forbids the others, RFC 8461
-    §4.1)."""
-    kind, strings, patterns = policy_for_report(policy)
-    allowed = [m for m in policy.mx if m.allowed]
-    return ReportPolicy(
-        kind,
-        strings,
-        patterns,
-        policy.tlsrpt_rua,
-        mx_hosts=frozenset(
-            _host_key(h) for m in allowed for h in (m.host, m.canonical) if h is not None
-        ),
-        mx_addresses=frozenset(_ip_key(a) for m in allowed for a in m.addresses),
+def report_policy(policy: DeliveryPolicy) -> PolicyInForce:
+    """A resolved policy, with the MX hosts it allows (as the policy server records them: an
+    MTA-STS `enforce` policy forbids the others, RFC 8461 §4.1)."""
+    return PolicyInForce.of(
+        policy.reported(),
+        policy.allowed_hosts,
+        policy.allowed_addresses,
         deferred=policy.status is Status.DEFER,
     )
 
 
-def served_policy(record: ServedPolicy) -> ReportPolicy:
-    """A served record as a result names it (the same fields `report_policy` takes)."""
-    return ReportPolicy(
-        record.policy_type,
-        record.policy_strings,
-        record.mx_patterns,
-        record.rua,
-        mx_hosts=frozenset(_host_key(h) for h in record.mx_hosts),
-        mx_addresses=frozenset(_ip_key(a) for a in record.mx_addresses),
-    )
+def served_policy(record: ServedPolicy) -> PolicyInForce:
+    """A served record, with the MX hosts it allowed (the same as `report_policy` of the
+    policy that was served)."""
+    return PolicyInForce.of(record.policy, record.mx_hosts, record.mx_addresses)
 
 
 def logged_until(at: dt.datetime) -> dt.datetime:
@@ -191,9 +192,9 @@ class EnginePolicies:
     ) -> None:
         self._resolver = resolver
         self._ttl, self._retry_ttl, self._clock = ttl, retry_ttl, clock
-        self._cache: OrderedDict[str, tuple[float, ReportPolicy]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, PolicyInForce]] = OrderedDict()
 
-    async def __call__(self, domain: str) -> ReportPolicy:
+    async def __call__(self, domain: str) -> PolicyInForce:
         now = self._clock()
         cached = self._cache.get(domain)
         if cached is not None and cached[0] > now:
@@ -209,9 +210,9 @@ class EnginePolicies:
         return policy
 
 
-def to_result(session: Session, policy: ReportPolicy, *, sending_ip: str | None) -> SessionResult:
+def to_result(session: Session, policy: PolicyInForce, *, sending_ip: str | None) -> SessionResult:
     """The store's record of one Postfix session (the shape deliver.py's `_record` writes)."""
-    failure = result_type(session, policy.policy_type)
+    failure = result_type(session, policy.policy.policy_type)
     tls = f"{session.tls} TLS" if session.tls else "no TLS"
     # Only TLS facts in our own words: this text may reach the domain's report (RFC 8460 §4.4
     # additional-information), so no SMTP reply, address or queue id.
@@ -222,16 +223,13 @@ def to_result(session: Session, policy: ReportPolicy, *, sending_ip: str | None)
         id=None,
         at=session.at,
         policy_domain=session.domain,
-        policy_type=policy.policy_type,
-        policy_strings=policy.strings,
-        mx_patterns=policy.mx_patterns,
-        result_type=failure.value if failure else None,
+        policy=policy.policy,
+        result_type=failure,
         sending_ip=sending_ip,
         receiving_mx=session.mx_host,
         receiving_ip=session.mx_ip,
         receiving_helo=None,  # Postfix does not log the server's EHLO name
         detail="; ".join(detail),
-        rua=policy.rua,
         is_report=False,
         reported=None,
     )
@@ -328,7 +326,7 @@ def default_state_path(log: Path) -> Path:
 
 
 def _key(r: SessionResult) -> str:
-    return f"{r.at.astimezone(dt.UTC).isoformat()}|{r.receiving_ip}|{r.result_type}"
+    return f"{r.at.astimezone(dt.UTC).isoformat()}|{r.receiving_ip}|{r.result_text}"
 
 
 def _fingerprint(f: BinaryIO, length: int) -> str:
@@ -392,7 +390,7 @@ class Collector:
         self,
         log: Path,
         store: Store,
-        policies: Callable[[str], Awaitable[ReportPolicy]],
+        policies: Callable[[str], Awaitable[PolicyInForce]],
         *,
         state_path: Path | None = None,
         sending_ip: str | None = None,
@@ -538,7 +536,7 @@ class Collector:
         save_state(self.state_path, after)
         counts.sessions += len(results)
         for r in results:
-            key = r.result_type or "success"
+            key = r.result_text or "success"
             counts.results[key] = counts.results.get(key, 0) + 1
 
     async def _results(self, found: Iterable[Session], counts: Counts) -> list[SessionResult]:
@@ -555,7 +553,7 @@ class Collector:
             if not policy.is_mx(s.mx_host, s.mx_ip):
                 counts.drop(MX_UNKNOWN if policy.deferred and not policy.mx_hosts else NOT_TO_MX)
                 continue
-            s = replace(s, domain=domain, mx_host=_host_key(s.mx_host))  # A-labels too
+            s = replace(s, domain=domain, mx_host=host_key(s.mx_host))  # A-labels too
             result = to_result(s, policy, sending_ip=self.sending_ip)
             try:
                 out.append(check_result(result))
@@ -563,7 +561,7 @@ class Collector:
                 counts.drop(BAD_DOMAIN)  # one bad result must not fail (and wedge) its batch
         return out
 
-    async def _policy(self, domain: str, at: dt.datetime, counts: Counts) -> ReportPolicy:
+    async def _policy(self, domain: str, at: dt.datetime, counts: Counts) -> PolicyInForce:
         """The policy served for `domain` at `at`; resolved now when none was recorded."""
         record = None
         if self._served:

@@ -49,7 +49,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mxguard.protocol import names
 from mxguard.protocol.results import ResultType
+from mxguard.protocol.tlsrpt_report import PolicyType
 
 MAX_LINE = 8192  # bytes; syslog daemons cap lines lower than this, Postfix at ~2 KiB of text
 MAX_PROCESSES = 4096  # smtp processes followed at once; the oldest is forgotten beyond it
@@ -235,7 +237,17 @@ class Session:
     ending: Ending  # how it ended (no text of Postfix's: see Ending)
 
 
-def result_type(session: Session, policy_type: str) -> ResultType | None:
+def host_key(name: str) -> str:
+    """A host or domain name from a log line in the form names are compared in (lower-case
+    A-labels without the root's dot: `names.dns_name`). A name that has no A-label stays as
+    logged: it matches no MX host and no domain. Never an error: log lines are untrusted."""
+    try:
+        return names.dns_name(name)
+    except names.HostNameError:
+        return name
+
+
+def result_type(session: Session, policy_type: PolicyType) -> ResultType | None:
     """The RFC 8460 §4.3 outcome of `session` under a policy of `policy_type`; None = success.
 
     Postfix's own refusals come first (it enforced what mxguard's policy server told it). A
@@ -246,7 +258,7 @@ def result_type(session: Session, policy_type: str) -> ResultType | None:
     """
     if session.refused is not None:
         return session.refused
-    if policy_type == "no-policy-found":
+    if policy_type is PolicyType.NO_POLICY_FOUND:
         return None
     if session.tls is None:
         return ResultType.STARTTLS_NOT_SUPPORTED
@@ -256,7 +268,7 @@ def result_type(session: Session, policy_type: str) -> ResultType | None:
         # RFC 7672 §3.1 / RFC 8461 §4.2: an unauthenticated server fails either policy.
         return (
             ResultType.VALIDATION_FAILURE
-            if policy_type == "tlsa"
+            if policy_type is PolicyType.TLSA
             else ResultType.CERTIFICATE_NOT_TRUSTED
         )
     # Verified, or Trusted: a trusted chain under a level that checks no name (a `testing`
@@ -367,7 +379,7 @@ class Joiner:
         if proc.last_end == (qid, relay) and not proc.active:
             return  # the next recipient of the same session
         rcpt = s["rcpt"]
-        domain = rcpt.rpartition("@")[2].lower().rstrip(".")
+        domain = host_key(rcpt.rpartition("@")[2])
         peer = _RELAY.match(relay)
         p = proc.pending
         reused = p.reused or int(s["conn_use"] or 1) > 1
@@ -396,7 +408,7 @@ class Joiner:
                 at=dt.datetime.fromisoformat(f.at),
                 queue_id=qid,
                 domain=domain,
-                mx_host=f.host.lower().rstrip("."),
+                mx_host=host_key(f.host),
                 mx_ip=f.ip,
                 tls=f.tls,
                 certificate_failure=ResultType(f.certificate_failure)
@@ -504,6 +516,7 @@ __all__ = [
     "Trust",
     "certificate_failure",
     "ending",
+    "host_key",
     "parse_line",
     "result_type",
     "sessions",

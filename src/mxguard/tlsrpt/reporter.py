@@ -46,10 +46,11 @@ from urllib.parse import urlsplit
 import httpx
 
 from mxguard.adapters import https
-from mxguard.adapters.dns import DnsResolver, Outcome
+from mxguard.adapters.dns import DnsOutcome, DnsResolver
 from mxguard.adapters.store import PendingReport, SessionResult, Store
 from mxguard.config import Settings
 from mxguard.engine.context import Engine
+from mxguard.engine.deliver import DeliveryStatus
 from mxguard.protocol import tlsrpt_report
 from mxguard.protocol.tlsrpt import TlsRptRecordError, mailbox_of
 from mxguard.protocol.tlsrpt_report import MEDIA_TYPE_GZIP, Report, ReportError
@@ -75,7 +76,7 @@ class MailSender(Protocol):
     """What delivers a report e-mail: mxguard.engine.deliver.Sender(is_report=True)."""
 
     async def deliver(self, mail_from: str, recipients: Sequence[str], data: bytes) -> object:
-        """Returns a DeliveryResult (its `.status` is "delivered" on success)."""
+        """Returns a DeliveryResult (its `.status` is DeliveryStatus.DELIVERED on success)."""
         ...
 
 
@@ -240,7 +241,7 @@ class HttpsPoster:
             pass
         for rdtype in ("A", "AAAA"):
             answer = await self.dns.query(host, rdtype)
-            if answer.outcome is Outcome.OK and answer.records:
+            if answer.outcome is DnsOutcome.OK and answer.records:
                 return str(answer.records[0].address)
             if answer.failed:
                 return None
@@ -436,12 +437,11 @@ class Reporter:
             except Exception as exc:  # one bad rua must not stop the others
                 return Attempt(uri, False, f"mail delivery failed: {exc}")
             status = str(getattr(result, "status", ""))
-            if status == "delivered":
+            if status == DeliveryStatus.DELIVERED:
                 return Attempt(uri, True, f"delivered to {address}")
-            # "failed" is a permanent refusal (5xx, null MX); "deferred" may pass later.
-            return Attempt(
-                uri, False, f"mail to {address} {status or 'not delivered'}", status == "failed"
-            )
+            # FAILED is a permanent refusal (5xx, null MX); DEFERRED may pass later.
+            failed = status == DeliveryStatus.FAILED
+            return Attempt(uri, False, f"mail to {address} {status or 'not delivered'}", failed)
         if scheme == "https":
             if self.poster is None:
                 return Attempt(uri, False, "no HTTPS poster configured")

@@ -47,8 +47,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
+from mxguard.protocol.results import ResultType
+from mxguard.protocol.tlsrpt_report import PolicyType, ReportedPolicy
+
 __all__ = [
-    "POLICY_TYPES",
     "CachedPolicy",
     "Closable",
     "PendingReport",
@@ -63,9 +65,6 @@ __all__ = [
     "default_store_url",
     "open_store",
 ]
-
-# RFC 8460 §4.4: the values of `policy-type`.
-POLICY_TYPES = frozenset({"sts", "tlsa", "no-policy-found"})
 
 ACCEPTED_URLS = (
     "sqlite:///ABSOLUTE/PATH, sqlite:///:memory:, postgresql://[USER[:PASSWORD]@]HOST[:PORT]/DB, "
@@ -92,23 +91,55 @@ class CachedPolicy:
 
 @dataclass(frozen=True, slots=True)
 class SessionResult:
-    """One SMTP session's TLS outcome, the raw material of a TLS-RPT report (RFC 8460 §4)."""
+    """One SMTP session's TLS outcome, the raw material of a TLS-RPT report (RFC 8460 §4).
+
+    Stored flat: `policy` is kept as the columns `policy_type`, `policy_strings`,
+    `mx_patterns` and `rua` (the properties of those names read them back). A result type this
+    mxguard does not know, read back from the store (a newer mxguard wrote it: RFC 8460 made
+    result types an IANA registry, which may grow), is not an error: `result_type` is then
+    None and the text is kept in `other_result_type`, counted as a failure and reported as it
+    is. A stored policy type RFC 8460 §4.4 does not allow (no mxguard writes one) is a
+    StoreError when read.
+    """
 
     id: int | None  # assigned by the store; None when adding
     at: datetime  # UTC, timezone-aware
     policy_domain: str  # RFC 8460 §4.4 `policy-domain`
-    policy_type: str  # "sts" | "tlsa" | "no-policy-found" (RFC 8460 §4.4)
-    policy_strings: tuple[str, ...]  # `policy-string`: STS policy lines or one TLSA RR each
-    mx_patterns: tuple[str, ...]  # `mx-host`: the STS policy's mx patterns
-    result_type: str | None  # None = success, else an RFC 8460 §4.3 result type value
+    policy: ReportedPolicy  # the policy the session was made under, and the domain's rua
+    result_type: ResultType | None  # None = success (unless other_result_type says otherwise)
     sending_ip: str | None
     receiving_mx: str | None
     receiving_ip: str | None
     receiving_helo: str | None
     detail: str | None  # `additional-information` for people
-    rua: tuple[str, ...]  # the domain's TLS-RPT rua at that moment (RFC 8460 §3)
     is_report: bool  # delivered a TLS report: excluded from reports (RFC 8460 §5.3)
     reported: str | None  # the report-id that included it, once a report was accepted
+    other_result_type: str | None = None  # a stored result type this mxguard does not know
+
+    @property
+    def policy_type(self) -> PolicyType:
+        """RFC 8460 §4.4 `policy-type`."""
+        return self.policy.policy_type
+
+    @property
+    def policy_strings(self) -> tuple[str, ...]:
+        """`policy-string`: STS policy lines or one TLSA RR each."""
+        return self.policy.policy_strings
+
+    @property
+    def mx_patterns(self) -> tuple[str, ...]:
+        """`mx-host`: the STS policy's mx patterns."""
+        return self.policy.mx_patterns
+
+    @property
+    def rua(self) -> tuple[str, ...]:
+        """The domain's TLS-RPT rua at that moment (RFC 8460 §3)."""
+        return self.policy.rua
+
+    @property
+    def result_text(self) -> str | None:
+        """The result type as stored and reported (RFC 8460 §4.3 spelling); None = success."""
+        return self.result_type.value if self.result_type is not None else self.other_result_type
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,13 +176,26 @@ class ServedPolicy:
 
     domain: str  # lower-case A-label, no trailing dot
     at: datetime  # UTC, timezone-aware: when the server started serving it
-    policy_type: str  # "sts" | "tlsa" | "no-policy-found" (RFC 8460 §4.4)
-    policy_strings: tuple[str, ...]  # `policy-string`: STS policy lines or one TLSA RR each
-    mx_patterns: tuple[str, ...]  # `mx-host`: the STS policy's mx patterns
-    rua: tuple[str, ...]  # the domain's TLS-RPT rua at that moment (RFC 8460 §3)
+    policy: ReportedPolicy  # stored flat, like SessionResult.policy
     mx_hosts: tuple[str, ...]  # the MX host names the policy allowed (as published, CNAME-expanded)
     mx_addresses: tuple[str, ...]  # their addresses
     answer: str  # the socketmap answer Postfix got, e.g. "OK dane-only" or "NOTFOUND"
+
+    @property
+    def policy_type(self) -> PolicyType:
+        return self.policy.policy_type
+
+    @property
+    def policy_strings(self) -> tuple[str, ...]:
+        return self.policy.policy_strings
+
+    @property
+    def mx_patterns(self) -> tuple[str, ...]:
+        return self.policy.mx_patterns
+
+    @property
+    def rua(self) -> tuple[str, ...]:
+        return self.policy.rua
 
 
 class Closable(Protocol):
@@ -403,10 +447,16 @@ def check_text(value: str, name: str) -> str:
     return value
 
 
-def _check_texts(value: CachedPolicy | SessionResult | ServedPolicy | PendingReport) -> None:
-    """Every text (and every text in a tuple) among the fields of `value`, by check_text."""
+def _check_texts(
+    value: CachedPolicy | SessionResult | ServedPolicy | PendingReport | ReportedPolicy,
+) -> None:
+    """Every text (and every text in a tuple) among the fields of `value` and of the
+    dataclasses in them (`policy`), by check_text."""
     for f in fields(value):
         item = getattr(value, f.name)
+        if isinstance(item, ReportedPolicy):
+            _check_texts(item)
+            continue
         for text in item if isinstance(item, tuple) else (item,):
             if isinstance(text, str):
                 check_text(text, f.name)
@@ -450,26 +500,79 @@ def check_result(result: SessionResult) -> SessionResult:
         raise StoreError(
             f"session result already has id {result.id}; pass id=None, the store assigns ids"
         )
-    if result.policy_type not in POLICY_TYPES:
-        raise StoreError(
-            f"policy_type {result.policy_type!r} is not an RFC 8460 §4.4 policy type; "
-            f"use one of {sorted(POLICY_TYPES)}"
-        )
+    policy = _check_reported(result.policy)
+    result_type = _check_result_type(result.result_type, result.other_result_type)
     check_domain(result.policy_domain)
     _check_texts(result)
-    return replace(result, at=as_utc(result.at, "at"))
+    return replace(result, at=as_utc(result.at, "at"), policy=policy, result_type=result_type)
 
 
 def check_served(record: ServedPolicy) -> ServedPolicy:
     """`record` with a UTC `at`, after checking it can be added."""
     check_domain(record.domain)
-    if record.policy_type not in POLICY_TYPES:
-        raise StoreError(
-            f"policy_type {record.policy_type!r} is not an RFC 8460 §4.4 policy type; "
-            f"use one of {sorted(POLICY_TYPES)}"
-        )
+    policy = _check_reported(record.policy)
     _check_texts(record)
-    return replace(record, at=as_utc(record.at, "at"))
+    return replace(record, at=as_utc(record.at, "at"), policy=policy)
+
+
+def _check_reported(policy: ReportedPolicy) -> ReportedPolicy:
+    """`policy` with its type as a PolicyType; StoreError for a type RFC 8460 §4.4 lacks."""
+    try:
+        return replace(policy, policy_type=PolicyType(policy.policy_type))
+    except ValueError:
+        raise StoreError(
+            f"policy_type {policy.policy_type!r} is not an RFC 8460 §4.4 policy type; "
+            f"use one of {sorted(t.value for t in PolicyType)}"
+        ) from None
+
+
+def _check_result_type(result_type: str | None, other: str | None) -> ResultType | None:
+    """`result_type` as a ResultType, after checking that it, or `other_result_type`, can be
+    stored and read back as it is: a result type this mxguard knows travels as a ResultType,
+    only one it does not know (from a newer mxguard's store) as `other_result_type`."""
+    if other is not None:
+        if result_type is not None or other in _RESULT_TYPES:
+            raise StoreError(
+                f"other_result_type {other!r} is only for a result type this mxguard does not "
+                "know, on a result without result_type; pass a known one as result_type"
+            )
+        return None
+    if result_type is None:
+        return None
+    if result_type not in _RESULT_TYPES:
+        raise StoreError(
+            f"result_type {result_type!r} is not an RFC 8460 §4.3 result type; pass a "
+            "ResultType (mxguard.protocol.results)"
+        )
+    return ResultType(result_type)
+
+
+_RESULT_TYPES = frozenset(t.value for t in ResultType)
+
+
+def policy_from_store(
+    policy_type: str, strings: Sequence[str], patterns: Sequence[str], rua: Sequence[str]
+) -> ReportedPolicy:
+    """The `policy` of a stored result or served record, from its columns; StoreError for a
+    policy type no mxguard writes (none gets past `check_result`: the row was edited)."""
+    try:
+        kind = PolicyType(policy_type)
+    except ValueError:
+        raise StoreError(
+            f"a stored row has the policy type {policy_type!r}, which RFC 8460 §4.4 does not "
+            f"allow (only {', '.join(t.value for t in PolicyType)}); correct or delete that row"
+        ) from None
+    return ReportedPolicy(kind, tuple(strings), tuple(patterns), tuple(rua))
+
+
+def result_type_from_store(text: str | None) -> tuple[ResultType | None, str | None]:
+    """(`result_type`, `other_result_type`) of a stored result type: a value this mxguard does
+    not know is kept as text, never an error (see SessionResult)."""
+    if text is None:
+        return None, None
+    if text in _RESULT_TYPES:
+        return ResultType(text), None
+    return None, text
 
 
 def check_report_id(report_id: str) -> str:

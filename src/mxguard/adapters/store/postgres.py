@@ -41,8 +41,10 @@ from mxguard.adapters.store import (
     check_result,
     check_served,
     check_text,
+    policy_from_store,
     readded_report,
     redact_url,
+    result_type_from_store,
 )
 
 T = TypeVar("T")
@@ -378,7 +380,7 @@ class PostgresStore:
 
     async def add_served(self, records: Sequence[ServedPolicy]) -> None:
         rows = [
-            (r.domain, r.at, r.policy_type, list(r.policy_strings), list(r.mx_patterns),
+            (r.domain, r.at, r.policy_type.value, list(r.policy_strings), list(r.mx_patterns),
              list(r.rua), list(r.mx_hosts), list(r.mx_addresses), r.answer)
             for r in map(check_served, records)
         ]  # fmt: skip
@@ -527,10 +529,10 @@ def _result_to_row(r: SessionResult) -> tuple[Any, ...]:
     return (
         r.at,
         r.policy_domain,
-        r.policy_type,
+        r.policy_type.value,
         list(r.policy_strings),
         list(r.mx_patterns),
-        r.result_type,
+        r.result_text,
         r.sending_ip,
         r.receiving_mx,
         r.receiving_ip,
@@ -545,22 +547,21 @@ def _result_to_row(r: SessionResult) -> tuple[Any, ...]:
 def _result_from_row(row: tuple[Any, ...]) -> SessionResult:
     (id_, at, domain, ptype, strings, patterns, rtype, sip, rmx, rip, helo, detail, rua, is_report,
      reported) = row  # fmt: skip
+    known, other = result_type_from_store(rtype)
     return SessionResult(
         id=int(id_),
         at=at.astimezone(UTC),
         policy_domain=domain,
-        policy_type=ptype,
-        policy_strings=tuple(strings),
-        mx_patterns=tuple(patterns),
-        result_type=rtype,
+        policy=policy_from_store(ptype, strings, patterns, rua),
+        result_type=known,
         sending_ip=sip,
         receiving_mx=rmx,
         receiving_ip=rip,
         receiving_helo=helo,
         detail=detail,
-        rua=tuple(rua),
         is_report=bool(is_report),
         reported=reported,
+        other_result_type=other,
     )
 
 
@@ -569,10 +570,7 @@ def _served_from_row(row: tuple[Any, ...]) -> ServedPolicy:
     return ServedPolicy(
         domain=domain,
         at=at.astimezone(UTC),
-        policy_type=ptype,
-        policy_strings=tuple(strings),
-        mx_patterns=tuple(patterns),
-        rua=tuple(rua),
+        policy=policy_from_store(ptype, strings, patterns, rua),
         mx_hosts=tuple(hosts),
         mx_addresses=tuple(addresses),
         answer=answer,

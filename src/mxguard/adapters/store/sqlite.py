@@ -39,7 +39,9 @@ from mxguard.adapters.store import (
     check_text,
     format_time,
     parse_time,
+    policy_from_store,
     readded_report,
+    result_type_from_store,
 )
 
 T = TypeVar("T")
@@ -600,10 +602,10 @@ def _result_to_row(r: SessionResult) -> tuple[object, ...]:
     return (
         format_time(r.at),
         r.policy_domain,
-        r.policy_type,
+        r.policy_type.value,
         json.dumps(list(r.policy_strings)),
         json.dumps(list(r.mx_patterns)),
-        r.result_type,
+        r.result_text,
         r.sending_ip,
         r.receiving_mx,
         r.receiving_ip,
@@ -633,22 +635,26 @@ def _result_from_row(row: tuple[object, ...]) -> SessionResult:
         is_report,
         reported,
     ) = row
+    known, other = result_type_from_store(_opt(result_type))
     return SessionResult(
         id=int(str(id_)),
         at=parse_time(str(at)),
         policy_domain=str(policy_domain),
-        policy_type=str(policy_type),
-        policy_strings=_json_tuple(policy_strings),
-        mx_patterns=_json_tuple(mx_patterns),
-        result_type=_opt(result_type),
+        policy=policy_from_store(
+            str(policy_type),
+            _json_tuple(policy_strings),
+            _json_tuple(mx_patterns),
+            _json_tuple(rua),
+        ),
+        result_type=known,
         sending_ip=_opt(sending_ip),
         receiving_mx=_opt(receiving_mx),
         receiving_ip=_opt(receiving_ip),
         receiving_helo=_opt(receiving_helo),
         detail=_opt(detail),
-        rua=_json_tuple(rua),
         is_report=bool(is_report),
         reported=_opt(reported),
+        other_result_type=other,
     )
 
 
@@ -664,7 +670,7 @@ def _served_to_row(r: ServedPolicy) -> tuple[object, ...]:
     return (
         r.domain,
         format_time(r.at),
-        r.policy_type,
+        r.policy_type.value,
         json.dumps(list(r.policy_strings)),
         json.dumps(list(r.mx_patterns)),
         json.dumps(list(r.rua)),
@@ -679,10 +685,9 @@ def _served_from_row(row: tuple[object, ...]) -> ServedPolicy:
     return ServedPolicy(
         domain=str(domain),
         at=parse_time(str(at)),
-        policy_type=str(ptype),
-        policy_strings=_json_tuple(strings),
-        mx_patterns=_json_tuple(patterns),
-        rua=_json_tuple(rua),
+        policy=policy_from_store(
+            str(ptype), _json_tuple(strings), _json_tuple(patterns), _json_tuple(rua)
+        ),
         mx_hosts=_json_tuple(hosts),
         mx_addresses=_json_tuple(addresses),
         answer=str(answer),
