@@ -62,7 +62,6 @@ class DnsOutcome(enum.StrEnum):
     ERROR = "error"  # no usable answer (timeout, SERVFAIL, refused, ...): nothing is known
 
 
-Outcome = DnsOutcome  # the former name, still importable
 
 
 @dataclass(frozen=True, slots=True)

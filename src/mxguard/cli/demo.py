@@ -17,16 +17,16 @@ from rich.table import Table
 from rich.text import Text
 
 from mxguard.cli.output import emit_json
-from mxguard.demo import DEFAULT_NET, Act, ActResult, DemoResult, EhloComparison, Outcome, Row
+from mxguard.demo import DEFAULT_NET, Act, ActResult, DemoResult, EhloComparison, MessageFate, Row
 
 _OUTCOME_STYLE = {
-    Outcome.LEAKED: "bold red",
-    Outcome.REFUSED_LEAKED: "bold red",
-    Outcome.PLAIN: "red",
-    Outcome.REFUSED: "green",
-    Outcome.REPORTED: "yellow",
-    Outcome.VERIFIED: "bold green",
-    Outcome.UNVERIFIED: "yellow",
+    MessageFate.LEAKED: "bold red",
+    MessageFate.REFUSED_LEAKED: "bold red",
+    MessageFate.PLAIN: "red",
+    MessageFate.REFUSED: "green",
+    MessageFate.REPORTED: "yellow",
+    MessageFate.VERIFIED: "bold green",
+    MessageFate.UNVERIFIED: "yellow",
 }
 
 

@@ -60,7 +60,6 @@ class MessageFate(enum.StrEnum):
     REFUSED_LEAKED = "not delivered, but READ by the attacker"
 
 
-Outcome = MessageFate  # the former name, still importable
 
 
 class Act(enum.StrEnum):

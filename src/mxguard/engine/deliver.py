@@ -46,7 +46,6 @@ class DeliveryStatus(enum.StrEnum):
     FAILED = "failed"  # for good
 
 
-Outcome = DeliveryStatus  # the former name, still importable
 
 # `mxguard send` exits 0, 75 (EX_TEMPFAIL) or 69 (EX_UNAVAILABLE): docs/design.md, "Commands".
 _EXIT_CODES = {DeliveryStatus.DELIVERED: 0, DeliveryStatus.DEFERRED: 75, DeliveryStatus.FAILED: 69}

@@ -12,7 +12,7 @@ import ssl
 from collections.abc import Callable
 
 from mxguard.adapters import https
-from mxguard.adapters.dns import DnsResolver, DnssecStatus, Outcome
+from mxguard.adapters.dns import DnsOutcome, DnsResolver, DnssecStatus
 from mxguard.lab.lab import Lab
 from mxguard.lab.scenario import AttackMode
 
@@ -39,13 +39,13 @@ def _dns_checks(lab: Lab) -> list[Check]:
             ("DNS: bogus zone fails validation", bogus.dnssec is DnssecStatus.BOGUS, bogus.detail),
             (
                 "DNS: unsigned zone answers insecurely",
-                unsigned.outcome is Outcome.OK and unsigned.dnssec is DnssecStatus.INSECURE,
+                unsigned.outcome is DnsOutcome.OK and unsigned.dnssec is DnssecStatus.INSECURE,
                 unsigned.detail,
             ),
             ("DNS: TLSA record is secure", tlsa.secure and bool(tlsa.records), tlsa.detail),
             (
                 "DNS: NXDOMAIN is proven securely",
-                missing.outcome is Outcome.NXDOMAIN and missing.secure,
+                missing.outcome is DnsOutcome.NXDOMAIN and missing.secure,
                 missing.detail,
             ),
         ]
