@@ -36,7 +36,7 @@ import enum
 import ssl
 import warnings
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any
@@ -48,6 +48,7 @@ from mxguard.protocol import names
 from mxguard.protocol.results import ResultType
 from mxguard.protocol.smtp import (
     MAX_REPLY_LINES,
+    DotStuffer,
     Reply,
     ReplyError,
     address_problem,
@@ -524,19 +525,48 @@ class SmtpClient:
             raise SmtpError(SmtpErrorKind.USAGE, "RCPT TO", "the recipient must not be empty")
         return await self._exchange(f"RCPT TO:<{address}>", "RCPT TO")
 
-    async def data(self, message: bytes) -> Reply:
+    async def data(self, message: bytes | Iterable[bytes]) -> Reply:
         """DATA, then ``message`` dot-stuffed (RFC 5321 §4.5.2); the reply to the final ".".
 
-        When the server does not answer DATA with 354 its reply is returned and nothing of the
-        message is sent.
+        ``message``: the bytes, or an iterable of chunks, which is sent as it is read (bounded
+        memory, whatever its size). When the server does not answer DATA with 354 its reply is
+        returned and nothing of the message is sent.
         """
         self._guard("DATA")
         reply = await self._exchange("DATA", "DATA")
         if reply.code != 354:
             return reply
-        payload = dot_stuff(message)
-        self._note("C", f"<message, {len(payload)} bytes on the wire>")
-        return await self._exchange(payload, "end of data", shown=".")
+        if isinstance(message, bytes):
+            payload = dot_stuff(message)
+            self._note("C", f"<message, {len(payload)} bytes on the wire>")
+            return await self._exchange(payload, "end of data", shown=".")
+        stuffer = DotStuffer()
+        sent = 0
+        for chunk in message:
+            out = stuffer.feed(chunk)
+            if out:
+                await self._send_part(out, "DATA")
+                sent += len(out)
+        tail = stuffer.finish()
+        self._note("C", f"<message, {sent + len(tail)} bytes on the wire>")
+        return await self._exchange(tail, "end of data", shown=".")
+
+    async def _send_part(self, data: bytes, step: str) -> None:
+        """Write part of a command's data within the step timeout (progress, not the whole)."""
+        stream = self._stream
+        if stream is None or stream.closed:
+            raise SmtpError(SmtpErrorKind.CLOSED, step, "not connected")
+        try:
+            async with asyncio.timeout(self._timeout):
+                await stream.write(data)
+        except TimeoutError:
+            self._abort()
+            raise SmtpError(
+                SmtpErrorKind.TIMEOUT, step, f"could not send within {self._timeout:g} s"
+            ) from None
+        except (ConnectionError, OSError) as exc:
+            self._abort()
+            raise SmtpError(SmtpErrorKind.CLOSED, step, str(exc) or repr(exc)) from None
 
     async def noop(self) -> Reply:
         """NOOP (RFC 5321 §4.1.1.9): a round trip that proves the server is still there."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -19,6 +22,7 @@ from mxguard.engine.deliver import (
     DomainResult,
     message_with_headers,
 )
+from mxguard.engine.message import CHUNK, Message, MessageError
 
 
 @click.command("send")
@@ -47,34 +51,48 @@ def send(
     from mxguard.cli import settings
 
     s = settings(ctx)
-    if data is None:
-        message = message_with_headers(
-            mail_from, recipients, "A test message sent by mxguard under the recipient's policy."
-        )
-    elif data == "-":
-        message = sys.stdin.buffer.read()
-    else:
+    with contextlib.ExitStack() as cleanup:
+        message = _message(data, mail_from, recipients, cleanup)
+
+        async def run() -> DeliveryResult:
+            async with engine(s) as e:
+                return await e.sender().deliver(mail_from, recipients, message)
+
         try:
-            message = Path(data).read_bytes()
-        except OSError as exc:
-            raise click.BadParameter(f"{data}: {exc.strerror}", param_hint="--data") from None
-
-    async def run() -> DeliveryResult:
-        async with engine(s) as e:
-            return await e.sender().deliver(mail_from, recipients, message)
-
-    try:
-        result = asyncio.run(run())
-    except (ConfigError, StoreError) as exc:
-        raise click.UsageError(str(exc)) from None
-    except AddressError as exc:  # a bad --from: the caller's mistake, before any connection
-        raise click.BadParameter(exc.problem, param_hint="--from") from None
+            result = asyncio.run(run())
+        except (ConfigError, StoreError) as exc:
+            raise click.UsageError(str(exc)) from None
+        except AddressError as exc:  # a bad --from: the caller's mistake, before any connection
+            raise click.BadParameter(exc.problem, param_hint="--from") from None
     if as_json or s.json:
         emit_json(result.to_json())
     else:
         for d in result.domains:
             render(d, verbose=verbose)
     ctx.exit(result.exit_code)
+
+
+def _message(
+    data: str | None, mail_from: str, recipients: tuple[str, ...], cleanup: contextlib.ExitStack
+) -> Message:
+    """The message to send, never whole in memory when it comes from a file or stdin."""
+    if data is None:
+        text = "A test message sent by mxguard under the recipient's policy."
+        return Message.from_bytes(message_with_headers(mail_from, recipients, text))
+    if data == "-":
+        # Standard input can be read once; spooled to a file, it can be sent to every MX host.
+        spool = cleanup.enter_context(tempfile.NamedTemporaryFile(prefix="mxguard-send-"))  # noqa: SIM115 - closed by the ExitStack
+        shutil.copyfileobj(sys.stdin.buffer, spool, CHUNK)
+        spool.flush()
+        path, shown = Path(spool.name), "standard input"
+    else:
+        path, shown = Path(data), data
+    try:
+        return Message.from_file(path)
+    except OSError as exc:
+        raise click.BadParameter(f"{shown}: {exc.strerror}", param_hint="--data") from None
+    except MessageError as exc:
+        raise click.BadParameter(f"{shown}: {exc}", param_hint="--data") from None
 
 
 _COLOURS = {

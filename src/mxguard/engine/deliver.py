@@ -28,6 +28,7 @@ from typing import Any
 
 from mxguard.adapters.smtp import Reply, SmtpClient, SmtpError, SmtpErrorKind, address_problem
 from mxguard.adapters.store import SessionResult, Store
+from mxguard.engine.message import Message
 from mxguard.engine.policy import Auth, DeliveryPolicy, MxPolicy, Status, Tls
 from mxguard.engine.resolve import Resolver, normalise_domain
 from mxguard.protocol import dane, pkix
@@ -44,7 +45,6 @@ class DeliveryStatus(enum.StrEnum):
     DELIVERED = "delivered"
     DEFERRED = "deferred"  # try again later
     FAILED = "failed"  # for good
-
 
 
 # `mxguard send` exits 0, 75 (EX_TEMPFAIL) or 69 (EX_UNAVAILABLE): docs/design.md, "Commands".
@@ -192,11 +192,14 @@ class Sender:
     clock: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(dt.UTC))
 
     async def deliver(
-        self, mail_from: str, recipients: Sequence[str], data: bytes
+        self, mail_from: str, recipients: Sequence[str], data: bytes | Message
     ) -> DeliveryResult:
         """Deliver ``data`` to ``recipients`` under their domains' policies. A recipient that is
-        not an address fails for good in the result; a sender that is not is ``AddressError``.
+        not an address fails for good in the result; a sender that is not is ``AddressError``;
+        a message with a line over 998 octets is ``MessageError`` (RFC 5322 §2.1.1), before
+        any connection. ``data`` may be a ``Message`` read from a file (bounded memory).
         """
+        message = data if isinstance(data, Message) else Message.from_bytes(data)
         # A bad address is the caller's mistake, found before any connection: it fails for
         # good (never "deferred", which would make callers retry it forever).
         problem = address_problem(mail_from)
@@ -225,7 +228,7 @@ class Sender:
                 )
         async with asyncio.TaskGroup() as tg:
             tasks = [
-                tg.create_task(self._domain(d, mail_from, rcpts, data))
+                tg.create_task(self._domain(d, mail_from, rcpts, message))
                 for d, rcpts in by_domain.items()
             ]
         return DeliveryResult((*bad, *(t.result() for t in tasks)))
@@ -233,7 +236,7 @@ class Sender:
     # --- one domain ------------------------------------------------------------------------
 
     async def _domain(
-        self, domain: str, mail_from: str, rcpts: list[str], data: bytes
+        self, domain: str, mail_from: str, rcpts: list[str], data: Message
     ) -> DomainResult:
         policy = await self.resolver.resolve(domain)
         if policy.status is Status.FAIL:
@@ -302,7 +305,7 @@ class Sender:
         ip: str,
         mail_from: str,
         rcpts: list[str],
-        data: bytes,
+        data: Message,
     ) -> tuple[Attempt, bool]:
         """Try one address. Returns the attempt and whether its failure is permanent."""
         tls_required = m.tls is Tls.REQUIRED
@@ -401,9 +404,23 @@ class Sender:
         return _go(base, pk.result_type, f"WebPKI: {pk.detail} (testing: reported)")
 
     async def _transaction(
-        self, client: SmtpClient, base: Attempt, mail_from: str, rcpts: list[str], data: bytes
+        self, client: SmtpClient, base: Attempt, mail_from: str, rcpts: list[str], data: Message
     ) -> tuple[Attempt, bool]:
-        reply = await client.mail_from(mail_from)
+        size = client.capabilities.get("SIZE")
+        if size is not None:
+            limit = _size_limit(size)
+            if limit and data.size > limit:
+                # RFC 1870 §6.1: a client that knows the message is too big does not send it.
+                await client.quit()
+                return _with(
+                    base,
+                    detail=f"not sent: the message is {data.size} octets and {base.mx} accepts "
+                    f"at most {limit} (its SIZE, RFC 1870)",
+                ), True
+            params: tuple[str, ...] = (f"SIZE={data.size}",)  # RFC 1870 §6
+        else:
+            params = ()
+        reply = await client.mail_from(mail_from, params)
         if not reply.positive:
             return _with(
                 base, detail=f"MAIL FROM refused: {reply}", smtp_reply=str(reply)
@@ -424,7 +441,7 @@ class Sender:
             return _with(
                 base, detail=f"every recipient refused: {worst}", smtp_reply=str(worst)
             ), permanent
-        reply = await client.data(data)
+        reply = await client.data(data.chunks())
         if not reply.positive:
             return _with(
                 base, detail=f"message refused: {reply}", smtp_reply=str(reply)
@@ -519,6 +536,12 @@ def storable(text: str | None) -> str | None:
     if text is None:
         return None
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def _size_limit(value: str) -> int | None:
+    """The fixed maximum of an EHLO ``SIZE`` parameter (RFC 1870 §4); 0 or none: no limit."""
+    text = value.strip()
+    return int(text) if text.isdigit() and len(text) < 20 else None
 
 
 def _announced_name(client: SmtpClient) -> str | None:

@@ -126,6 +126,94 @@ def dot_stuff(message: bytes) -> bytes:
     return text + b".\r\n"
 
 
+# RFC 5322 §2.1.1: at most 998 characters in a line, not counting its CRLF (RFC 5321
+# §4.5.3.1.6: 1,000 octets with it).
+MAX_LINE_OCTETS = 998
+
+
+class MessageError(ValueError):
+    """A message that must not be sent as it is; the message says which line and why."""
+
+
+class MessageScanner:
+    """Checks a message fed in chunks, in bounded memory: line lengths (RFC 5322 §2.1.1) and
+    the size it has on the wire once its line endings are CRLF (what SIZE counts, RFC 1870 §4).
+
+    Raises ``MessageError`` from ``feed`` at the first line longer than ``MAX_LINE_OCTETS``.
+    """
+
+    def __init__(self) -> None:
+        self.size = 0  # octets with CRLF line endings, before dot-stuffing
+        self.lines = 0
+        self._line = 0  # octets of the current line so far
+        self._cr = False  # the previous chunk ended in CR
+
+    def feed(self, chunk: bytes) -> None:
+        for piece in _LINE_END_OR_TEXT.finditer(chunk):
+            text = piece.group(0)
+            if text == b"\n" and self._cr:
+                self._cr = False  # the LF of a CRLF split across chunks
+                continue
+            self._cr = text.endswith(b"\r") and not text.endswith(b"\r\n")
+            if text[-1:] in (b"\r", b"\n"):
+                self._end_line()
+            else:
+                self._grow(len(text))
+
+    def _grow(self, n: int) -> None:
+        self._line += n
+        if self._line > MAX_LINE_OCTETS:
+            raise MessageError(
+                f"line {self.lines + 1} of the message is longer than {MAX_LINE_OCTETS} octets "
+                "(RFC 5322 §2.1.1; servers refuse such lines): wrap it, or send the body "
+                "quoted-printable or base64 encoded"
+            )
+
+    def _end_line(self) -> None:
+        self.size += self._line + 2
+        self.lines += 1
+        self._line = 0
+
+    def finish(self) -> int:
+        """The size on the wire, the last line counted with the CRLF ``DotStuffer`` adds."""
+        if self._line:
+            self._end_line()
+        return self.size
+
+
+_LINE_END_OR_TEXT = re.compile(rb"\r\n|\r|\n|[^\r\n]+")
+
+
+class DotStuffer:
+    """``dot_stuff`` for a message that arrives in chunks: the same bytes, bounded memory."""
+
+    def __init__(self) -> None:
+        self._start = True  # at the start of a line
+        self._cr = False  # the previous chunk ended in a bare CR, so far
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = bytearray()
+        for piece in _LINE_END_OR_TEXT.finditer(chunk):
+            text = piece.group(0)
+            if text == b"\n" and self._cr:
+                self._cr = False  # completes the CRLF already written for the CR
+                continue
+            self._cr = text == b"\r"
+            if text in (b"\r\n", b"\r", b"\n"):
+                out += b"\r\n"  # RFC 5321 §2.3.8: bare CR and LF were meant as line ends
+                self._start = True
+                continue
+            if self._start and text.startswith(b"."):
+                out += b"."  # RFC 5321 §4.5.2
+            out += text
+            self._start = False
+        return bytes(out)
+
+    def finish(self) -> bytes:
+        """The end of the data: CRLF if the last line lacked one, then "." CRLF (§4.1.1.4)."""
+        return (b"" if self._start else b"\r\n") + b".\r\n"
+
+
 def address_problem(address: str) -> str | None:
     """Why ``address`` cannot go into MAIL FROM or RCPT TO, or None when it can."""
     if "\r" in address or "\n" in address or "\0" in address:
@@ -143,7 +231,11 @@ def address_problem(address: str) -> str | None:
 
 
 __all__ = [
+    "MAX_LINE_OCTETS",
     "MAX_REPLY_LINES",
+    "DotStuffer",
+    "MessageError",
+    "MessageScanner",
     "Reply",
     "ReplyError",
     "address_problem",
