@@ -62,8 +62,6 @@ class DnsOutcome(enum.StrEnum):
     ERROR = "error"  # no usable answer (timeout, SERVFAIL, refused, ...): nothing is known
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class DnsAnswer:
     """The result of one lookup. ``canonical`` is the name at the end of any CNAME chain."""
