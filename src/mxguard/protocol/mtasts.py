@@ -297,52 +297,58 @@ def _scan_policy(text: str) -> _Scan:
     return scan
 
 
-def _build_policy(scan: _Scan) -> tuple[Policy | None, dict[str, Any]]:
-    """Validate the scanned fields; append to scan.errors/warnings; return the policy if valid."""
-    errors, warnings = scan.errors, scan.warnings
-    fields: dict[str, Any] = {}
-
+def _version(scan: _Scan, fields: dict[str, Any]) -> None:
     version = scan.first.get("version")
     if version is None:
-        errors.append("'version' is missing; RFC 8461 §3.2 requires 'version: STSv1'")
+        scan.errors.append("'version' is missing; RFC 8461 §3.2 requires 'version: STSv1'")
     elif version[1] != STS_VERSION:
-        errors.append(f"line {version[0]}: version is {version[1]!r}; it must be exactly 'STSv1'")
+        scan.errors.append(
+            f"line {version[0]}: version is {version[1]!r}; it must be exactly 'STSv1'"
+        )
     else:
         fields["version"] = version[1]
 
-    mode: Mode | None = None
+
+def _mode(scan: _Scan, fields: dict[str, Any]) -> Mode | None:
     raw_mode = scan.first.get("mode")
     if raw_mode is None:
-        errors.append("'mode' is missing; RFC 8461 §3.2 requires enforce, testing or none")
-    else:
-        try:
-            mode = Mode(raw_mode[1])  # exact, case-sensitive (§3.2 uses %s strings)
-            fields["mode"] = mode.value
-        except ValueError:
-            errors.append(
-                f"line {raw_mode[0]}: mode is {raw_mode[1]!r}; it must be exactly 'enforce', "
-                "'testing' or 'none'"
-            )
+        scan.errors.append("'mode' is missing; RFC 8461 §3.2 requires enforce, testing or none")
+        return None
+    try:
+        mode = Mode(raw_mode[1])  # exact, case-sensitive (§3.2 uses %s strings)
+    except ValueError:
+        scan.errors.append(
+            f"line {raw_mode[0]}: mode is {raw_mode[1]!r}; it must be exactly 'enforce', "
+            "'testing' or 'none'"
+        )
+        return None
+    fields["mode"] = mode.value
+    return mode
 
-    max_age: int | None = None
+
+def _max_age(scan: _Scan, fields: dict[str, Any]) -> int | None:
     raw_age = scan.first.get("max_age")
     if raw_age is None:
-        errors.append("'max_age' is missing; RFC 8461 §3.2 requires it (seconds)")
-    elif not _MAX_AGE.fullmatch(raw_age[1]):
-        errors.append(
+        scan.errors.append("'max_age' is missing; RFC 8461 §3.2 requires it (seconds)")
+        return None
+    if not _MAX_AGE.fullmatch(raw_age[1]):
+        scan.errors.append(
             f"line {raw_age[0]}: max_age is {raw_age[1]!r}; it must be 1 to 10 digits "
             "(no sign, decimals or separators)"
         )
-    else:
-        max_age = int(raw_age[1])
-        if max_age > MAX_AGE_LIMIT:
-            warnings.append(
-                f"max_age {max_age} exceeds the maximum {MAX_AGE_LIMIT} (RFC 8461 §3.2, "
-                f"erratum 7282); using {MAX_AGE_LIMIT}"
-            )
-            max_age = MAX_AGE_LIMIT
-        fields["max_age"] = max_age
+        return None
+    max_age = int(raw_age[1])
+    if max_age > MAX_AGE_LIMIT:
+        scan.warnings.append(
+            f"max_age {max_age} exceeds the maximum {MAX_AGE_LIMIT} (RFC 8461 §3.2, "
+            f"erratum 7282); using {MAX_AGE_LIMIT}"
+        )
+        max_age = MAX_AGE_LIMIT
+    fields["max_age"] = max_age
+    return max_age
 
+
+def _patterns(scan: _Scan, fields: dict[str, Any]) -> list[str]:
     patterns: list[str] = []
     for number, raw in scan.mx:
         dotted = _has_trailing_dot(raw)
@@ -350,25 +356,34 @@ def _build_policy(scan: _Scan) -> tuple[Policy | None, dict[str, Any]]:
             # Outside the §3.2 grammar but unambiguous; `normalise_pattern` removes it. The
             # sender is liberal here; `lint_policy` calls it an error, as others may not be.
             warning = f"line {number}: trailing dot removed from mx {raw!r}"
-            warnings.append(warning)
+            scan.warnings.append(warning)
         try:
             pattern = names.normalise_pattern(raw)
         except ValueError as exc:
-            errors.append(f"line {number}: invalid mx pattern: {exc}")
+            scan.errors.append(f"line {number}: invalid mx pattern: {exc}")
             continue
         if dotted:
             scan.trailing_dots.append((number, raw, warning))
         if pattern in patterns:
-            warnings.append(f"line {number}: mx {raw!r} repeats an earlier pattern")
+            scan.warnings.append(f"line {number}: mx {raw!r} repeats an earlier pattern")
             continue
         patterns.append(pattern)
     fields["mx"] = patterns
+    return patterns
+
+
+def _build_policy(scan: _Scan) -> tuple[Policy | None, dict[str, Any]]:
+    """Validate the scanned fields; append to scan.errors/warnings; return the policy if valid."""
+    fields: dict[str, Any] = {}
+    _version(scan, fields)
+    mode = _mode(scan, fields)
+    max_age = _max_age(scan, fields)
+    patterns = _patterns(scan, fields)
     if not scan.mx and mode is not None and mode is not Mode.NONE:
         # §3.2: mx is required at least once unless mode is "none".
-        errors.append(f"mode {mode.value!r} requires at least one 'mx' line")
+        scan.errors.append(f"mode {mode.value!r} requires at least one 'mx' line")
     fields["extensions"] = dict(scan.extensions)
-
-    if errors or mode is None or max_age is None:
+    if scan.errors or mode is None or max_age is None:
         return None, fields
     policy = Policy(
         version=STS_VERSION,
@@ -376,7 +391,7 @@ def _build_policy(scan: _Scan) -> tuple[Policy | None, dict[str, Any]]:
         max_age=max_age,
         mx=tuple(patterns),
         extensions=tuple(scan.extensions),
-        warnings=tuple(warnings),
+        warnings=tuple(scan.warnings),
         lines=tuple(scan.lines),
     )
     return policy, fields
