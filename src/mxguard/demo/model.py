@@ -60,8 +60,6 @@ class MessageFate(enum.StrEnum):
     REFUSED_LEAKED = "not delivered, but READ by the attacker"
 
 
-
-
 class Act(enum.StrEnum):
     STRIP = "strip"
     HONEST = "honest"
