@@ -12,6 +12,7 @@ import bisect
 
 from mxguard.postfix.answers import Answer
 
+TIMEOUT_REASONS = ("no-request", "idle", "send")
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -26,6 +27,11 @@ class Metrics:
         self.budget_expired = 0
         self.malformed = 0
         self.refused_connections = 0
+        self.evicted_connections = 0
+        # Connections the server closed because a deadline passed, by reason: "no-request"
+        # (no complete request within the first-request timeout), "idle" (idle timeout after
+        # the last reply), "send" (the client did not take its replies within the send timeout).
+        self.connection_timeouts: dict[str, int] = dict.fromkeys(TIMEOUT_REASONS, 0)
         self.resolutions = 0
         self.refreshes = 0
         self.served_recorded = 0
@@ -56,6 +62,12 @@ class Metrics:
             "Failures seen while resolving policies, by RFC 8460 result type.",
             [(f'{{result_type="{k}"}}', v) for k, v in sorted(self.failures.items())],
         )  # fmt: skip
+        _metric(
+            out, "mxguard_postfix_connection_timeouts_total",
+            "Connections closed by a deadline: no-request (no complete request in time), "
+            "idle (idle after the last reply), send (replies not taken by the client).",
+            [(f'{{reason="{k}"}}', v) for k, v in sorted(self.connection_timeouts.items())],
+        )  # fmt: skip
         out.extend(self._histogram())
         for name, value in sorted(gauges.items()):
             kind = "counter" if name.endswith("_total") else "gauge"
@@ -75,8 +87,11 @@ class Metrics:
             ("mxguard_postfix_malformed_requests_total",
              "Requests that could not be framed or parsed.", self.malformed),
             ("mxguard_postfix_refused_connections_total",
-             "Connections closed at once because max_connections were open.",
-             self.refused_connections),
+             "New connections closed at once: max_connections were open, all with a "
+             "request in flight.", self.refused_connections),
+            ("mxguard_postfix_evicted_connections_total",
+             "Idle connections (first those that never sent a request) closed to admit a "
+             "new one at max_connections.", self.evicted_connections),
             ("mxguard_postfix_resolutions_total", "Policy resolutions (misses and refreshes).",
              self.resolutions),
             ("mxguard_postfix_refreshes_total", "Background refreshes of hot domains.",

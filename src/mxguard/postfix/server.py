@@ -13,8 +13,13 @@ this server's first duty is **never to stall Postfix**:
   fetch, with back-off after failures);
 - a refresher re-resolves domains used within ``hot_window`` before their answer expires,
   so hot domains never miss;
-- per connection: bounded buffers (see ``netstring``), pipelined requests answered in order
-  (resolved concurrently), a defined reply to every request, malformed ones included.
+- per connection: bounded buffers (see ``netstring``; at most ``READ_LIMIT`` and
+  ``WRITE_HIGH`` bytes more in the streams), pipelined requests answered in order (resolved
+  concurrently), a defined reply to every request, malformed ones included;
+- connections that do not ask cannot keep out one that does (``connections.py``): past
+  ``max_connections`` a new connection evicts the oldest connection without a request, else
+  the one idle longest; deadlines for the first request, for idleness after the last reply
+  and for a client to take its replies.
 
 What was served is recorded for TLS reporting (``served.py``): each resolution whose answer
 Postfix delivers under is offered to a ``ServedRecorder``, which never delays or changes an
@@ -31,11 +36,12 @@ Tests and the Postfix integration harness run it on a background thread (``harne
         host, port = server.socketmap_address
 
 The other modules of this package: ``listen.py`` (listen addresses), ``cache.py`` (the answer
-cache), ``query.py`` (one answer without the server: ``serve postfix --query``),
-``options.py`` (``Options`` from the config), ``netstring.py`` (framing), ``answers.py``
-(policy to answer). This module touches sockets (its listeners and their connections), the
-engine it opens or is given, and nothing else; ``mxguard.postfix.server`` still exports the
-names that moved out of it (``__all__``).
+cache), ``connections.py`` (which connection to close, and when), ``query.py`` (one answer
+without the server: ``serve postfix --query``), ``options.py`` (``Options`` from the config),
+``netstring.py`` (framing), ``answers.py`` (policy to answer). This module touches sockets
+(its listeners and their connections), the engine it opens or is given, the process's
+open-files limit (raised to fit ``max_connections``) and nothing else;
+``mxguard.postfix.server`` still exports the names that moved out of it (``__all__``).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import resource
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -57,6 +64,7 @@ from mxguard.engine.resolve import DomainError
 from mxguard.postfix import answers, http
 from mxguard.postfix.answers import Answer, Key, Options
 from mxguard.postfix.cache import AnswerCache, lifetime
+from mxguard.postfix.connections import ConnectionTable
 from mxguard.postfix.harness import ThreadHarness
 from mxguard.postfix.listen import Listen, ListenError, bound
 from mxguard.postfix.metrics import Metrics
@@ -78,11 +86,28 @@ log = logging.getLogger(__name__)
 
 IN_PROGRESS = "policy lookup in progress"
 
+# Per connection, bytes buffered at most: what the StreamReader holds before it stops reading
+# from the socket (twice this, plus one read of the transport), and what the transport may
+# hold of replies not yet taken by the client before the sender waits (``drain``).
+READ_LIMIT = MAX_REQUEST
+WRITE_HIGH = 16384
+# A burst of connections waits in the kernel's listen queue (up to LISTEN_QUEUE; the kernel
+# caps it at net.core.somaxconn) rather than being dropped, which would cost each dropped
+# client a SYN retransmission (1 s); asyncio accepts at most ACCEPT_BATCH of them per turn of
+# the loop, so a burst holds at most a few batches of descriptors beyond max_connections.
+LISTEN_QUEUE = 4096
+ACCEPT_BATCH = 128
+FD_RESERVE = 256  # descriptors beside the connections: store, DNS, policy fetches, listeners
 
-@dataclass(slots=True, eq=False)  # identity-hashed: kept in a set
+
+@dataclass(slots=True, eq=False)  # identity-hashed: kept in the connection table
 class _Connection:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent replies (the client is not taking them anyway)."""
+        self.writer.transport.abort()
 
 
 class PolicyServer(ThreadHarness):
@@ -106,6 +131,8 @@ class PolicyServer(ThreadHarness):
         max_pipeline: int = 64,
         max_connections: int = 1024,
         idle_timeout: float = 60.0,
+        first_request_timeout: float = 10.0,
+        send_timeout: float = 10.0,
         grace: float = 10.0,
     ) -> None:
         specs = [listen] if isinstance(listen, str) else list(listen or [])
@@ -119,11 +146,19 @@ class PolicyServer(ThreadHarness):
         self.hot_window = hot_window
         self.refresh_interval = refresh_interval
         self.max_pipeline = max_pipeline
-        # Postfix keeps a handful of map connections per process and closes idle ones after
-        # ipc_idle (5 s by default); more than this many, or a minute of silence, is not
-        # Postfix, and must not be able to starve the clients that are.
+        # The connection policy (connections.py, docs/postfix.md "Connections"): past
+        # max_connections a new connection evicts the oldest waiting or idle one; a connection
+        # without a complete request is closed after first_request_timeout, an idle one
+        # idle_timeout after its last reply, one that does not take its replies after
+        # send_timeout. Postfix's socketmap client sends its request as soon as it connects,
+        # closes its connection after 10 s idle and retries a lookup once on a new connection
+        # when the old one was closed, so none of this costs Postfix an answer.
+        if min(max_connections, idle_timeout, first_request_timeout, send_timeout) <= 0:
+            raise ValueError("connection limits and timeouts must be positive")
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        self.first_request_timeout = first_request_timeout
+        self.send_timeout = send_timeout
         self.grace = grace
         self.metrics = Metrics()
         self.recorder = ServedRecorder(lambda: self.engine.store, self.metrics)
@@ -134,9 +169,14 @@ class PolicyServer(ThreadHarness):
         self._resolving: dict[str, asyncio.Task[Answer]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._servers: list[asyncio.Server] = []
-        self._connections: set[_Connection] = set()
+        self._connections: ConnectionTable[_Connection] = ConnectionTable(
+            max_connections=max_connections,
+            first_request_timeout=first_request_timeout,
+            idle_timeout=idle_timeout,
+        )
         self._handlers: set[asyncio.Task[Any]] = set()
         self._refresher: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._recording: asyncio.Task[None] | None = None
         self._stopping = False
         self.socketmap_addresses: list[Any] = []
@@ -164,6 +204,9 @@ class PolicyServer(ThreadHarness):
             self._engine = await self._owned.enter_async_context(
                 engine(self._settings, dns_cache=True)
             )
+        self._connections.max_connections = self.max_connections = _descriptors_for(
+            self.max_connections
+        )
         try:
             for where in self.listen:
                 server = await self._listen(where, self._socketmap_client)
@@ -172,12 +215,13 @@ class PolicyServer(ThreadHarness):
                 server = await self._listen(self.tcp_table, self._tcp_table_client)
                 self.tcp_table_address = bound(server, self.tcp_table)
             if self.metrics_listen is not None:
-                server = await self._listen(self.metrics_listen, self._http_client)
+                server = await self._listen(self.metrics_listen, self._http_client, limit=None)
                 self.metrics_address = bound(server, self.metrics_listen)
         except BaseException:
             await self.stop()
             raise
         self._refresher = asyncio.create_task(self._refresh_loop(), name="mxguard-refresher")
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="mxguard-connections")
         self._recording = asyncio.create_task(self.recorder.run(), name="mxguard-served")
         log.info(
             "serving Postfix socketmap on %s%s",
@@ -185,16 +229,26 @@ class PolicyServer(ThreadHarness):
             f", tcp_table on {self.tcp_table}" if self.tcp_table else "",
         )
 
-    async def _listen(self, where: Listen, handler: Callable[..., Any]) -> asyncio.Server:
+    async def _listen(
+        self, where: Listen, handler: Callable[..., Any], limit: int | None = READ_LIMIT
+    ) -> asyncio.Server:
+        extra: dict[str, Any] = {"backlog": ACCEPT_BATCH}
+        if limit is not None:
+            extra["limit"] = limit
         if where.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 if where.path.is_socket():
                     where.path.unlink()  # a stale socket from a previous run
-            server = await asyncio.start_unix_server(handler, path=str(where.path))
+            server = await asyncio.start_unix_server(handler, path=str(where.path), **extra)
             os.chmod(where.path, 0o666)  # Postfix's smtp processes run as another user
         else:
-            server = await asyncio.start_server(handler, where.host, where.port)
+            server = await asyncio.start_server(handler, where.host, where.port, **extra)
         self._servers.append(server)
+        for sock in server.sockets:
+            # asyncio listens with the accept batch as the backlog; a second listen() only
+            # lengthens the kernel's queue (the socket is shared with the duplicate).
+            with contextlib.closing(sock.dup()) as same:
+                same.listen(LISTEN_QUEUE)
         return server
 
     async def stop(self) -> None:
@@ -216,6 +270,10 @@ class PolicyServer(ThreadHarness):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1)
         self._servers.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
         if self._refresher is not None:
             self._refresher.cancel()
         for task in [*self._tasks, *([self._refresher] if self._refresher else [])]:
@@ -403,46 +461,56 @@ class PolicyServer(ThreadHarness):
         decoder: NetstringDecoder | LineDecoder,
         reply: Callable[[Request | Malformed], Coroutine[Any, Any, bytes]],
     ) -> None:
-        if self._stopping or len(self._connections) >= self.max_connections:
-            if not self._stopping:
-                self.metrics.refused_connections += 1
-            writer.close()
-            return
         conn = _Connection(reader, writer)
-        self._connections.add(conn)
+        admission = self._connections.admit(conn, time.monotonic()) if not self._stopping else None
+        if admission is None or not admission.admitted:
+            if admission is not None:
+                self.metrics.refused_connections += 1
+            conn.abort()
+            return
+        if admission.evicted is not None:
+            self.metrics.evicted_connections += 1
+            admission.evicted.abort()
+        writer.transport.set_write_buffer_limits(high=WRITE_HIGH)
         handler = asyncio.current_task()
         if handler is not None:
             self._handlers.add(handler)
         # Replies leave in request order; requests are answered concurrently, at most
         # max_pipeline at a time per connection (reading pauses while the queue is full).
-        queue: asyncio.Queue[asyncio.Task[bytes] | None] = asyncio.Queue(self.max_pipeline)
-        sender = asyncio.create_task(self._send_replies(queue, writer))
+        # The queue and its sender exist from the first request on: a connection that never
+        # sends one costs no more than its socket, its streams and this task.
+        queue: asyncio.Queue[asyncio.Task[bytes] | None] | None = None
+        sender: asyncio.Task[None] | None = None
         try:
             while not decoder.dead:
                 try:
-                    async with asyncio.timeout(self.idle_timeout):
-                        data = await reader.read(MAX_REQUEST)
-                except (TimeoutError, ConnectionError):
+                    data = await reader.read(MAX_REQUEST)
+                except ConnectionError:
                     break
                 if not data:
                     break
                 for event in decoder.feed(data):
+                    if queue is None:
+                        queue = asyncio.Queue(self.max_pipeline)
+                        sender = asyncio.create_task(self._send_replies(conn, queue))
+                    self._connections.received(conn)
                     await queue.put(asyncio.create_task(reply(event)))
         finally:
-            await queue.put(None)
-            with contextlib.suppress(Exception):
-                await sender
+            if queue is not None and sender is not None:
+                await queue.put(None)
+                with contextlib.suppress(Exception):
+                    await sender
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
-            self._connections.discard(conn)
+            self._connections.remove(conn)
             if handler is not None:
                 self._handlers.discard(handler)
 
-    @staticmethod
     async def _send_replies(
-        queue: asyncio.Queue[asyncio.Task[bytes] | None], writer: asyncio.StreamWriter
+        self, conn: _Connection, queue: asyncio.Queue[asyncio.Task[bytes] | None]
     ) -> None:
+        writer = conn.writer
         broken = False
         while (task := await queue.get()) is not None:
             try:
@@ -450,13 +518,33 @@ class PolicyServer(ThreadHarness):
             except Exception:
                 log.exception("answering a request failed")
                 data = encode(answers.temp("internal error").socketmap())
-            if broken:
-                continue
-            try:
-                writer.write(data)
-                await writer.drain()
-            except ConnectionError:
-                broken = True  # keep draining the queue so that no task is left behind
+            if not broken:
+                try:
+                    writer.write(data)
+                    if writer.transport.get_write_buffer_size():
+                        # The client is slow to take its replies: give it send_timeout.
+                        async with asyncio.timeout(self.send_timeout):
+                            await writer.drain()
+                except ConnectionError:
+                    broken = True  # keep draining the queue so that no task is left behind
+                except TimeoutError:
+                    broken = True
+                    self.metrics.connection_timeouts["send"] += 1
+                    conn.abort()
+            self._connections.answered(conn, time.monotonic())
+
+    async def _sweep_loop(self) -> None:
+        """Close the connections whose deadline passed (``ConnectionTable.expired``)."""
+        # Never sleep longer than the shortest timeout: a connection admitted meanwhile
+        # cannot be due before that.
+        longest = min(1.0, self.first_request_timeout, self.idle_timeout)
+        while True:
+            now = time.monotonic()
+            for conn, reason in self._connections.expired(now):
+                self.metrics.connection_timeouts[reason] += 1
+                conn.abort()
+            due = self._connections.next_deadline()
+            await asyncio.sleep(longest if due is None else min(longest, max(due - now, 0.001)))
 
     # --- health and metrics -------------------------------------------------------------
 
@@ -472,12 +560,47 @@ class PolicyServer(ThreadHarness):
         gauges: dict[str, float] = {
             "mxguard_postfix_cache_entries": len(self._cache),
             "mxguard_postfix_connections": len(self._connections),
+            "mxguard_postfix_connections_waiting": self._connections.waiting,
+            "mxguard_postfix_connections_idle": self._connections.idle,
+            "mxguard_postfix_max_connections": self._connections.max_connections,
             "mxguard_postfix_resolutions_in_flight": len(self._resolving),
         }
         if self._engine is not None:
             gauges["mxguard_sts_fetches_total"] = self._engine.sts.fetches
             gauges["mxguard_dns_queries_total"] = self._engine.dns.queries
         return self.metrics.render(gauges)
+
+
+def _descriptors_for(max_connections: int) -> int:
+    """Raise the soft RLIMIT_NOFILE so that ``max_connections`` fit; the number that fit.
+
+    A process that runs out of descriptors stops accepting for a second (asyncio's answer to
+    EMFILE), which would keep Postfix out exactly when a flood fills the table. Besides the
+    admitted connections there are the ones accepted but not yet admitted, or evicted but not
+    yet closed (a few accept batches during a burst), and the engine's own descriptors.
+    systemd starts services with a soft limit of 1024 and a far higher hard limit, which is
+    why the soft one is raised here.
+    """
+    # Measured: a burst of 2,000 to 10,000 connections took max_connections + 4 batches (and
+    # the engine's few); twice that is asked for, and half of it is the least left over.
+    needed = max_connections + 8 * ACCEPT_BATCH + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit to %d: %s", target, exc)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return max_connections
+    fit = max(16, soft - 4 * ACCEPT_BATCH - FD_RESERVE)
+    log.warning(
+        "the open-files limit (%d) is too low for max_connections=%d: serving at most %d "
+        "connections; raise it (systemd: LimitNOFILE=) to %d",
+        soft, max_connections, min(fit, max_connections), needed,
+    )  # fmt: skip
+    return min(fit, max_connections)
 
 
 __all__ = [
