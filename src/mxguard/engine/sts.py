@@ -15,26 +15,95 @@
 Failures are kept in the RFC 8460 vocabulary: fetch problems (``sts-policy-fetch-error``),
 the policy host's certificate (``sts-webpki-invalid``), an invalid body
 (``sts-policy-invalid``).
+
+Store faults: a lookup never waits on a cache write for longer than ``write_wait``. A write
+that takes longer goes on in the background (bounded: at most ``MAX_PENDING_WRITES``) and a
+write that fails is dropped with a log line; either way the policy just fetched is the one
+that applies (a failed cache write never weakens an answer; the next lookup fetches again).
+A failed cache *read* raises StoreError: without it, no-one can say whether a cached policy
+applies, so the caller defers. Both are counted by kind in ``StoreFaults``, which logs one
+line per kind per ``log_interval`` instead of one per lookup and says what is wrong now.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mxguard.adapters import https
 from mxguard.adapters.dns import DnsOutcome, DnsResolver
-from mxguard.adapters.store import CachedPolicy, Store
+from mxguard.adapters.store import CachedPolicy, Store, StoreError
 from mxguard.engine.policy import StsState
 from mxguard.protocol import mtasts
 from mxguard.protocol.results import Failure, ResultType
 
 log = logging.getLogger(__name__)
+
+MAX_PENDING_WRITES = 256  # cache writes left running in the background, at most
+
+# What an operator should do about a store error of each kind.
+_ADVICE = {
+    "corrupt": "the SQLite file is damaged: stop mxguard and move it away (the cache is "
+    "rebuilt; trust-on-first-use protection is lost until policies are fetched again)",
+    "notadb": "the store file is not an SQLite database: check --store",
+    "full": "the disk (or the database's size limit) is full: free space",
+    "busy": "another process holds the database lock",
+    "locked": "another connection holds the database lock",
+    "readonly": "the store cannot be written: check the file's permissions and mount",
+    "ioerr": "the disk reported an I/O error",
+}
+
+
+class StoreFaults:
+    """Store failures seen by the MTA-STS cache: counted by kind, logged at most once per
+    kind per ``log_interval`` seconds, and what is wrong now (``problem``, for ``/healthz``).
+
+    Reads and writes are tracked apart (on a full disk reads still work): a problem lasts
+    until an operation of the same direction succeeds, or ``hold`` seconds pass without
+    another failure."""
+
+    def __init__(
+        self,
+        *,
+        log_interval: float = 60.0,
+        hold: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.log_interval, self.hold, self.clock = log_interval, hold, clock
+        self.counts: dict[str, int] = {}
+        self._current: dict[str, tuple[float, str]] = {}  # "read"/"write" -> (when, text)
+        self._logged: dict[str, tuple[float, int]] = {}  # kind -> (when, count then)
+
+    def failed(self, what: str, direction: str, exc: StoreError) -> None:
+        kind = exc.kind
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        now = self.clock()
+        self._current[direction] = (now, f"store error ({kind}) on {what}: {exc.detail}")
+        last = self._logged.get(kind)
+        if last is None or now - last[0] >= self.log_interval:
+            more = "" if last is None else f" ({self.counts[kind] - last[1] - 1} more since)"
+            advice = _ADVICE.get(kind)
+            log.warning(
+                "store error (%s) on %s: %s%s%s", kind, what, exc,
+                f"; {advice}" if advice else "", more,
+            )  # fmt: skip
+            self._logged[kind] = (now, self.counts[kind])
+
+    def succeeded(self, direction: str) -> None:
+        self._current.pop(direction, None)
+
+    @property
+    def problem(self) -> str | None:
+        """The store problem now (None: none seen lately)."""
+        now = self.clock()
+        live = [text for when, text in self._current.values() if now - when < self.hold]
+        return "; ".join(sorted(live)) or None
 
 
 @dataclass(frozen=True)
@@ -58,9 +127,14 @@ class StsResolver:
         fetch_timeout: float = 10.0,
         backoff: float = 300.0,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        write_wait: float = 1.0,
+        faults: StoreFaults | None = None,
     ) -> None:
         self.dns = dns
         self.store = store
+        self.write_wait = write_wait  # seconds a lookup waits for its cache write, at most
+        self.faults = faults or StoreFaults()
+        self._writes: set[asyncio.Task[None]] = set()
         self.ca_file = ca_file
         self.https_port = https_port
         self.fetch_timeout = fetch_timeout
@@ -114,7 +188,9 @@ class StsResolver:
             )
             return self._failed_fetch(domain, cached, failure, notes)
         expires = now + dt.timedelta(seconds=policy.max_age)
-        await self.store.put_policy(CachedPolicy(domain, record.id, result.text, now, expires))
+        # Used for this answer even if caching it fails (a fetched policy is never ignored).
+        entry = CachedPolicy(domain, record.id, result.text, now, expires)
+        await self._write(f"caching the policy of {domain}", lambda: self.store.put_policy(entry))
         state = _state(record.id, policy, now, expires, from_cache=False, error=None)
         if policy.mode is mtasts.Mode.NONE:
             notes.append("the domain publishes mode none: it has withdrawn its MTA-STS policy")
@@ -125,19 +201,58 @@ class StsResolver:
     async def _cached(
         self, domain: str, now: dt.datetime
     ) -> tuple[CachedPolicy, mtasts.Policy] | None:
-        cached = await self.store.get_policy(domain)
+        try:
+            cached = await self.store.get_policy(domain)
+        except StoreError as exc:
+            self.faults.failed(f"reading the cached policy of {domain}", "read", exc)
+            raise
+        self.faults.succeeded("read")
         if cached is None:
             return None
         if cached.expires_at <= now:
             # RFC 8461 §5: a policy is only valid for max_age after it was fetched.
-            await self.store.delete_policy(domain)
+            await self._write(
+                f"deleting the expired policy of {domain}",
+                lambda: self.store.delete_policy(domain),
+            )
             return None
         try:
             return cached, mtasts.parse_policy(cached.policy_text)
         except mtasts.PolicyError:
             log.warning("cached MTA-STS policy of %s no longer parses; dropping it", domain)
-            await self.store.delete_policy(domain)
+            await self._write(
+                f"deleting the unparsable policy of {domain}",
+                lambda: self.store.delete_policy(domain),
+            )
             return None
+
+    async def _write(self, what: str, write: Callable[[], Awaitable[None]]) -> None:
+        """Run a cache write, waiting for it at most ``write_wait`` seconds; a slower one
+        goes on in the background, a failed one is counted and logged, never raised."""
+        if len(self._writes) >= MAX_PENDING_WRITES:
+            exc = StoreError(f"{len(self._writes)} cache writes are still waiting", kind="backlog")
+            self.faults.failed(what + " (dropped)", "write", exc)
+            return
+
+        async def run() -> None:
+            try:
+                await write()
+            except StoreError as exc:
+                self.faults.failed(what, "write", exc)
+            else:
+                self.faults.succeeded("write")
+
+        task = asyncio.ensure_future(run())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        # shield: giving up waiting must not cancel the write itself.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), self.write_wait)
+
+    async def writes_done(self) -> None:
+        """Wait for the cache writes still going on in the background (tests, shutdown)."""
+        if self._writes:
+            await asyncio.wait(set(self._writes))
 
     @staticmethod
     def _stale(cached: CachedPolicy, now: dt.datetime) -> bool:

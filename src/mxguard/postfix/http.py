@@ -2,8 +2,9 @@
 
 One request per connection, ``GET`` only, answered and closed. The request head is bounded
 (8 KiB, 5 s) and nothing of it is used but the method and the path. What the answers say comes
-from the caller: ``healthy()`` (is the server up and not stopping) and ``metrics()`` (the text
-to serve), both called only when their path is asked for. Touches only the one connection it
+from the caller: ``problem()`` (None while the server is up and its store works, else what is
+wrong: stopping, a store error) and ``metrics()`` (the text to serve), both called only when
+their path is asked for. Touches only the one connection it
 is given.
 """
 
@@ -21,12 +22,12 @@ async def serve(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     *,
-    healthy: Callable[[], bool],
+    problem: Callable[[], str | None],
     metrics: Callable[[], str],
 ) -> None:
     """Answer the one request on this connection and close it."""
     head = await _read_head(reader)
-    response = None if head is None else _respond(*head, healthy=healthy, metrics=metrics)
+    response = None if head is None else _respond(*head, problem=problem, metrics=metrics)
     if response is None:
         writer.close()
         return
@@ -70,7 +71,7 @@ def _respond(
     request_line: bytes,
     size: int,
     *,
-    healthy: Callable[[], bool],
+    problem: Callable[[], str | None],
     metrics: Callable[[], str],
 ) -> tuple[str, str] | None:
     """``(status, body)`` for the request, or None: no request at all, close without a word."""
@@ -83,7 +84,8 @@ def _respond(
     if parts[0] != b"GET":
         return "405 Method Not Allowed", "only GET\n"
     if path == "/healthz":
-        return ("200 OK", "ok\n") if healthy() else ("503 Service Unavailable", "stopping\n")
+        wrong = problem()
+        return ("200 OK", "ok\n") if wrong is None else ("503 Service Unavailable", f"{wrong}\n")
     if path == "/metrics":
         return "200 OK", metrics()
     return "404 Not Found", "try /healthz or /metrics\n"

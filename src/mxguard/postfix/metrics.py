@@ -47,8 +47,9 @@ class Metrics:
         self._sum += seconds
         self._count += 1
 
-    def render(self, gauges: dict[str, float]) -> str:
-        """Every counter, the histogram, then ``gauges`` (a ``_total`` name is a counter)."""
+    def render(self, gauges: dict[str, float], store_errors: dict[str, int] | None = None) -> str:
+        """Every counter, the histogram, then ``gauges`` (a ``_total`` name is a counter);
+        ``store_errors``: the store's failures by kind (``StoreError.kind``)."""
         out: list[str] = []
         _metric(
             out, "mxguard_postfix_answers_total",
@@ -67,6 +68,11 @@ class Metrics:
             "Connections closed by a deadline: no-request (no complete request in time), "
             "idle (idle after the last reply), send (replies not taken by the client).",
             [(f'{{reason="{k}"}}', v) for k, v in sorted(self.connection_timeouts.items())],
+        )  # fmt: skip
+        _metric(
+            out, "mxguard_store_errors_total",
+            "Failed store reads and cache writes, by kind (corrupt, full, busy, ioerr, ...).",
+            [(f'{{kind="{k}"}}', v) for k, v in sorted((store_errors or {}).items())],
         )  # fmt: skip
         out.extend(self._histogram())
         for name, value in sorted(gauges.items()):

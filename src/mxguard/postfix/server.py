@@ -57,10 +57,12 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mxguard.adapters.store import StoreError
 from mxguard.config import Settings
 from mxguard.engine.context import Engine, engine
 from mxguard.engine.policy import DeliveryPolicy
 from mxguard.engine.resolve import DomainError
+from mxguard.engine.sts import StoreFaults
 from mxguard.postfix import answers, http
 from mxguard.postfix.answers import Answer, Key, Options
 from mxguard.postfix.cache import AnswerCache, lifetime
@@ -161,6 +163,8 @@ class PolicyServer(ThreadHarness):
         self.send_timeout = send_timeout
         self.grace = grace
         self.metrics = Metrics()
+        # Kept across reloads: every engine this server opens reports its store faults here.
+        self.store_faults = StoreFaults()
         self.recorder = ServedRecorder(lambda: self.engine.store, self.metrics)
         self._settings = source if isinstance(source, Settings) else None
         self._engine: Engine | None = source if isinstance(source, Engine) else None
@@ -204,6 +208,7 @@ class PolicyServer(ThreadHarness):
             self._engine = await self._owned.enter_async_context(
                 engine(self._settings, dns_cache=True)
             )
+        self._adopt(self._engine)
         self._connections.max_connections = self.max_connections = _descriptors_for(
             self.max_connections
         )
@@ -307,6 +312,7 @@ class PolicyServer(ThreadHarness):
             raise
         await self.recorder.flush()  # into the store it was served from
         old_stack, self._owned = self._owned, stack
+        self._adopt(new)
         self._engine, self._settings = new, settings
         if options is not None:
             self.options = options
@@ -318,6 +324,12 @@ class PolicyServer(ThreadHarness):
                 await asyncio.wait(pending, timeout=self.grace)
             await old_stack.aclose()
         log.info("configuration reloaded from %s", settings.source)
+
+    def _adopt(self, e: Engine) -> None:
+        """Count ``e``'s store faults here, and never let a cache write hold up an answer
+        for more than a fraction of the budget (engine/sts.py)."""
+        e.sts.faults = self.store_faults
+        e.sts.write_wait = min(e.sts.write_wait, self.budget / 5)
 
     # --- answering ----------------------------------------------------------------------
 
@@ -380,9 +392,15 @@ class PolicyServer(ThreadHarness):
         except DomainError as exc:
             answer = answers.perm(f"invalid key: {exc}")
         except Exception as exc:
-            # An engine bug must not take the server down; defer, never downgrade.
-            log.exception("resolving %s failed", domain)
-            answer = answers.temp(f"internal error resolving {domain}: {type(exc).__name__}")
+            store = _store_error(exc)
+            if store is not None:
+                # Counted and logged (rate-limited) where it happened, engine/sts.py. Defer,
+                # naming the problem: without the cache nobody knows which policy applies.
+                answer = answers.temp(f"{domain}: store error: {store.detail}")
+            else:
+                # An engine bug must not take the server down; defer, never downgrade.
+                log.exception("resolving %s failed", domain)
+                answer = answers.temp(f"internal error resolving {domain}: {type(exc).__name__}")
         else:
             answer = policy_answer(e, domain, policy, self.options)
             for failure in policy.errors:
@@ -551,10 +569,13 @@ class PolicyServer(ThreadHarness):
     async def _http_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        await http.serve(reader, writer, healthy=self._healthy, metrics=self.render_metrics)
+        await http.serve(reader, writer, problem=self._problem, metrics=self.render_metrics)
 
-    def _healthy(self) -> bool:
-        return not self._stopping and self._engine is not None
+    def _problem(self) -> str | None:
+        """What ``/healthz`` reports as wrong: None while serving with a working store."""
+        if self._stopping or self._engine is None:
+            return "stopping"
+        return self.store_faults.problem
 
     def render_metrics(self) -> str:
         gauges: dict[str, float] = {
@@ -568,7 +589,19 @@ class PolicyServer(ThreadHarness):
         if self._engine is not None:
             gauges["mxguard_sts_fetches_total"] = self._engine.sts.fetches
             gauges["mxguard_dns_queries_total"] = self._engine.dns.queries
-        return self.metrics.render(gauges)
+        return self.metrics.render(gauges, self.store_faults.counts)
+
+
+def _store_error(exc: BaseException) -> StoreError | None:
+    """The StoreError behind ``exc`` (the engine's task groups wrap it), if any."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _store_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _descriptors_for(max_connections: int) -> int:

@@ -75,7 +75,17 @@ ACCEPTED_URLS = (
 class StoreError(Exception):
     """The store cannot do what was asked: a bad URL, an unreachable server, a schema from a
     newer mxguard, a value that cannot be stored, or an operation the backend does not offer.
-    The message says what was wrong and what would be right."""
+    The message says what was wrong and what would be right.
+
+    A failure of the database itself also carries ``kind`` (one word for metrics and logs:
+    ``corrupt``, ``full``, ``busy``, ``ioerr``, …; ``other`` when there is none) and
+    ``detail``, the database's own words ("database disk image is malformed"), for answers
+    that name the store problem."""
+
+    def __init__(self, message: str, *, kind: str = "other", detail: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.detail = message if detail is None else detail
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,15 @@ WAL mode with `synchronous=FULL`, so a transaction is fsynced to the WAL before 
 returns; every write is one explicit transaction. Several mxguard processes may share the
 file: writers take the lock with `BEGIN IMMEDIATE` and wait up to BUSY_TIMEOUT for each other.
 
-sqlite3 blocks, so each store owns one worker thread that holds the connection and runs every
-statement; coroutines hand work to it and await the answer, keeping the event loop free.
+sqlite3 blocks, so each store owns worker threads that hold its connections and run every
+statement; coroutines hand work to them and await the answer, keeping the event loop free.
+There are two (a file; `:memory:` has one): a writer, and a reader with a connection of its
+own, so that a read never queues behind a write waiting for another process's lock (in WAL
+mode readers do not wait for writers). A reader waits at most READ_BUSY_TIMEOUT.
+
+A damaged file is refused at open (`PRAGMA quick_check`), with what to do about it, rather
+than failing lookup after lookup. Errors of the database itself become StoreError with a
+`kind` (`corrupt`, `full`, `busy`, …) and SQLite's own words as `detail`.
 
 The schema carries a version (table `schema_version`); MIGRATIONS upgrade an older file in
 place, and a file from a newer mxguard is refused rather than guessed at.
@@ -48,6 +55,11 @@ T = TypeVar("T")
 
 # Seconds a writer waits for another process's transaction before giving up.
 BUSY_TIMEOUT = 30.0
+# Seconds a reader waits (only during WAL recovery, or for a writer in exclusive locking mode).
+READ_BUSY_TIMEOUT = 2.0
+# SQLite's primary result codes (https://sqlite.org/rescode.html), named for StoreError.kind.
+_KINDS = {5: "busy", 6: "locked", 8: "readonly", 10: "ioerr", 11: "corrupt", 13: "full",
+          14: "cantopen", 26: "notadb"}  # fmt: skip
 
 # MIGRATIONS[n] takes a database from schema version n to n + 1 (version 0 = empty file).
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -179,19 +191,27 @@ class SQLiteStore:
 
     def __init__(self, path: str, executor: ThreadPoolExecutor) -> None:
         self.path = path
-        self._executor = executor
+        self._executor = executor  # the writer
+        self._reader: ThreadPoolExecutor | None = None  # None: reads go to the writer
         self._conn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
         self._closed = False
 
     @classmethod
     async def open(cls, path: str) -> SQLiteStore:
-        """Open (creating if needed) the database at `path` (or ":memory:") and migrate it."""
+        """Open (creating if needed) the database at `path` (or ":memory:") and migrate it;
+        refuse a damaged file."""
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mxguard-sqlite")
         store = cls(path, executor)
         try:
             await store._run(store._connect)
+            if path != ":memory:":  # a second connection to :memory: is another database
+                store._reader = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="mxguard-sqlite-read"
+                )
+                await store._run(store._connect_reader, store._reader)
         except BaseException:
-            executor.shutdown(wait=True)
+            await store.close()
             raise
         return store
 
@@ -208,7 +228,7 @@ class SQLiteStore:
             ).fetchone()
             return None if row is None else _policy_from_row(row)
 
-        return await self._with_conn(work)
+        return await self._with_reader(work)
 
     async def put_policy(self, policy: CachedPolicy) -> None:
         p = check_policy(policy)
@@ -249,7 +269,7 @@ class SQLiteStore:
             ).fetchall()
             return [_policy_from_row(row) for row in rows]
 
-        return await self._with_conn(work)
+        return await self._with_reader(work)
 
     # --- TLS-RPT session results (RFC 8460 §4) ---
 
@@ -288,7 +308,7 @@ class SQLiteStore:
             ).fetchall()
             return [_result_from_row(row) for row in rows]
 
-        return await self._with_conn(work)
+        return await self._with_reader(work)
 
     async def oldest_unbuilt(self, start: datetime, end: datetime) -> datetime | None:
         lo = format_time(as_utc(start, "start"))
@@ -302,7 +322,7 @@ class SQLiteStore:
             ).fetchone()
             return None if row is None or row[0] is None else parse_time(str(row[0]))
 
-        return await self._with_conn(work)
+        return await self._with_reader(work)
 
     async def mark_reported(self, ids: Iterable[int], report_id: str) -> None:
         params = [(report_id, int(i)) for i in ids]
@@ -398,7 +418,7 @@ class SQLiteStore:
             ).fetchall()
             return [_report_from_row(row) for row in rows]
 
-        return await self._with_conn(work)
+        return await self._with_reader(work)
 
     async def report_failed(self, report_id: str, error: str, next_attempt_at: datetime) -> None:
         await self._attempt_failed(report_id, error, "next_attempt_at", next_attempt_at)
@@ -478,7 +498,7 @@ class SQLiteStore:
             ).fetchone()
             return None if row is None else _served_from_row(row)
 
-        return await self._with_conn(work)
+        return await self._with_reader(work)
 
     async def prune_served(self, before: datetime) -> int:
         cutoff = format_time(as_utc(before, "before"))
@@ -506,9 +526,19 @@ class SQLiteStore:
                 self._conn.close()
                 self._conn = None
 
+        def read_work() -> None:
+            if self._rconn is not None:
+                self._rconn.close()
+                self._rconn = None
+
         try:
-            await self._run(work)
+            if self._reader is not None and self._rconn is not None:
+                await self._run(read_work, self._reader)
+            if self._conn is not None:
+                await self._run(work)
         finally:
+            if self._reader is not None:
+                self._reader.shutdown(wait=True)
             self._executor.shutdown(wait=True)
 
     # --- plumbing ---
@@ -518,14 +548,31 @@ class SQLiteStore:
         # no implicit transactions; every write below opens its own explicitly.
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
         try:
+            if self.path != ":memory:":
+                _check_integrity(conn, self.path)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             _migrate(conn, self.path)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if _kind(exc) in ("corrupt", "notadb"):
+                raise _damaged(self.path, str(exc)) from exc
+            raise
         except BaseException:
             conn.close()
             raise
         self._conn = conn
+
+    def _connect_reader(self) -> None:
+        # Runs in the reader thread, after _connect made the file and put it in WAL mode.
+        conn = sqlite3.connect(self.path, timeout=READ_BUSY_TIMEOUT, isolation_level=None)
+        try:
+            conn.execute("PRAGMA query_only=ON")
+        except BaseException:
+            conn.close()
+            raise
+        self._rconn = conn
 
     async def _with_conn(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
@@ -535,14 +582,55 @@ class SQLiteStore:
 
         return await self._run(call)
 
-    async def _run(self, work: Callable[[], T]) -> T:
+    async def _with_reader(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """A read, on the reader's connection: never queued behind a write."""
+        if self._reader is None:
+            return await self._with_conn(work)
+
+        def call() -> T:
+            if self._rconn is None:
+                raise StoreError(f"SQLite store {self.path} is closed; open it again")
+            return work(self._rconn)
+
+        return await self._run(call, self._reader)
+
+    async def _run(self, work: Callable[[], T], executor: ThreadPoolExecutor | None = None) -> T:
         if self._closed and self._conn is None:
             raise StoreError(f"SQLite store {self.path} is closed; open it again")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, work)
+            return await loop.run_in_executor(executor or self._executor, work)
         except sqlite3.Error as exc:
-            raise StoreError(f"SQLite store {self.path}: {exc}") from exc
+            raise StoreError(
+                f"SQLite store {self.path}: {exc}", kind=_kind(exc), detail=str(exc)
+            ) from exc
+
+
+def _kind(exc: sqlite3.Error) -> str:
+    """The StoreError kind of a SQLite error, from its primary result code."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return "other" if code is None else _KINDS.get(code & 0xFF, "other")
+
+
+def _check_integrity(conn: sqlite3.Connection, path: str) -> None:
+    """Refuse a damaged file at open: otherwise every lookup that reads the damaged part
+    fails, for as long as the server runs."""
+    rows = conn.execute("PRAGMA quick_check(5)").fetchall()
+    if [tuple(r) for r in rows] != [("ok",)]:
+        raise _damaged(path, "; ".join(str(r[0]) for r in rows))
+
+
+def _damaged(path: str, what: str) -> StoreError:
+    return StoreError(
+        f"SQLite store {path} is damaged (integrity check: {what}). Stop mxguard and move the "
+        f"file away (with its -wal and -shm files: mv {path} {path}.damaged), then start "
+        "again: a new, empty store is created and the MTA-STS cache is rebuilt as policies are "
+        "fetched, but until a domain's policy is fetched again its trust-on-first-use "
+        "protection is lost (session results and reports not yet delivered are lost too, "
+        f"unless recovered from the old file: sqlite3 {path}.damaged .recover)",
+        kind="corrupt",
+        detail=what,
+    )
 
 
 class _Refused(Exception):
