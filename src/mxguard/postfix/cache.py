@@ -104,6 +104,10 @@ class AnswerCache:
                 due.append(domain)
         return due
 
+    def clear(self) -> None:
+        """Forget every answer (the fault suite's "nothing cached")."""
+        self._entries.clear()
+
     def refresh_all(self, now: float) -> None:
         """Make every entry due for refresh (after a reload: answers under the new config)."""
         for entry in self._entries.values():
