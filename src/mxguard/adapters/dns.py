@@ -12,8 +12,11 @@ lookup here returns, besides its records, one of four statuses:
 - ``indeterminate``: no usable answer (timeout, SERVFAIL for other reasons, garbage).
 
 and an outcome: ``ok``, ``nxdomain``, ``nodata`` or ``error``. Expected network outcomes are
-returned, never raised. TXT records are joined without separators (RFC 8461 §3.1, RFC 8460
-§3): presentation format would add quotes and spaces.
+returned, never raised; the ``detail`` of an ``error`` says what happened in words an operator
+can act on ("DNS timeout looking up MX for example.com (no answer from 127.0.0.1 within 5 s)"):
+it is not a TLS failure, and RFC 8460 §4.3 has no result type for it. TXT records are
+joined without separators (RFC 8461 §3.1, RFC 8460 §3): presentation format would add quotes
+and spaces.
 """
 
 from __future__ import annotations
@@ -104,6 +107,18 @@ def _failed(name: str, rdtype: str, status: DnssecStatus, detail: str) -> DnsAns
 def _text(name: dns.name.Name) -> str:
     # The final dot of the absolute name goes, not an escaped dot inside the last label.
     return names.dns_name(name.to_text())
+
+
+def _is_timeout(exc: Exception) -> bool:
+    # asyncio.timeout raises TimeoutError, dnspython its own Timeout.
+    return isinstance(exc, (TimeoutError, dns.exception.Timeout))
+
+
+def server_text(addr: str, port: int) -> str:
+    """A resolver as people write it: the port only when it is not 53."""
+    if port == 53:
+        return addr
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 def is_loopback(address: str) -> bool:
@@ -202,20 +217,31 @@ class DnsResolver:
         query = dns.message.make_query(qname, rdtype, use_edns=0, payload=1232)
         # AD in a query asks a validating resolver to report the validation (RFC 6840 §5.7).
         query.flags |= dns.flags.AD
-        problems = []
+        problems: list[tuple[str, Exception]] = []
         for addr, port in self.servers:
             try:
                 response = await self._exchange(query, addr, port)
             except (OSError, dns.exception.DNSException, EOFError) as exc:
-                problems.append(f"{addr}:{port}: {type(exc).__name__} {exc}".strip())
+                problems.append((server_text(addr, port), exc))
                 continue
             return await self._interpret(text, rdtype, query, response, addr, port)
         return _failed(
-            text,
-            rdtype,
-            DnssecStatus.INDETERMINATE,
-            f"no answer for {text} {rdtype}: " + "; ".join(problems),
+            text, rdtype, DnssecStatus.INDETERMINATE, self._no_answer(text, rdtype, problems)
         )
+
+    def _no_answer(self, text: str, rdtype: str, problems: list[tuple[str, Exception]]) -> str:
+        """What people are told when no resolver answered: a timeout is called a timeout."""
+        within = f"within {self.timeout:g} s"
+        if all(_is_timeout(exc) for _, exc in problems):
+            servers = ", ".join(server for server, _ in problems)
+            return f"DNS timeout looking up {rdtype} for {text} (no answer from {servers} {within})"
+        each = (
+            f"{server}: no answer {within}"
+            if _is_timeout(exc)
+            else f"{server}: {type(exc).__name__} {exc}".strip()
+            for server, exc in problems
+        )
+        return f"DNS error looking up {rdtype} for {text}: " + "; ".join(each)
 
     def _impossible(self, text: str, rdtype: str, exc: Exception) -> DnsAnswer:
         """The answer for a name that cannot exist in the DNS: a certainty, so NXDOMAIN."""
@@ -249,7 +275,8 @@ class DnsResolver:
                 text,
                 rdtype,
                 DnssecStatus.INDETERMINATE,
-                f"{addr}:{port} answered {dns.rcode.to_text(rcode)} for {text} {rdtype}",
+                f"DNS error looking up {rdtype} for {text}: {server_text(addr, port)} answered "
+                f"{dns.rcode.to_text(rcode)}",
             )
         secure = bool(response.flags & dns.flags.AD) and self.trusted
         status = DnssecStatus.SECURE if secure else DnssecStatus.INSECURE
@@ -337,5 +364,6 @@ class DnsResolver:
             text,
             rdtype,
             DnssecStatus.INDETERMINATE,
-            f"{addr}:{port} answered SERVFAIL for {text} {rdtype} ({why})",
+            f"DNS error looking up {rdtype} for {text}: {server_text(addr, port)} answered "
+            f"SERVFAIL ({why})",
         )

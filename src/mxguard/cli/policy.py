@@ -74,7 +74,7 @@ def render(p: DeliveryPolicy) -> None:
         for t in m.tlsa_unusable:
             click.echo(f"        TLSA {t.to_text()} (unusable)")
         if m.defer:
-            click.echo(f"        {m.defer.result_type.value}: {m.defer.detail}")
+            click.echo(f"        {m.defer}")
         for note in m.notes:
             click.echo(f"        {note}")
     if p.mta_sts and p.mta_sts.id:
@@ -86,6 +86,7 @@ def render(p: DeliveryPolicy) -> None:
     if p.tlsrpt_rua:
         click.echo(f"  TLS-RPT reports to {', '.join(p.tlsrpt_rua)}")
     for e in p.errors:
-        click.echo(click.style(f"  {e.result_type.value}: ", fg="red") + e.detail)
+        label = f"{e.reported_type.value}: " if e.reported_type else "DNS: "
+        click.echo(click.style(f"  {label}", fg="red") + e.detail)
     for w in p.warnings:
         click.echo(click.style("  note: ", fg="yellow") + w)

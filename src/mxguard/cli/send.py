@@ -46,7 +46,9 @@ def send(
 ) -> None:
     """Deliver one message to the recipients' MX hosts under their delivery policy.
 
-    Exit status: 0 delivered, 75 deferred (try again later), 69 permanent failure.
+    Exit status, over all recipients: 75 while any recipient is deferred (try those again
+    later), else 69 if any failed for good, else 0 (every recipient has the message). The
+    outcome of each recipient is printed, and is in --json "recipients".
     """
     from mxguard.cli import settings
 
@@ -69,6 +71,7 @@ def send(
     else:
         for d in result.domains:
             render(d, verbose=verbose)
+        click.echo(summary(result))
     ctx.exit(result.exit_code)
 
 
@@ -102,6 +105,20 @@ _COLOURS = {
 }
 
 
+# What each outcome means to the caller, per recipient.
+_MEANING = {
+    DeliveryStatus.DELIVERED: "",
+    DeliveryStatus.DEFERRED: " (try again later)",
+    DeliveryStatus.FAILED: " (for good, not retried)",
+}
+
+_EXIT_MEANING = {
+    0: "every recipient has the message",
+    75: "EX_TEMPFAIL: try the deferred recipients again later",
+    69: "EX_UNAVAILABLE: nothing to try again; the failed recipients will not get it",
+}
+
+
 def render(d: DomainResult, *, verbose: bool = False) -> None:
     colour = _COLOURS[d.status]
     policy = f"{d.policy.source.value}/{d.policy.mode.value}" if d.policy else "—"
@@ -111,6 +128,13 @@ def render(d: DomainResult, *, verbose: bool = False) -> None:
         + click.style(d.status.value.upper(), fg=colour)
         + (f" — {d.detail}" if d.detail else "")
     )
+    for address, status, reply in d.recipient_statuses():
+        click.echo(
+            f"  {address}: "
+            + click.style(status.value.upper(), fg=_COLOURS[status])
+            + _MEANING[status]
+            + (f" — the server said: {reply}" if reply else "")
+        )
     for a in d.attempts:
         tls = f"{a.tls_version} {a.cipher}" if a.tls_version else "no TLS"
         offered = {True: "offered", False: "NOT offered", None: "—"}[a.starttls]
@@ -127,3 +151,15 @@ def render(d: DomainResult, *, verbose: bool = False) -> None:
                 click.echo(f"    presented [{position}]: {c}")
             for problem in a.cert_problems:
                 click.echo(click.style("    certificate problem: ", fg="red") + problem)
+
+
+def summary(result: DeliveryResult) -> str:
+    """The last line: how many recipients ended how, and the exit status that follows."""
+    n = result.counts()
+    total = sum(n.values())
+    return (
+        f"{total} recipient{'s' if total != 1 else ''}: "
+        f"{n[DeliveryStatus.DELIVERED]} delivered, {n[DeliveryStatus.DEFERRED]} deferred, "
+        f"{n[DeliveryStatus.FAILED]} failed for good; exit status {result.exit_code} "
+        f"({_EXIT_MEANING[result.exit_code]})"
+    )

@@ -11,8 +11,10 @@ order and each of their addresses (RFC 5321 §5.1). On every session:
 - a report-only (``testing``) policy checks everything, records what failed, and delivers.
 
 Every failed attempt is classified with an RFC 8460 result type, and every session's outcome
-is recorded in the store for TLS reporting. Exit codes of ``mxguard send``: 0 delivered, 75
-deferred (try later), 69 permanent failure (null MX, no such domain, 5xx).
+is recorded in the store for TLS reporting. Exit codes of ``mxguard send``, decided over all
+recipients (sendmail's sysexits.h convention): 75 (EX_TEMPFAIL) while any recipient is still
+deferred, since the caller must try those again; otherwise 69 (EX_UNAVAILABLE) when some
+recipient failed for good (null MX, no such domain, 5xx); 0 when every recipient got it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import datetime as dt
 import email.utils
 import enum
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -49,6 +51,24 @@ class DeliveryStatus(enum.StrEnum):
 
 # `mxguard send` exits 0, 75 (EX_TEMPFAIL) or 69 (EX_UNAVAILABLE): docs/design.md, "Commands".
 _EXIT_CODES = {DeliveryStatus.DELIVERED: 0, DeliveryStatus.DEFERRED: 75, DeliveryStatus.FAILED: 69}
+
+
+def overall(statuses: Iterable[DeliveryStatus]) -> DeliveryStatus:
+    """The status of several recipients together: deferred while any of them is (the caller
+    must try those again, whatever became of the others), else failed if any failed for good,
+    else delivered. Which recipient had which outcome is reported per recipient."""
+    states = set(statuses)
+    if DeliveryStatus.DEFERRED in states:
+        return DeliveryStatus.DEFERRED
+    if DeliveryStatus.FAILED in states:
+        return DeliveryStatus.FAILED
+    return DeliveryStatus.DELIVERED
+
+
+def refusal_status(reply: str) -> DeliveryStatus:
+    """A recipient refused in a session that delivered to others: a 5xx reply fails it for
+    good, anything else leaves it to be tried again (RFC 5321 §4.2.1)."""
+    return DeliveryStatus.FAILED if reply.startswith("5") else DeliveryStatus.DEFERRED
 
 
 class AddressError(ValueError):
@@ -121,18 +141,21 @@ class DomainResult:
 
     def recipient_outcomes(self) -> list[tuple[str, str, str | None]]:
         """(address, delivered|deferred|failed, the server's refusal if any) per recipient."""
+        return [(r, status.value, reply) for r, status, reply in self.recipient_statuses()]
+
+    def recipient_statuses(self) -> list[tuple[str, DeliveryStatus, str | None]]:
+        """(address, status, the server's refusal if any) per recipient."""
         done = next((a for a in self.attempts if a.delivered), None)
         if done is None:
-            return [(r, self.status.value, None) for r in self.recipients]
+            return [(r, self.status, None) for r in self.recipients]
         refused = dict(done.refused)
-        out: list[tuple[str, str, str | None]] = []
+        out: list[tuple[str, DeliveryStatus, str | None]] = []
         for r in self.recipients:
             reply = refused.get(r)
             if reply is None:
-                out.append((r, DeliveryStatus.DELIVERED.value, None))
+                out.append((r, DeliveryStatus.DELIVERED, None))
             else:
-                status = DeliveryStatus.FAILED if reply.startswith("5") else DeliveryStatus.DEFERRED
-                out.append((r, status.value, reply))
+                out.append((r, refusal_status(reply), reply))
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -160,16 +183,21 @@ class DeliveryResult:
 
     @property
     def status(self) -> DeliveryStatus:
-        states = {d.status for d in self.domains}
-        if DeliveryStatus.FAILED in states:
-            return DeliveryStatus.FAILED
-        if DeliveryStatus.DEFERRED in states:
-            return DeliveryStatus.DEFERRED
-        return DeliveryStatus.DELIVERED
+        """Over every recipient of every domain: deferred while any is (``overall``)."""
+        return overall(s for d in self.domains for _, s, _ in d.recipient_statuses())
 
     @property
     def exit_code(self) -> int:
+        """75 while any recipient is deferred, else 69 if any failed for good, else 0."""
         return _EXIT_CODES[self.status]
+
+    def counts(self) -> dict[DeliveryStatus, int]:
+        """How many recipients ended in each status."""
+        out = dict.fromkeys(DeliveryStatus, 0)
+        for d in self.domains:
+            for _, status, _ in d.recipient_statuses():
+                out[status] += 1
+        return out
 
     def to_json(self) -> dict[str, Any] | list[dict[str, Any]]:
         """One domain: the object docs/design.md describes; several: a list of them."""
@@ -271,7 +299,12 @@ class Sender:
         result_type = None
         if outcome is not DeliveryStatus.DELIVERED:
             failed = [a.result_type for a in attempts if a.result_type is not None]
-            failed += [e.result_type for e in policy.errors if policy.status is Status.DEFER]
+            # A DNS error has no result type (Failure.dns_error): its detail says what happened.
+            failed += [
+                e.reported_type
+                for e in policy.errors
+                if policy.status is Status.DEFER and e.reported_type is not None
+            ]
             result_type = failed[0] if failed else None
             if not final_detail:
                 final_detail = (
@@ -286,8 +319,8 @@ class Sender:
             # fails them for good, a 4xx leaves them to be tried again (RFC 5321 §4.2.1).
             done = next(a for a in attempts if a.delivered)
             if done.refused:
-                for_good = any(reply.startswith("5") for _, reply in done.refused)
-                outcome = DeliveryStatus.FAILED if for_good else DeliveryStatus.DEFERRED
+                # Deferred while any of them is: those must be tried again (``overall``).
+                outcome = overall(refusal_status(reply) for _, reply in done.refused)
                 final_detail = (
                     f"delivered to {len(rcpts) - len(done.refused)} of {len(rcpts)} recipients; "
                     + "; ".join(f"{a} refused: {reply}" for a, reply in done.refused)
@@ -505,7 +538,7 @@ def _not_contacted(m: MxPolicy) -> Attempt | None:
         return Attempt(m.host, None, result_type=ResultType.VALIDATION_FAILURE, detail=detail)
     if m.defer is not None:
         detail = f"not contacted: {m.defer.detail}"
-        return Attempt(m.host, None, result_type=m.defer.result_type, detail=detail)
+        return Attempt(m.host, None, result_type=m.defer.reported_type, detail=detail)
     if not m.addresses:
         return Attempt(m.host, None, detail="not contacted: no address")
     return None

@@ -125,13 +125,34 @@ class Decision:
     local_floor: str | None = None
 
 
+# --- how a failed lookup is named --------------------------------------------------------------
+
+
+class _Dns(enum.Enum):
+    ERROR = "dns-error"
+
+
+DNS_ERROR: Final = _Dns.ERROR
+"""A lookup that got no usable answer (timeout, SERVFAIL, REFUSED): no RFC 8460 result type,
+since it is no TLS negotiation failure (RFC 8460 §4.3.3) and no session follows it; people
+are told what happened (``Failure.dns_lookup``)."""
+
+_Cause = ResultType | _Dns
+
+
+def _failure(cause: _Cause, detail: str) -> Failure:
+    if isinstance(cause, ResultType):
+        return Failure(cause, detail)
+    return Failure.dns_lookup(detail)
+
+
 # --- the MX RRset ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class _Settled:
     status: Status
-    failure: ResultType | None  # recorded among the errors as "MX lookup: <detail>"
+    failure: _Cause | None  # recorded among the errors as "MX lookup: <detail>"
     why: str  # the explanation; {domain} and {detail} are filled in
 
 
@@ -143,11 +164,8 @@ _SETTLED: Final[Mapping[MxLookup, _Settled]] = {
         "deferred: the MX lookup of {domain} failed ({detail})",
     ),
     # RFC 5321 §5.1: after a temporary error the message is queued and retried later.
-    MxLookup.FAILED: _Settled(
-        Status.DEFER,
-        ResultType.VALIDATION_FAILURE,
-        "deferred: the MX lookup of {domain} failed ({detail})",
-    ),
+    # RFC 8460 §4.3.3: no result type, "validation-failure" is a negotiation failure.
+    MxLookup.FAILED: _Settled(Status.DEFER, DNS_ERROR, "deferred: {detail}"),
     # RFC 5321 §5.1: a non-existent domain is reported as an error.
     MxLookup.NXDOMAIN: _Settled(Status.FAIL, None, "{domain} does not exist"),
     # RFC 7505 §3: a null MX says the domain accepts no mail at all.
@@ -160,8 +178,10 @@ _SETTLED: Final[Mapping[MxLookup, _Settled]] = {
 def _settle(facts: DomainFacts, row: _Settled) -> Decision:
     """A decision about the whole domain, before any MX host is looked at."""
     errors = list(facts.sts.errors)
-    if row.failure is not None:
-        errors.append(Failure(row.failure, f"MX lookup: {facts.mx.detail}"))
+    if row.failure is DNS_ERROR:
+        errors.append(_failure(row.failure, facts.mx.detail))  # the adapter names the lookup
+    elif row.failure is not None:
+        errors.append(_failure(row.failure, f"MX lookup: {facts.mx.detail}"))
     return Decision(
         source=Source.NONE,
         mode=Mode.NONE,
@@ -178,7 +198,7 @@ def _settle(facts: DomainFacts, row: _Settled) -> Decision:
 @dataclass(frozen=True)
 class _HostRow:
     dnssec: DnssecStatus
-    defer: ResultType | None = None  # the host must not be used now
+    defer: _Cause | None = None  # the host must not be used now
     prefix: str = ""  # the defer detail is this prefix and what the lookup said
     tlsa_name: bool = False  # the TLSA base domain is the name whose lookup decided
     dane: bool = False  # the TLSA RRset applies
@@ -189,9 +209,8 @@ _HOSTS: Final[Mapping[HostLookup, _HostRow]] = {
     # RFC 7672 §2.1.1: a bogus answer: the host cannot be used now (dnssec-invalid).
     HostLookup.ADDRESS_BOGUS: _HostRow(DnssecStatus.BOGUS, ResultType.DNSSEC_INVALID),
     # RFC 5321 §5.1: a temporary error is retried later, never read as "no address".
-    HostLookup.ADDRESS_FAILED: _HostRow(
-        DnssecStatus.INDETERMINATE, ResultType.VALIDATION_FAILURE, "address lookup: "
-    ),
+    # RFC 8460 §4.3.3: no result type; the adapter's detail names the lookup.
+    HostLookup.ADDRESS_FAILED: _HostRow(DnssecStatus.INDETERMINATE, DNS_ERROR),
     # RFC 7672 §2.2: TLSA records count only for hosts whose address records are secure.
     HostLookup.INSECURE: _HostRow(DnssecStatus.INSECURE),
     # RFC 7672 §2.1.1: a bogus TLSA answer defers the host; never MTA-STS or plain text.
@@ -199,10 +218,8 @@ _HOSTS: Final[Mapping[HostLookup, _HostRow]] = {
         DnssecStatus.SECURE, ResultType.DNSSEC_INVALID, "TLSA lookup: ", tlsa_name=True
     ),
     # RFC 7672 §2.2: a failed TLSA lookup is no proof of absence: defer the host, never
-    # fall back to unauthenticated TLS.
-    HostLookup.TLSA_FAILED: _HostRow(
-        DnssecStatus.INDETERMINATE, ResultType.VALIDATION_FAILURE, "TLSA lookup: ", tlsa_name=True
-    ),
+    # fall back to unauthenticated TLS. RFC 8460 §4.3.3: no result type (no negotiation).
+    HostLookup.TLSA_FAILED: _HostRow(DnssecStatus.INDETERMINATE, DNS_ERROR, tlsa_name=True),
     # RFC 7672 §2.2: TLSA records that are not DNSSEC-validated are ignored.
     HostLookup.TLSA_UNSIGNED: _HostRow(
         DnssecStatus.SECURE,
@@ -228,7 +245,7 @@ def _looked_up(f: HostFacts, domain: str, mx_secure: bool) -> MxPolicy:
         addresses=f.addresses,
         dnssec=row.dnssec,
         canonical=f.canonical if f.canonical != f.host else None,
-        defer=Failure(row.defer, row.prefix + f.detail) if row.defer is not None else None,
+        defer=_failure(row.defer, row.prefix + f.detail) if row.defer is not None else None,
         tlsa_name=tlsa_name,
         names=_names(f.host, tlsa_name, f.canonical, domain, mx_secure),
         notes=notes,

@@ -392,5 +392,5 @@ def _sts_attributes(policy: DeliveryPolicy) -> str:
 def _defer_reason(policy: DeliveryPolicy) -> str:
     failure = next(iter(policy.errors), None)
     if failure is not None:
-        return f"{policy.domain}: {failure.result_type.value}: {failure.detail}"
+        return f"{policy.domain}: {failure}"  # a DNS error names no result type
     return f"{policy.domain}: no MX host may be used now ({'; '.join(policy.explanation)})"

@@ -404,7 +404,9 @@ class PolicyServer(ThreadHarness):
         else:
             answer = policy_answer(e, domain, policy, self.options)
             for failure in policy.errors:
-                key = failure.result_type.value
+                if failure.reported_type is None:
+                    continue  # a DNS error is no RFC 8460 failure; the TEMP answer counts it
+                key = failure.reported_type.value
                 self.metrics.failures[key] = self.metrics.failures.get(key, 0) + 1
         self._store(domain, answer, policy)
         if policy is not None and answer.kind in (answers.Kind.OK, answers.Kind.NOTFOUND):

@@ -47,10 +47,36 @@ _STS_POLICY_FAILURES = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """One observed failure: its result type and a sentence for people saying what happened."""
+    """One observed failure: its result type and a sentence for people saying what happened.
+
+    ``dns_error``: a DNS lookup got no usable answer (a timeout, SERVFAIL without a DNSSEC
+    reason, REFUSED). That is not a TLS failure and RFC 8460 §4.3 has no result type for it:
+    ``validation-failure`` is the general *negotiation* failure (RFC 8460 §4.3.3), and no
+    session, hence nothing to report, follows a lookup that failed. Such a failure reports no
+    type (``reported_type`` is None, ``result_type`` null in JSON) and reads as its ``detail``
+    alone; ``result_type`` keeps ``validation-failure`` only for code that needs some value.
+    """
 
     result_type: ResultType
     detail: str
+    dns_error: bool = False
 
-    def to_json(self) -> dict[str, str]:
-        return {"result_type": self.result_type.value, "detail": self.detail}
+    @classmethod
+    def dns_lookup(cls, detail: str) -> Failure:
+        """A DNS lookup that got no usable answer; ``detail`` says which lookup and why."""
+        return cls(ResultType.VALIDATION_FAILURE, detail, dns_error=True)
+
+    @property
+    def reported_type(self) -> ResultType | None:
+        """The RFC 8460 result type, or None for a failure that has none (``dns_error``)."""
+        return None if self.dns_error else self.result_type
+
+    def __str__(self) -> str:
+        """The line for people: ``result-type: detail``, or what happened for a DNS error."""
+        if self.dns_error:
+            return self.detail
+        return f"{self.result_type.value}: {self.detail}"
+
+    def to_json(self) -> dict[str, str | None]:
+        kind = self.reported_type
+        return {"result_type": kind.value if kind else None, "detail": self.detail}
