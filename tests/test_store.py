@@ -187,6 +187,27 @@ def _terminate_other_sessions(url: str) -> int:
     return len(rows)
 
 
+def test_postgres_database_created_as_sql_ascii_still_gives_text(postgres_server: Any) -> None:
+    # initdb --locale=C without -E makes SQL_ASCII databases; psycopg then returns bytes for
+    # text unless the client encoding says UTF8, and every cached policy broke the lookup.
+    import psycopg
+
+    name = f"ascii_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_server.url(), autocommit=True) as conn:
+        conn.execute(
+            f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' "
+            "TEMPLATE template0"
+        )
+
+    async def body() -> None:
+        async with opened(postgres_server.url(name)) as store:
+            await store.put_policy(policy())
+            cached = await store.get_policy("example.com")
+            assert cached == policy() and isinstance(cached.policy_text, str)
+
+    asyncio.run(body())
+
+
 def test_postgres_reconnects_after_the_server_dropped_the_connection(
     postgres_server: Any,
 ) -> None:

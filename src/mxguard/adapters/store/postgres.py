@@ -172,6 +172,9 @@ class PostgresStore:
                 "use postgresql://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE"
             ) from exc
         params.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        # Text comes back as str only when the client encoding names one; a database created
+        # as SQL_ASCII (initdb --locale=C without -E) would otherwise hand back bytes.
+        params.setdefault("client_encoding", "UTF8")
         store = cls(url, params)
         async with store._lock:
             conn = await store._connection()
