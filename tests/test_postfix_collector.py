@@ -471,7 +471,10 @@ def test_collected_sessions_equal_the_sessions_postfix_made(
             f"{name}: the attackers saw {len(d.attacked)} sessions from Postfix, "
             f"the collector found {len(mine)}:\n{d.outcome.text()}"
         )
-        assert [r.result_type for r in mine] == types, name
+        # Postfix may try a deferred message again before the harness deletes it: each try
+        # makes the same sessions again, and the collector must count each of them.
+        tries, rest = divmod(len(mine), len(types))
+        assert rest == 0 and [r.result_type for r in mine] == types * tries, name
         assert {r.policy_type for r in mine} == {kind}, name
         assert all(r.sending_ip == "192.0.2.7" and r.receiving_ip for r in mine), name
         if kind == "tlsa":

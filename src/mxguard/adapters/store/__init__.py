@@ -99,8 +99,36 @@ class CachedPolicy:
     expires_at: datetime  # fetched_at + max_age
 
 
+class _PolicyFields:
+    """The flat names of a record's ``policy`` (a ``ReportedPolicy``), as stored and as the
+    report builder reads them."""
+
+    __slots__ = ()
+    policy: ReportedPolicy
+
+    @property
+    def policy_type(self) -> PolicyType:
+        """RFC 8460 §4.4 `policy-type`."""
+        return self.policy.policy_type
+
+    @property
+    def policy_strings(self) -> tuple[str, ...]:
+        """`policy-string`: STS policy lines or one TLSA RR each."""
+        return self.policy.policy_strings
+
+    @property
+    def mx_patterns(self) -> tuple[str, ...]:
+        """`mx-host`: the STS policy's mx patterns."""
+        return self.policy.mx_patterns
+
+    @property
+    def rua(self) -> tuple[str, ...]:
+        """The domain's TLS-RPT rua at that moment (RFC 8460 §3)."""
+        return self.policy.rua
+
+
 @dataclass(frozen=True, slots=True)
-class SessionResult:
+class SessionResult(_PolicyFields):
     """One SMTP session's TLS outcome, the raw material of a TLS-RPT report (RFC 8460 §4).
 
     Stored flat: `policy` is kept as the columns `policy_type`, `policy_strings`,
@@ -125,26 +153,6 @@ class SessionResult:
     is_report: bool  # delivered a TLS report: excluded from reports (RFC 8460 §5.3)
     reported: str | None  # the report-id that included it, once a report was accepted
     other_result_type: str | None = None  # a stored result type this mxguard does not know
-
-    @property
-    def policy_type(self) -> PolicyType:
-        """RFC 8460 §4.4 `policy-type`."""
-        return self.policy.policy_type
-
-    @property
-    def policy_strings(self) -> tuple[str, ...]:
-        """`policy-string`: STS policy lines or one TLSA RR each."""
-        return self.policy.policy_strings
-
-    @property
-    def mx_patterns(self) -> tuple[str, ...]:
-        """`mx-host`: the STS policy's mx patterns."""
-        return self.policy.mx_patterns
-
-    @property
-    def rua(self) -> tuple[str, ...]:
-        """The domain's TLS-RPT rua at that moment (RFC 8460 §3)."""
-        return self.policy.rua
 
     @property
     def result_text(self) -> str | None:
@@ -179,7 +187,7 @@ class PendingReport:
 
 
 @dataclass(frozen=True, slots=True)
-class ServedPolicy:
+class ServedPolicy(_PolicyFields):
     """What the Postfix policy server answered for `domain` from `at` on, until the next record
     of that domain: the policy as a TLS-RPT report names it (RFC 8460 §4.4) and the MX hosts it
     let Postfix use. The server writes one only when something changed."""
@@ -190,22 +198,6 @@ class ServedPolicy:
     mx_hosts: tuple[str, ...]  # the MX host names the policy allowed (as published, CNAME-expanded)
     mx_addresses: tuple[str, ...]  # their addresses
     answer: str  # the socketmap answer Postfix got, e.g. "OK dane-only" or "NOTFOUND"
-
-    @property
-    def policy_type(self) -> PolicyType:
-        return self.policy.policy_type
-
-    @property
-    def policy_strings(self) -> tuple[str, ...]:
-        return self.policy.policy_strings
-
-    @property
-    def mx_patterns(self) -> tuple[str, ...]:
-        return self.policy.mx_patterns
-
-    @property
-    def rua(self) -> tuple[str, ...]:
-        return self.policy.rua
 
 
 class Closable(Protocol):
