@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -31,6 +32,10 @@ settings.load_profile(
 )
 
 LAB_NET = os.environ.get("MXGUARD_TEST_LAB_NET", "127.99")
+
+# The suite's default store and result spool live in a folder of its own, never in the
+# developer's (or CI's) ~/.local/state, so that one run cannot leave state to the next.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="mxguard-test-state-")
 
 
 @pytest.fixture(scope="session")

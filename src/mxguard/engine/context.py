@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from mxguard.adapters.dns import DnsResolver
-from mxguard.adapters.store import Store, default_store_url, open_store
+from mxguard.adapters.store import Store, StoreError, default_store_url, open_store, state_folder
 from mxguard.config import ConfigError, Settings, check_ca_file
 from mxguard.engine.deliver import Sender
 from mxguard.engine.resolve import Resolver
+from mxguard.engine.spool import ResultSpool
 from mxguard.engine.sts import StsResolver
 from mxguard.protocol import localrules, pkix, policylist
 
@@ -23,6 +24,7 @@ class Engine:
     store: Store
     sts: StsResolver
     resolver: Resolver
+    spool: ResultSpool | None = None
 
     def sender(self, *, is_report: bool = False) -> Sender:
         """A sender under this engine's policies; WebPKI roots: the system's plus --ca-file."""
@@ -37,6 +39,7 @@ class Engine:
             smtp_port=self.settings.smtp_port,
             roots=roots,
             is_report=is_report,
+            spool=self.spool,
         )
 
 
@@ -82,6 +85,10 @@ async def engine(settings: Settings, *, dns_cache: bool = False) -> AsyncIterato
             fetch_timeout=settings.fetch_timeout,
         )
         resolver = Resolver(dns, sts, policy_list=plist, local_rules=rules)
-        yield Engine(settings, dns, store, sts, resolver)
+        try:
+            spool: ResultSpool | None = ResultSpool(state_folder() / "spool")
+        except StoreError:
+            spool = None  # no state folder to keep results in: they are only logged
+        yield Engine(settings, dns, store, sts, resolver, spool)
     finally:
         await store.close()

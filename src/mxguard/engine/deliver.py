@@ -30,6 +30,7 @@ from typing import Any
 
 from mxguard.adapters.smtp import Reply, SmtpClient, SmtpError, SmtpErrorKind, address_problem
 from mxguard.adapters.store import SessionResult, Store
+from mxguard.engine import spool as result_spool
 from mxguard.engine.message import Message
 from mxguard.engine.policy import Auth, DeliveryPolicy, MxPolicy, Status, Tls
 from mxguard.engine.resolve import Resolver, normalise_domain
@@ -218,6 +219,7 @@ class Sender:
     timeout: float = 60.0
     is_report: bool = False  # these messages are TLS reports (RFC 8460 §5.3: not counted)
     clock: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(dt.UTC))
+    spool: result_spool.ResultSpool | None = None  # where results wait if the store refuses
 
     async def deliver(
         self, mail_from: str, recipients: Sequence[str], data: bytes | Message
@@ -525,10 +527,7 @@ class Sender:
             if a.session
         ]
         if results:
-            try:
-                await self.store.add_results(results)
-            except Exception as exc:  # a reporting problem must never fail a delivery
-                log.error("could not record %d TLS-RPT session result(s): %s", len(results), exc)
+            await result_spool.record(self.store, self.spool, results)
 
 
 def _not_contacted(m: MxPolicy) -> Attempt | None:

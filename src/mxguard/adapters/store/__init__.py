@@ -64,6 +64,7 @@ __all__ = [
     "StoreError",
     "default_store_url",
     "open_store",
+    "state_folder",
 ]
 
 ACCEPTED_URLS = (
@@ -341,6 +342,11 @@ class Store(PolicyCache, SessionLog, ReportQueue, ServedLog, Protocol):
 def default_store_url() -> str:
     """`sqlite:///` + `$XDG_STATE_HOME/mxguard/state.db` (XDG Base Directory; the default state
     home is `~/.local/state`), creating the folder."""
+    return f"sqlite://{state_folder() / 'state.db'}"
+
+
+def state_folder() -> Path:
+    """`$XDG_STATE_HOME/mxguard` (default `~/.local/state/mxguard`), created if needed."""
     state_home = os.environ.get("XDG_STATE_HOME", "")
     # XDG Base Directory: a relative value is invalid and must be ignored.
     base = Path(state_home) if os.path.isabs(state_home) else Path.home() / ".local" / "state"
@@ -352,7 +358,7 @@ def default_store_url() -> str:
             f"cannot create the state folder {folder}: {exc.strerror}; "
             "set XDG_STATE_HOME to a writable folder or pass --store URL"
         ) from exc
-    return f"sqlite://{folder / 'state.db'}"
+    return folder
 
 
 async def open_store(url: str) -> Store:
