@@ -484,6 +484,13 @@ def main() -> None:
 
                     rows += run_fault("Unbound frozen (SIGSTOP)", lab, server, client, normal,
                                       freeze, thaw, fresh=True)  # fmt: skip
+                unbound = lab._unbound
+                if unbound is not None:
+                    rows += run_fault(
+                        "Unbound stopped, then started again", lab, server, client, normal,
+                        lambda: lab._call(unbound.stop()), lambda: lab._call(unbound.start()),
+                        fresh=True,
+                    )  # fmt: skip
                 domain = lab.scenario.domain("sts-enforce.test")
                 assert domain.mta_sts is not None
                 for behaviour in (PolicyBehaviour.STALL, PolicyBehaviour.NOT_FOUND):

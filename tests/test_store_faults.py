@@ -255,3 +255,22 @@ def test_store_faults_log_once_per_kind_per_interval_and_clear_on_success(
     faults.failed("x", "write", full)
     now[0] += 301.0  # not seen again for `hold` seconds
     assert faults.problem is None
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_store_file_removed_or_replaced_while_open_is_unhealthy_not_silent(
+    server: PolicyServer, db: Path, how: str
+) -> None:
+    assert ask(server, "sts-enforce.test").startswith("OK secure")
+    assert http_get(server, "/healthz") == (200, "ok\n")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    if how == "replaced":
+        sqlite3.connect(db).close()  # a new, empty file at the same path
+    # Answers go on (the open file still works), but what is cached now would be lost at the
+    # next start: /healthz says so, naming the file and what to do.
+    assert ask(server, "dane-ee.test") == "OK dane-only"
+    status, body = http_get(server, "/healthz")
+    assert status == 503
+    assert f"the store file {db} was {how} while open" in body and "restart" in body

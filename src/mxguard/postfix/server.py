@@ -577,7 +577,9 @@ class PolicyServer(ThreadHarness):
         """What ``/healthz`` reports as wrong: None while serving with a working store."""
         if self._stopping or self._engine is None:
             return "stopping"
-        return self.store_faults.problem
+        file_problem = getattr(self._engine.store, "file_problem", None)
+        removed = file_problem() if callable(file_problem) else None
+        return removed or self.store_faults.problem
 
     def render_metrics(self) -> str:
         gauges: dict[str, float] = {

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -196,6 +197,32 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._closed = False
+        self._inode: int | None = None  # the file opened, to notice it removed or replaced
+
+    def file_problem(self) -> str | None:
+        """Whether the file at ``path`` is still the one open (None: it is). A removed file
+        stays usable through the open connection, but what is written now is gone at the
+        next start: the trust-on-first-use cache silently shrinks."""
+        if self._inode is None:
+            return None
+        # sqlite:////tmp/x names "//tmp/x", the same file as /tmp/x
+        shown = "/" + self.path.lstrip("/") if self.path.startswith("/") else self.path
+        try:
+            inode = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return (
+                f"the store file {shown} was removed while open: what is cached from now "
+                "on is lost at the next start; restart mxguard to use a new file, or put the "
+                "file back"
+            )
+        except OSError as exc:
+            return f"the store file {shown} cannot be looked at: {exc.strerror}"
+        if inode != self._inode:
+            return (
+                f"the store file {shown} was replaced while open; mxguard still uses the "
+                "old one: restart it to use the new file"
+            )
+        return None
 
     @classmethod
     async def open(cls, path: str) -> SQLiteStore:
@@ -563,6 +590,8 @@ class SQLiteStore:
             conn.close()
             raise
         self._conn = conn
+        if self.path != ":memory:":
+            self._inode = os.stat(self.path).st_ino
 
     def _connect_reader(self) -> None:
         # Runs in the reader thread, after _connect made the file and put it in WAL mode.
