@@ -154,11 +154,11 @@ def _describe(
     error: libcrypto.VerifyError,
     *,
     reference: str,
-    leaf: x509.Certificate | None,
     chain_len: int,
     have_roots: bool,
     presented: Sequence[x509.Certificate | None],
 ) -> str:
+    leaf = presented[0]
     cert = _parse(error.cert_der) if error.cert_der else leaf if error.depth == 0 else None
     if error.depth == 0:
         what = "certificate"
@@ -270,14 +270,14 @@ def verify_pkix(
         return _fail(
             ResultType.VALIDATION_FAILURE, f"the presented certificate is malformed: {exc}"
         )
-    presented = [_parse(d) for d in ders]
-    leaf = presented[0]
     if result.ok:
         path = tuple(c for c in (_parse(d) for d in result.chain) if c is not None)
         anchor = _subject(path[-1] if path else None)
         return PkixVerdict(
             True, None, f"chain for {reference} verified to trusted root '{anchor}'", path
         )
+    # Only a refusal needs the presented certificates parsed: its sentences name them.
+    presented = [_parse(d) for d in ders]
     errors = result.errors
     # UNABLE_TO_VERIFY_LEAF_SIGNATURE only repeats "no issuer found" for a lone leaf.
     if any(e.code != libcrypto.UNABLE_TO_VERIFY_LEAF_SIGNATURE for e in errors):
@@ -286,7 +286,6 @@ def verify_pkix(
         _describe(
             e,
             reference=reference,
-            leaf=leaf,
             chain_len=len(result.chain),
             have_roots=bool(roots),
             presented=presented,
@@ -435,6 +434,13 @@ def system_bundle() -> Path | None:
     return None
 
 
+@functools.lru_cache(maxsize=4)
+def _system_roots(bundle: Path, mtime_ns: int) -> tuple[x509.Certificate, ...]:
+    # Parsing the ~150 system roots is the costly part, and the policy fetch and every sender
+    # load them: once per version of the file (``mtime_ns`` is part of the key).
+    return tuple(_parse_pem_bundle(bundle.read_bytes()))
+
+
 def load_roots(ca_file: Path | None, *, system: bool = True) -> tuple[x509.Certificate, ...]:
     """The trusted roots: the system bundle (if ``system`` and present) plus ``ca_file``.
 
@@ -445,7 +451,7 @@ def load_roots(ca_file: Path | None, *, system: bool = True) -> tuple[x509.Certi
     bundle = system_bundle() if system else None
     if bundle is not None:
         with contextlib.suppress(OSError):  # an unreadable system bundle counts as absent
-            roots += _parse_pem_bundle(bundle.read_bytes())
+            roots += _system_roots(bundle, bundle.stat().st_mtime_ns)
     if ca_file is not None:
         try:
             data = ca_file.read_bytes()
