@@ -5,7 +5,7 @@ store refuses a write (PostgreSQL down, a Redis store, which keeps no results, a
 broken file), dropping the results would silently shrink the domain's next report. They go
 into a spool instead: a small SQLite file of its own (the store's format, so nothing new to
 parse), and the next delivery whose results the store does take moves the spooled ones over
-first. One process moves them at a time (an exclusive lock on ``spool.lock``). Results leave
+too. One process moves them at a time (an exclusive lock on ``spool.lock``). Results leave
 the spool only after the store took them: a crash between the two would count those sessions
 twice in a report rather than lose them.
 """
@@ -73,20 +73,27 @@ def _remove(path: Path) -> None:
 async def record(
     store: SessionLog, spool: ResultSpool | None, results: Sequence[SessionResult]
 ) -> None:
-    """``results`` into ``store``, spooled results first; into the spool when the store fails.
+    """``results`` into ``store``, then the spooled ones; into the spool when the store fails.
 
-    Never raises: a reporting problem must not fail a delivery. What cannot be kept anywhere
-    is logged with its count.
+    The new results go first, so that a store that refuses everything costs one refused call
+    and one spool write, not a read of the whole spool as well. Never raises: a reporting
+    problem must not fail a delivery. What cannot be kept anywhere is logged with its count.
     """
     try:
-        if spool is not None:
-            await spool.move_into(store)
         await store.add_results(list(results))
+    except Exception as exc:  # StoreError, or a bug: neither may fail the delivery
+        await _keep(spool, results, exc)
         return
-    except StoreError as exc:
-        problem: Exception = exc
-    except Exception as exc:  # a bug here must not fail the delivery either
-        problem = exc
+    if spool is not None:
+        try:
+            await spool.move_into(store)
+        except Exception as exc:  # they stay in the spool for the next delivery
+            log.warning("could not move the spooled session results into the store: %s", exc)
+
+
+async def _keep(
+    spool: ResultSpool | None, results: Sequence[SessionResult], problem: Exception
+) -> None:
     if spool is not None:
         try:
             await spool.keep(results)
