@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from cryptography.hazmat.primitives import serialization
 
 from mxguard.protocol import names, pkix
 from mxguard.protocol.results import ResultType
@@ -90,7 +89,10 @@ def policy_host(domain: str) -> str:
 
 def policy_url(domain: str, port: int = 443) -> str:
     """The policy URL of ``domain`` (RFC 8461 §3.3); ``port`` other than 443 is for labs."""
-    host = policy_host(domain)
+    return _url(policy_host(domain), port)
+
+
+def _url(host: str, port: int) -> str:
     return f"https://{host}{'' if port == 443 else f':{port}'}{POLICY_PATH}"
 
 
@@ -127,9 +129,7 @@ def _new_context(ca_file: Path | None) -> ssl.SSLContext:
         raise OSError(str(exc)) from None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if roots:
-        ctx.load_verify_locations(
-            cadata=b"".join(c.public_bytes(serialization.Encoding.DER) for c in roots)
-        )
+        ctx.load_verify_locations(cadata=b"".join(pkix.der(c) for c in roots))
     # RFC 8461 §3.3 requires TLS per RFC 7525, which forbids anything older than TLS 1.2.
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True
@@ -157,7 +157,7 @@ def _request(domain: str, port: int, connect_to: str | None) -> _Request:
     """The request for ``domain``'s policy; ``FetchAbort`` if there can be none."""
     try:
         host = policy_host(domain)
-        url = policy_url(domain, port)
+        url = _url(host, port)
     except ValueError as exc:
         raise FetchAbort(ResultType.STS_POLICY_FETCH_ERROR, f"no policy fetch: {exc}") from None
     headers = {"Accept": "text/plain", "Accept-Encoding": "identity", "Connection": "close"}

@@ -105,8 +105,13 @@ class Attempt:
     # What TLS-RPT may tell the receiving domain (and whoever runs its rua): TLS facts only,
     # never SMTP replies, which can carry addresses.
     tls_detail: str = ""
-    certificates: tuple[pkix.CertSummary, ...] = ()  # the chain the server presented
+    presented: tuple[bytes, ...] = ()  # the chain the server presented (DER, leaf first)
     cert_problems: tuple[str, ...] = ()  # every WebPKI problem found, when WebPKI was checked
+
+    @property
+    def certificates(self) -> tuple[pkix.CertSummary, ...]:
+        """The presented chain summarised for people (made only when shown)."""
+        return tuple(pkix.summarize(d) for d in self.presented)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -411,7 +416,7 @@ class Sender:
             base,
             tls_version=info.version,
             cipher=info.cipher,
-            certificates=tuple(pkix.summarize(d) for d in info.ders),
+            presented=info.ders,
         )
         if checks is Auth.NONE:
             return base, True

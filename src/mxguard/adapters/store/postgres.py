@@ -38,6 +38,7 @@ from mxguard.adapters.store import (
     check_domain,
     check_policy,
     check_report,
+    check_report_id,
     check_result,
     check_served,
     check_text,
@@ -256,9 +257,7 @@ class PostgresStore:
 
     async def mark_reported(self, ids: Iterable[int], report_id: str) -> None:
         id_list = [int(i) for i in ids]
-        if not report_id:
-            raise StoreError("report_id is empty; pass the report-id of the accepted report")
-        check_text(report_id, "report_id")
+        check_report_id(report_id)
         if id_list:
             await self._write(
                 "UPDATE session_results SET reported = %s, "

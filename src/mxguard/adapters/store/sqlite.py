@@ -42,6 +42,7 @@ from mxguard.adapters.store import (
     check_domain,
     check_policy,
     check_report,
+    check_report_id,
     check_result,
     check_served,
     check_text,
@@ -353,9 +354,7 @@ class SQLiteStore:
 
     async def mark_reported(self, ids: Iterable[int], report_id: str) -> None:
         params = [(report_id, int(i)) for i in ids]
-        if not report_id:
-            raise StoreError("report_id is empty; pass the report-id of the accepted report")
-        check_text(report_id, "report_id")
+        check_report_id(report_id)
         if not params:
             return
 
