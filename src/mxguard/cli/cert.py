@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from mxguard.cli.output import emit_lint
+from mxguard.cli.output import emit_lint, wants_json
 from mxguard.protocol import names, pkix
 
 EXPIRY_WARNING = dt.timedelta(days=21)
@@ -113,7 +113,7 @@ def verify(
             warnings.append(f"the certificate expires in {days} days ({leaf_end:%Y-%m-%d})")
     errors = [] if verdict.ok else [f"{verdict.result_type}: {verdict.detail}"]
     errors += [f"also: {p}" for p in verdict.problems if p != verdict.detail]
-    json_out = bool(as_json or s.json)
+    json_out = wants_json(ctx, as_json)
     path = [pkix.summarize(pkix.der(c)) for c in verdict.path]
     fields: dict[str, Any] = {
         "name": name,

@@ -7,7 +7,7 @@ import asyncio
 import click
 
 from mxguard.adapters.store import StoreError
-from mxguard.cli.output import EXIT_DEFERRED, EXIT_OK, EXIT_PERMANENT, emit_json
+from mxguard.cli.output import EXIT_DEFERRED, EXIT_OK, EXIT_PERMANENT, emit_json, wants_json
 from mxguard.config import ConfigError
 from mxguard.engine.context import engine
 from mxguard.engine.policy import DeliveryPolicy, Status
@@ -38,7 +38,7 @@ def policy(ctx: click.Context, domain: str, as_json: bool | None) -> None:
         raise click.BadParameter(str(exc), param_hint="DOMAIN") from None
     except (ConfigError, StoreError) as exc:
         raise click.UsageError(str(exc)) from None
-    if as_json or s.json:
+    if wants_json(ctx, as_json):
         emit_json(result.to_json())
     else:
         render(result)

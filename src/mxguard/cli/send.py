@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from mxguard.adapters.store import StoreError
-from mxguard.cli.output import emit_json
+from mxguard.cli.output import emit_json, wants_json
 from mxguard.config import ConfigError
 from mxguard.engine.context import engine
 from mxguard.engine.deliver import (
@@ -66,7 +66,7 @@ def send(
             raise click.UsageError(str(exc)) from None
         except AddressError as exc:  # a bad --from: the caller's mistake, before any connection
             raise click.BadParameter(exc.problem, param_hint="--from") from None
-    if as_json or s.json:
+    if wants_json(ctx, as_json):
         emit_json(result.to_json())
     else:
         for d in result.domains:

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from mxguard.adapters.store import StoreError
-from mxguard.cli.output import EXIT_DEFERRED, EXIT_OK, EXIT_USAGE, emit_json
+from mxguard.cli.output import EXIT_DEFERRED, EXIT_OK, EXIT_USAGE, emit_json, wants_json
 from mxguard.config import ConfigError, Settings, load, port, resolvers
 from mxguard.engine.context import engine
 from mxguard.postfix.answers import Answer, Kind, Options
@@ -151,7 +151,7 @@ def postfix(
         raise click.BadParameter("expected seconds from 0.05 to 60", param_hint="--budget")
 
     if query_key is not None:
-        ctx.exit(_query(s, query_key, options, bool(as_json or s.json)))
+        ctx.exit(_query(s, query_key, options, wants_json(ctx, as_json)))
 
     listens = list(listen) or table.get("listen") or ["inet:127.0.0.1:8461"]
     try:

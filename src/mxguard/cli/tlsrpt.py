@@ -130,7 +130,7 @@ def report(
     if dry_run and out is not None:
         files = _write(built, out, s)
     doc = [_report_json(b, files.get(b.pending.report_id, []), deliveries) for b in built]
-    if as_json or s.json:
+    if wants_json(ctx, as_json):
         emit_json({"day": day.isoformat(), "reports": doc})
     else:
         if not doc:
@@ -273,7 +273,7 @@ def collect_postfix(
     except (ConfigError, StoreError, CollectorError) as exc:
         raise click.UsageError(str(exc)) from None
     doc = {"log": str(log_file), **counts.to_json()}
-    if as_json or s.json:
+    if wants_json(ctx, as_json):
         emit_json(doc)
         return
     results = ", ".join(f"{n} {k}" for k, n in doc["results"].items()) or "none"
