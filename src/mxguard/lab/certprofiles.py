@@ -493,11 +493,6 @@ class CertAuthority:
         return self._intermediate.der
 
     @property
-    def untrusted_root(self) -> bytes:
-        """A self-signed root no client trusts (DER)."""
-        return self._untrusted.der
-
-    @property
     def unrelated(self) -> bytes:
         """A certificate unrelated to any chain built here (DER)."""
         return self._unrelated

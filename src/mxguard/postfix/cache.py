@@ -1,6 +1,6 @@
 """The Postfix policy server's answer cache: one answer per domain, least recently used out.
 
-An entry holds the answer, the policy behind it, when it expires, when the refresher should
+An entry holds the answer, when it expires, when the refresher should
 re-resolve it, and when it was last asked for. ``lifetime()`` decides how long an answer may
 be served: ``answer_ttl`` seconds, never past the MTA-STS policy's expiry (RFC 8461 §5), and
 only ``temp_ttl`` for ``TEMP`` and ``TIMEOUT`` answers and for answers other than ``OK`` that
@@ -24,7 +24,6 @@ from mxguard.postfix.answers import Answer
 @dataclass(slots=True)
 class Entry:
     answer: Answer
-    policy: DeliveryPolicy | None
     expires: float  # monotonic
     refresh_at: float
     last_used: float
@@ -71,14 +70,11 @@ class AnswerCache:
         entry = self._entries.get(domain)
         return entry.answer if entry is not None and entry.expires > now else None
 
-    def put(
-        self, domain: str, answer: Answer, policy: DeliveryPolicy | None, ttl: float, now: float
-    ) -> None:
+    def put(self, domain: str, answer: Answer, ttl: float, now: float) -> None:
         """Keep ``answer`` for ``ttl`` seconds; due for refresh after three quarters of it."""
         old = self._entries.pop(domain, None)
         self._entries[domain] = Entry(
             answer=answer,
-            policy=policy,
             expires=now + ttl,
             refresh_at=now + ttl * 0.75,
             last_used=old.last_used if old is not None else now,

@@ -419,7 +419,7 @@ class PolicyServer(ThreadHarness):
 
     def _store(self, domain: str, answer: Answer, policy: DeliveryPolicy | None) -> None:
         ttl = lifetime(answer, policy, answer_ttl=self.answer_ttl, temp_ttl=self.temp_ttl)
-        self._cache.put(domain, answer, policy, ttl, time.monotonic())
+        self._cache.put(domain, answer, ttl, time.monotonic())
 
     async def _refresh_loop(self) -> None:
         """Re-resolve hot domains before their answer expires; drop cold expired entries."""
