@@ -54,6 +54,7 @@ class FetchResult:
     status: int | None  # HTTP status, None if no response arrived
     content_type: str | None
     elapsed: float  # seconds, connect to last byte (or to the failure)
+    certificate: bytes | None = None  # the policy host's certificate (DER), once TLS was up
 
 
 class FetchAbort(Exception):
@@ -151,6 +152,7 @@ class _Request:
     extensions: dict[str, object]
     status: int | None = None
     content_type: str | None = None
+    certificate: bytes | None = None
 
 
 def _request(domain: str, port: int, connect_to: str | None) -> _Request:
@@ -186,24 +188,45 @@ async def _get(
     max_size: int,
 ) -> bytes:
     """The policy body, read under the size cap; the head is noted on ``request``."""
-    async with httpx.AsyncClient(
-        verify=ctx,
-        follow_redirects=False,  # RFC 8461 §3.3
-        trust_env=False,  # no proxies or CA overrides from the environment
-        timeout=httpx.Timeout(timeout),
-        http2=False,
-    ) as client:
+    async with strict_client(ctx, timeout) as client:
         built = client.build_request(
             "GET", request.request_url, headers=request.headers, extensions=request.extensions
         )
         response = await client.send(built, stream=True)
         try:
             request.status = response.status_code
+            request.certificate = _peer_certificate(response)
             request.content_type = response.headers.get("content-type")
             check_response(response, request.url, max_size)
             return await read_capped(response.aiter_raw(), max_size, request.url)
         finally:
             await response.aclose()
+
+
+def _peer_certificate(response: httpx.Response) -> bytes | None:
+    """The certificate the server presented on ``response``'s connection (DER), if known."""
+    stream = response.extensions.get("network_stream")
+    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return bytes(der) if der else None
+
+
+def strict_client(
+    ctx: ssl.SSLContext,
+    timeout: float,
+) -> httpx.AsyncClient:
+    """The HTTPS client of every fetch and post mxguard makes: verification by ``ctx``, no
+    redirects followed (RFC 8461 §3.3), nothing taken from the environment (proxies, CA
+    overrides), HTTP/1.1."""
+    return httpx.AsyncClient(
+        verify=ctx,
+        follow_redirects=False,
+        trust_env=False,
+        timeout=httpx.Timeout(timeout),
+        http2=False,
+    )
 
 
 def _failure(exc: BaseException, request: _Request, timeout: float) -> tuple[ResultType, str]:
@@ -248,7 +271,10 @@ async def fetch_policy(
         status = request.status if request else None
         content_type = request.content_type if request else None
         elapsed = time.monotonic() - start
-        return FetchResult(False, None, result_type, detail, status, content_type, elapsed)
+        certificate = request.certificate if request else None
+        return FetchResult(
+            False, None, result_type, detail, status, content_type, elapsed, certificate
+        )
 
     try:
         request = _request(domain, port, connect_to)
@@ -283,6 +309,7 @@ async def fetch_policy(
         request.status,
         request.content_type,
         time.monotonic() - start,
+        request.certificate,
     )
 
 

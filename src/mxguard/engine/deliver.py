@@ -28,7 +28,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mxguard.adapters.smtp import Reply, SmtpClient, SmtpError, SmtpErrorKind, address_problem
+from mxguard.adapters.smtp import (
+    Reply,
+    SmtpClient,
+    SmtpError,
+    SmtpErrorKind,
+    TlsInfo,
+    address_problem,
+)
 from mxguard.adapters.store import SessionResult, Store
 from mxguard.engine import spool as result_spool
 from mxguard.engine.message import Message
@@ -396,7 +403,6 @@ class Sender:
     async def _secure(self, client: SmtpClient, m: MxPolicy, base: Attempt) -> tuple[Attempt, bool]:
         """STARTTLS and authentication as the policy says: (the attempt so far, may send)."""
         enforced = m.tls is Tls.REQUIRED
-        checks = m.auth if m.auth is not Auth.NONE else (Auth.PKIX if m.report_only else Auth.NONE)
         if not client.starttls_offered:
             detail = "STARTTLS not offered (stripped on the way, or not supported)"
             if enforced:
@@ -418,30 +424,19 @@ class Sender:
             cipher=info.cipher,
             presented=info.ders,
         )
-        if checks is Auth.NONE:
-            return base, True
-        if checks is Auth.DANE:
-            verdict = dane.verify_chain(m.tlsa, info.chain, names=m.names, now=self.clock())
-            if verdict.ok:
-                return _with(base, verified=str(verdict.method or "dane")), True
+        verdict = authenticate(m, info, roots=self.roots, now=self.clock())
+        base = _with(base, cert_problems=verdict.problems)
+        if verdict.ok:
+            return _with(base, verified=verdict.verified), True
+        if verdict.enforced:
             return _stop(
                 base,
                 verdict.result_type or ResultType.VALIDATION_FAILURE,
-                f"DANE: {verdict.detail}: not delivered",
+                f"{verdict.label}: {verdict.detail}: not delivered",
             )
-        pk = pkix.verify_pkix(
-            info.ders or info.chain, name=m.host, roots=self.roots, now=self.clock()
+        return _go(
+            base, verdict.result_type, f"{verdict.label}: {verdict.detail} (testing: reported)"
         )
-        base = _with(base, cert_problems=pk.problems)
-        if pk.ok:
-            return _with(base, verified="pkix"), True
-        if m.auth is Auth.PKIX:
-            return _stop(
-                base,
-                pk.result_type or ResultType.VALIDATION_FAILURE,
-                f"WebPKI: {pk.detail}: not delivered",
-            )
-        return _go(base, pk.result_type, f"WebPKI: {pk.detail} (testing: reported)")
 
     async def _transaction(
         self, client: SmtpClient, base: Attempt, mail_from: str, rcpts: list[str], data: Message
@@ -533,6 +528,58 @@ class Sender:
         ]
         if results:
             await result_spool.record(self.store, self.spool, results)
+
+
+@dataclass(frozen=True, slots=True)
+class Authentication:
+    """A compliant sender's verdict on the certificate an MX host presented, under the host's
+    policy: which check ran (``checked``), whether it passed, and whether a failure stops the
+    delivery (``enforced``) or is only reported (``testing``)."""
+
+    checked: Auth
+    ok: bool
+    enforced: bool
+    result_type: ResultType | None = None
+    detail: str = ""
+    verified: str | None = None  # "dane-ee", "dane-ta" or "pkix" when a check passed
+    problems: tuple[str, ...] = ()  # every WebPKI problem found, when WebPKI was checked
+
+    @property
+    def label(self) -> str:
+        return "DANE" if self.checked is Auth.DANE else "WebPKI"
+
+
+def authenticate(
+    m: MxPolicy, info: TlsInfo, *, roots: Sequence[Any], now: dt.datetime
+) -> Authentication:
+    """Judge the chain in ``info`` the way ``deliver()`` does for an MX host with policy ``m``:
+    DANE against its usable TLSA records (RFC 7672 §3), WebPKI for the MX host name
+    (RFC 8461 §4.2; also under ``testing``, to report), or no check (opportunistic TLS).
+    Pure apart from the verifier: ``mxguard check`` calls it to say what a sender would do."""
+    checks = m.auth if m.auth is not Auth.NONE else (Auth.PKIX if m.report_only else Auth.NONE)
+    if checks is Auth.NONE:
+        return Authentication(Auth.NONE, ok=True, enforced=False)
+    if checks is Auth.DANE:
+        dv = dane.verify_chain(m.tlsa, info.chain, names=m.names, now=now)
+        if dv.ok:
+            return Authentication(
+                Auth.DANE, ok=True, enforced=True, detail=dv.detail,
+                verified=str(dv.method or "dane"),
+            )  # fmt: skip
+        return Authentication(
+            Auth.DANE, ok=False, enforced=True,
+            result_type=dv.result_type or ResultType.VALIDATION_FAILURE, detail=dv.detail,
+        )  # fmt: skip
+    pk = pkix.verify_pkix(info.ders or info.chain, name=m.host, roots=roots, now=now)
+    return Authentication(
+        Auth.PKIX,
+        ok=pk.ok,
+        enforced=m.auth is Auth.PKIX,
+        result_type=pk.result_type,
+        detail=pk.detail,
+        verified="pkix" if pk.ok else None,
+        problems=pk.problems,
+    )
 
 
 def _not_contacted(m: MxPolicy) -> Attempt | None:

@@ -33,12 +33,12 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mxguard.adapters import https
 from mxguard.adapters.dns import DnsOutcome, DnsResolver
-from mxguard.adapters.store import CachedPolicy, Store, StoreError
+from mxguard.adapters.store import CachedPolicy, PolicyCache, StoreError
 from mxguard.engine.policy import StsState
 from mxguard.protocol import mtasts
 from mxguard.protocol.results import Failure, ResultType
@@ -114,13 +114,15 @@ class StsOutcome:
     state: StsState | None
     errors: tuple[Failure, ...] = ()
     notes: tuple[str, ...] = ()
+    fetched: https.FetchResult | None = None  # the fetch this lookup made, if it made one
+    record: mtasts.StsRecord | None = None  # the `_mta-sts` record this lookup found, if usable
 
 
 class StsResolver:
     def __init__(
         self,
         dns: DnsResolver,
-        store: Store,
+        store: PolicyCache,
         *,
         ca_file: Path | None = None,
         https_port: int = 443,
@@ -171,14 +173,16 @@ class StsResolver:
             and cached[0].policy_id == record.id
             and not self._stale(cached[0], now)
         ):
-            return self._from_cache(cached, None, notes)
+            return replace(self._from_cache(cached, None, notes), record=record)
 
         result = await self._fetch(domain)
         if not result.ok or result.text is None:
             failure = Failure(
                 result.result_type or ResultType.STS_POLICY_FETCH_ERROR, result.detail
             )
-            return self._failed_fetch(domain, cached, failure, notes)
+            return replace(
+                self._failed_fetch(domain, cached, failure, notes), fetched=result, record=record
+            )
         try:
             policy = mtasts.parse_policy(result.text)
         except mtasts.PolicyError as exc:
@@ -186,7 +190,9 @@ class StsResolver:
                 ResultType.STS_POLICY_INVALID,
                 f"the policy of {domain} is invalid: {'; '.join(exc.errors)}",
             )
-            return self._failed_fetch(domain, cached, failure, notes)
+            return replace(
+                self._failed_fetch(domain, cached, failure, notes), fetched=result, record=record
+            )
         expires = now + dt.timedelta(seconds=policy.max_age)
         # Used for this answer even if caching it fails (a fetched policy is never ignored).
         entry = CachedPolicy(domain, record.id, result.text, now, expires)
@@ -194,7 +200,13 @@ class StsResolver:
         state = _state(record.id, policy, now, expires, from_cache=False, error=None)
         if policy.mode is mtasts.Mode.NONE:
             notes.append("the domain publishes mode none: it has withdrawn its MTA-STS policy")
-        return StsOutcome(policy, state, notes=tuple(notes + list(policy.warnings)))
+        return StsOutcome(
+            policy,
+            state,
+            notes=tuple(notes + list(policy.warnings)),
+            fetched=result,
+            record=record,
+        )
 
     # --- cache -----------------------------------------------------------------------------
 

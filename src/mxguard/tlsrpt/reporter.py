@@ -200,12 +200,7 @@ class HttpsPoster:
         try:
             ctx = https.client_context(self.ca_file)
             async with asyncio.timeout(self.timeout):
-                async with httpx.AsyncClient(
-                    verify=ctx,
-                    follow_redirects=False,
-                    trust_env=False,
-                    timeout=httpx.Timeout(self.timeout),
-                ) as client:
+                async with https.strict_client(ctx, self.timeout) as client:
                     request = client.build_request(
                         "POST",
                         target,
