@@ -1,4 +1,4 @@
-"""The store's four roles, specified once and run against every backend that keeps each role:
+"""The store's five roles, specified once and run against every backend that keeps each role:
 real SQLite files, a real PostgreSQL server and a real Redis server (tests/servers.py).
 
 | role | interface | backends |
@@ -7,6 +7,7 @@ real SQLite files, a real PostgreSQL server and a real Redis server (tests/serve
 | TLS-RPT session log (RFC 8460 §4) | `SessionLog` | SQLite, PostgreSQL |
 | report queue (RFC 8460 §5) | `ReportQueue` | SQLite, PostgreSQL |
 | what the Postfix server served | `ServedLog` | SQLite, PostgreSQL |
+| the history of `mxguard check`, bulk-run claims | `CheckLog` | SQLite, PostgreSQL |
 
 A backend that lacks a role refuses each of its calls with a StoreError that says where the
 role is kept. Every PostgreSQL database here is created with a language's collation (ICU
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -34,6 +36,8 @@ import pytest
 
 from mxguard.adapters.store import (
     CachedPolicy,
+    CheckLog,
+    CheckRecord,
     Closable,
     PendingReport,
     PolicyCache,
@@ -64,6 +68,7 @@ ROLES: dict[str, type[Any]] = {
     "session log": SessionLog,
     "report queue": ReportQueue,
     "served log": ServedLog,
+    "check log": CheckLog,
 }
 KEEPS: dict[str, tuple[str, ...]] = {
     "sqlite": tuple(ROLES),
@@ -75,6 +80,7 @@ REFUSED_WORDS = {
     "session log": "TLS-RPT session results",
     "report queue": "TLS-RPT reports awaiting delivery",
     "served log": "Postfix policy server served",
+    "check log": "history of mxguard check",
 }
 
 _databases = itertools.count(1)
@@ -218,13 +224,13 @@ def _signature(function: Callable[..., Any]) -> list[tuple[str, Any, Any]]:
     return [(p.name, p.kind, p.default) for p in params]
 
 
-def test_store_is_the_four_roles_and_each_method_belongs_to_one_role() -> None:
+def test_store_is_the_five_roles_and_each_method_belongs_to_one_role() -> None:
     owned = [_methods(protocol) for protocol in ROLES.values()]
-    assert [len(m) for m in owned] == [4, 4, 6, 3]
-    assert len(set().union(*owned)) == 17  # no method in two roles
+    assert [len(m) for m in owned] == [4, 4, 6, 3, 4]
+    assert len(set().union(*owned)) == 21  # no method in two roles
     assert all(Closable in protocol.__mro__ for protocol in ROLES.values())
     every = {n for n in dir(Store) if inspect.iscoroutinefunction(getattr(Store, n))}
-    assert every == set().union(*owned, _methods(Closable)) and len(every) == 18
+    assert every == set().union(*owned, _methods(Closable)) and len(every) == 22
 
 
 @pytest.mark.parametrize(
@@ -274,6 +280,12 @@ def test_a_backend_without_a_role_refuses_each_of_its_calls_and_names_where_it_i
             lambda s: s.add_served([served(T0)]),
             lambda s: s.served_at("example.com", T0),
             lambda s: s.prune_served(T0),
+        ],
+        "check log": [
+            lambda s: s.add_check(check()),
+            lambda s: s.last_check("example.com"),
+            lambda s: s.claim_check("run-1", "example.com", "node-a", T0, LEASE),
+            lambda s: s.run_progress("run-1"),
         ],
     }
     assert len(calls[role]) == len(_methods(ROLES[role]))
@@ -1069,5 +1081,279 @@ class TestServedLog:
                 with pytest.raises(StoreError, match=message):
                     await store.add_served([OTHER, record])
                 assert await store.served_at("dane.example", T0) is None, why
+
+        run(body())
+
+
+# --- the history of `mxguard check` and its bulk-run claims ---------------------------------
+
+LEASE = timedelta(minutes=5)
+# A whole check report: tens of KiB of JSON, with non-ASCII text and a quote.
+REPORT = json.dumps(
+    {
+        "domain": "example.com",
+        "verdict": "protected",
+        "mx": [{"host": f"mx{n}.example.com", "starttls": "ok", "note": "ü ' \\ \""}
+               for n in range(400)],
+    },
+    ensure_ascii=False,
+    indent=2,
+)  # fmt: skip
+
+
+def check(at: datetime = T0, **kw: Any) -> CheckRecord:
+    base = CheckRecord(
+        domain="example.com", at=at, verdict="protected", report=REPORT,
+        policy_id="20260501T000000", policy_digest="ab" * 32,
+    )  # fmt: skip
+    return replace(base, **kw)
+
+
+class TestCheckLog:
+    @pytest.fixture(params=backends("check log"))
+    def url(self, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+        return fresh_url(request.param, request, tmp_path)
+
+    def test_check_log_has_nothing_for_a_domain_never_checked(self, url: str) -> None:
+        async def body() -> None:
+            async with opened(url) as store:
+                assert await store.last_check("example.com") is None
+                assert await store.last_check("example.com", before=T0) is None
+                assert await store.run_progress("run-1") == (0, 0)
+                await store.add_check(check(domain="other.example"))
+                assert await store.last_check("example.com") is None
+
+        run(body())
+
+    def test_last_check_gives_back_exactly_what_was_added_and_survives_reopening(
+        self, url: str
+    ) -> None:
+        plus2 = timezone(timedelta(hours=2))
+        bare = check(verdict="broken", report="{}", policy_id=None, policy_digest=None)
+
+        async def body() -> None:
+            async with opened(url) as store:
+                first = await store.add_check(check(T0.astimezone(plus2)))
+                assert len(REPORT) > 30_000
+                got = await store.last_check("example.com")
+                assert got == replace(check(), id=first)
+                assert got is not None and got.at.tzinfo is UTC and got.at == T0
+                second = await store.add_check(replace(bare, domain="other.example"))
+                assert second != first
+            async with opened(url) as store:
+                assert await store.last_check("example.com") == replace(check(), id=first)
+                got = await store.last_check("other.example")
+                assert got == replace(bare, domain="other.example", id=second)
+
+        run(body())
+
+    def test_last_check_is_the_newest_and_only_among_those_before_the_time_asked(
+        self, url: str
+    ) -> None:
+        t1, t2, t3 = T0, T0 + timedelta(hours=1), T0 + timedelta(days=1)
+
+        async def body() -> None:
+            async with opened(url) as store:
+                # Added out of order: the newest is by `at`, not by when it was added.
+                i2 = await store.add_check(check(t2, verdict="partial"))
+                i3 = await store.add_check(check(t3, verdict="unprotected"))
+                i1 = await store.add_check(check(t1))
+                assert await store.last_check("example.com") == check(
+                    t3, verdict="unprotected", id=i3
+                )
+                assert await store.last_check("example.com", before=t3) == check(
+                    t2, verdict="partial", id=i2
+                )
+                later = t3 + timedelta(microseconds=1)
+                assert (await store.last_check("example.com", before=later)) == check(
+                    t3, verdict="unprotected", id=i3
+                )
+                assert await store.last_check("example.com", before=t2) == check(t1, id=i1)
+                assert await store.last_check("example.com", before=t1) is None
+                # `before` in another zone is the same instant.
+                plus2 = timezone(timedelta(hours=2))
+                got = await store.last_check("example.com", before=t2.astimezone(plus2))
+                assert got == check(t1, id=i1)
+
+        run(body())
+
+    def test_of_two_checks_at_one_moment_the_one_added_later_is_the_last(self, url: str) -> None:
+        async def body() -> None:
+            async with opened(url) as store:
+                first = await store.add_check(check(verdict="partial"))
+                second = await store.add_check(check(verdict="broken"))
+                assert second > first
+                assert await store.last_check("example.com") == check(verdict="broken", id=second)
+                after = T0 + timedelta(seconds=1)
+                got = await store.last_check("example.com", before=after)
+                assert got is not None and got.id == second
+
+        run(body())
+
+    @pytest.mark.parametrize(
+        ("rule", "bad", "message"),
+        [
+            ("the store assigns ids", check(id=7), "store assigns ids"),
+            ("times carry a zone", check(T0.replace(tzinfo=None)), "at .* has no time zone"),
+            ("domains are in key form", check(domain="Example.com."), "lower-case A-label"),
+            ("no NUL in the report", check(report='{"x": "\x00"}'), "report .* NUL"),
+            ("no lone surrogate in the verdict", check(verdict=SURROGATE), "verdict .* surrogate"),
+            ("no NUL in the policy id", check(policy_id="2026\x00"), "policy_id .* NUL"),
+            ("no NUL in the digest", check(policy_digest=NUL), "policy_digest .* NUL"),
+            ("a run has a name", check(run=""), "run is empty"),
+            ("no NUL in the run", check(run="run\x001"), "run .* NUL"),
+        ],
+    )
+    def test_add_check_refuses_a_record_it_could_not_give_back_unchanged(
+        self, url: str, rule: str, bad: CheckRecord, message: str
+    ) -> None:
+        async def body() -> None:
+            async with opened(url) as store:
+                with pytest.raises(StoreError, match=message):
+                    await store.add_check(bad)
+                assert await store.last_check(bad.domain.lower().rstrip(".")) is None, rule
+                assert await store.run_progress("run-1") == (0, 0)
+
+        run(body())
+
+    def test_check_log_refuses_arguments_it_could_not_keep(self, url: str) -> None:
+        async def body() -> None:
+            async with opened(url) as store:
+                calls: list[tuple[Callable[[], Awaitable[object]], str]] = [
+                    (lambda: store.last_check("Example.com"), "lower-case A-label"),
+                    (lambda: store.last_check("example.com", T0.replace(tzinfo=None)),
+                     "before .* has no time zone"),
+                    (lambda: store.claim_check("", "example.com", "a", T0, LEASE), "run is empty"),
+                    (lambda: store.claim_check("r\x00", "example.com", "a", T0, LEASE), "NUL"),
+                    (lambda: store.claim_check("r", "EXAMPLE.com", "a", T0, LEASE), "A-label"),
+                    (lambda: store.claim_check("r", "example.com", "", T0, LEASE), "node is empty"),
+                    (lambda: store.claim_check("r", "example.com", SURROGATE, T0, LEASE),
+                     "node .* surrogate"),
+                    (lambda: store.claim_check("r", "example.com", "a", T0.replace(tzinfo=None),
+                                               LEASE), "now .* has no time zone"),
+                    (lambda: store.claim_check("r", "example.com", "a", T0, timedelta(0)),
+                     "not positive"),
+                    (lambda: store.claim_check("r", "example.com", "a", T0, -LEASE),
+                     "not positive"),
+                    (lambda: store.claim_check("r", "example.com", "a", FUTURE,
+                                               timedelta(days=3_000_000)), "past the year 9999"),
+                    (lambda: store.run_progress(""), "run is empty"),
+                ]  # fmt: skip
+                for call, message in calls:
+                    with pytest.raises(StoreError, match=message):
+                        await call()
+                assert await store.run_progress("r") == (0, 0)
+
+        run(body())
+
+    def test_a_claim_holds_the_domain_until_its_lease_ends_unless_it_is_done(
+        self, url: str
+    ) -> None:
+        async def body() -> None:
+            async with opened(url) as store:
+                assert await store.claim_check("run-1", "example.com", "node-a", T0, LEASE)
+                # While the lease runs nobody gets it, its own node neither.
+                assert not await store.claim_check("run-1", "example.com", "node-b", T0, LEASE)
+                running = T0 + LEASE - timedelta(microseconds=1)
+                assert not await store.claim_check("run-1", "example.com", "node-b", running, LEASE)
+                assert not await store.claim_check("run-1", "example.com", "node-a", running, LEASE)
+                # Claims are per run and per domain.
+                assert await store.claim_check("run-1", "example.org", "node-b", T0, LEASE)
+                assert await store.claim_check("run-2", "example.com", "node-b", T0, LEASE)
+                # Once the lease has ended (at T0 + LEASE itself) another node takes it, with a
+                # new lease.
+                expired = T0 + LEASE
+                assert await store.claim_check("run-1", "example.com", "node-b", expired, LEASE)
+                assert not await store.claim_check("run-1", "example.com", "node-a", expired, LEASE)
+                assert not await store.claim_check(
+                    "run-1", "example.com", "node-a", expired + LEASE / 2, LEASE
+                )
+                # Done: never claimed again, however late.
+                await store.add_check(check(run="run-1"))
+                later = expired + timedelta(days=365)
+                assert not await store.claim_check("run-1", "example.com", "node-a", later, LEASE)
+                assert not await store.claim_check("run-1", "example.com", "node-b", later, LEASE)
+                # The same domain in another run is apart.
+                assert await store.claim_check("run-2", "example.com", "node-a", later, LEASE)
+
+        run(body())
+
+    def test_a_check_added_with_a_run_and_no_claim_marks_the_domain_done(self, url: str) -> None:
+        async def body() -> None:
+            async with opened(url) as store:
+                i = await store.add_check(check(run="run-1"))
+                assert await store.last_check("example.com") == check(run="run-1", id=i)
+                assert await store.run_progress("run-1") == (1, 1)
+                assert not await store.claim_check("run-1", "example.com", "node-a", T0, LEASE)
+                # A second check of it in the run is kept, and the domain stays done once.
+                j = await store.add_check(check(T0 + timedelta(seconds=1), run="run-1"))
+                assert await store.last_check("example.com") == check(
+                    T0 + timedelta(seconds=1), run="run-1", id=j
+                )
+                assert await store.run_progress("run-1") == (1, 1)
+                # A check outside any run touches no run.
+                await store.add_check(check(domain="example.org"))
+                assert await store.run_progress("run-1") == (1, 1)
+                assert await store.claim_check("run-1", "example.org", "node-a", T0, LEASE)
+
+        run(body())
+
+    def test_run_progress_counts_the_domains_claimed_and_those_done(self, url: str) -> None:
+        domains = [f"d{n}.example" for n in range(5)]
+
+        async def body() -> None:
+            async with opened(url) as store:
+                for d in domains:
+                    assert await store.claim_check("run-1", d, "node-a", T0, LEASE)
+                assert await store.run_progress("run-1") == (5, 0)
+                await store.add_check(check(domain=domains[0], run="run-1"))
+                await store.add_check(check(domain=domains[1], run="run-1"))
+                assert await store.run_progress("run-1") == (5, 2)
+                # A claim taken over after its lease ended is still one domain.
+                assert await store.claim_check("run-1", domains[2], "node-b", T0 + LEASE, LEASE)
+                # A check added with the run but never claimed counts as claimed and done.
+                await store.add_check(check(domain="late.example", run="run-1"))
+                assert await store.run_progress("run-1") == (6, 3)
+                await store.add_check(check(domain=domains[3], run="run-2"))
+                assert await store.run_progress("run-2") == (1, 1)
+                assert await store.run_progress("run-3") == (0, 0)
+            async with opened(url) as store:
+                assert await store.run_progress("run-1") == (6, 3)
+
+        run(body())
+
+    def test_of_concurrent_claims_from_two_stores_exactly_one_is_granted(self, url: str) -> None:
+        async def body() -> None:
+            async with opened(url) as first, opened(url) as second:
+                granted = await asyncio.gather(
+                    *(
+                        store.claim_check("run-1", "example.com", f"node-{n}", T0, LEASE)
+                        for n in range(10)
+                        for store in (first, second)
+                    )
+                )
+                assert len(granted) == 20 and granted.count(True) == 1
+                assert await first.run_progress("run-1") == (1, 0)
+                # And again once the lease has ended.
+                expired = T0 + LEASE
+                granted = await asyncio.gather(
+                    *(
+                        store.claim_check("run-1", "example.com", f"node-{n}", expired, LEASE)
+                        for n in range(10)
+                        for store in (first, second)
+                    )
+                )
+                assert granted.count(True) == 1
+
+        run(body())
+
+    def test_check_log_is_shared_by_two_stores(self, url: str) -> None:
+        async def body() -> None:
+            async with opened(url) as first, opened(url) as second:
+                assert await first.claim_check("run-1", "example.com", "node-a", T0, LEASE)
+                assert not await second.claim_check("run-1", "example.com", "node-b", T0, LEASE)
+                i = await first.add_check(check(run="run-1"))
+                assert await second.last_check("example.com") == check(run="run-1", id=i)
+                assert await second.run_progress("run-1") == (1, 1)
 
         run(body())

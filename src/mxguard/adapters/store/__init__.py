@@ -1,5 +1,6 @@
-"""mxguard's state, in four roles: the MTA-STS policy cache, the TLS-RPT session log, the
-report queue and the log of what the Postfix policy server served.
+"""mxguard's state, in five roles: the MTA-STS policy cache, the TLS-RPT session log, the
+report queue, the log of what the Postfix policy server served and the history of
+`mxguard check`.
 
 Several things outlive a single delivery and must survive restarts:
 
@@ -14,15 +15,19 @@ Several things outlive a single delivery and must survive restarts:
   gives each to one reporter at a time and the count of attempts (RFC 8460 §5);
 - the served log (`ServedLog`): what mxguard's Postfix policy server served for each domain
   and since when (`ServedPolicy`), so that the sessions Postfix logged are reported under the
-  policy Postfix was actually told to apply, not one resolved later (RFC 8460 §4.4 `policy`).
+  policy Postfix was actually told to apply, not one resolved later (RFC 8460 §4.4 `policy`);
+- the check log (`CheckLog`): every `mxguard check` of a domain (`CheckRecord`: its verdict,
+  the whole report, the MTA-STS policy it saw), so that a later check can say what changed,
+  and the claims that let several processes or nodes share one bulk run, each domain checked
+  once per run.
 
 Each role is a `typing.Protocol` of its own (a backend conforms by having the methods; mypy
-checks it where `open_store` returns the backend), and `Store` is all four together: what the
-engine, the reporter, the collector and the Postfix server are given. `open_store(url)` picks a
-backend from the URL:
+checks it where `open_store` returns the backend), and `Store` is all five together: what the
+engine, the reporter, the collector, the Postfix server and `mxguard check` are given.
+`open_store(url)` picks a backend from the URL:
 
-- `sqlite:///ABS/PATH` or `sqlite:///:memory:` — the default, embedded (sqlite.py): all four;
-- `postgresql://…` — several mxguard nodes share one state (postgres.py): all four;
+- `sqlite:///ABS/PATH` or `sqlite:///:memory:` — the default, embedded (sqlite.py): all five;
+- `postgresql://…` — several mxguard nodes share one state (postgres.py): all five;
 - `redis://…` (or `rediss://…`, `unix://…`) — the policy cache only (redis.py). `open_store`
   returns it as a `Store` (cache_only.py) whose other roles raise StoreError naming what
   cannot be kept there and where it can: a delivery still works and logs that its session
@@ -43,7 +48,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -52,6 +57,8 @@ from mxguard.protocol.tlsrpt_report import PolicyType, ReportedPolicy
 
 __all__ = [
     "CachedPolicy",
+    "CheckLog",
+    "CheckRecord",
     "Closable",
     "PendingReport",
     "PolicyCache",
@@ -201,6 +208,20 @@ class ServedPolicy(_PolicyFields):
     answer: str  # the socketmap answer Postfix got, e.g. "OK dane-only" or "NOTFOUND"
 
 
+@dataclass(frozen=True, slots=True)
+class CheckRecord:
+    """One `mxguard check` of one domain, as kept for history."""
+
+    domain: str  # lower-case A-label, no trailing dot
+    at: datetime  # when the check finished (timezone-aware; stored and given back as UTC)
+    verdict: str  # "protected" | "partial" | "unprotected" | "broken"; the store keeps any text
+    report: str  # the check's whole JSON document, as text (may be tens of KiB)
+    policy_id: str | None = None  # the `id` of the _mta-sts TXT record this check saw
+    policy_digest: str | None = None  # SHA-256 hex of the MTA-STS policy body fetched, if any
+    run: str | None = None  # the bulk run this check belongs to, if any
+    id: int | None = None  # assigned by the store; None when adding
+
+
 class Closable(Protocol):
     """What every role has: a store is closed once, by whoever opened it."""
 
@@ -332,11 +353,45 @@ class ServedLog(Closable, Protocol):
         ...
 
 
-class Store(PolicyCache, SessionLog, ReportQueue, ServedLog, Protocol):
-    """All four roles: what `open_store` returns and what the engine, the reporter, the
-    collector and the Postfix server are given. All methods are coroutines; writes are
-    durable on return. Over a backend that lacks a role (Redis), that role's methods raise
-    StoreError (see cache_only.py)."""
+class CheckLog(Closable, Protocol):
+    """The audit history of `mxguard check`, and the claims that let several processes or
+    nodes share one bulk run (each domain checked once per run). A claim is per (run, domain):
+    held by one node until its lease ends, and done once a check of that domain in that run
+    was added. Kept by SQLite and PostgreSQL."""
+
+    async def add_check(self, record: CheckRecord) -> int:
+        """Keep `record` (its `id` must be None) and return the id the store gave it. When
+        `record.run` is set, the (run, domain) claim is marked done in the same transaction
+        (created done when there was none), whoever held it."""
+        ...
+
+    async def last_check(self, domain: str, before: datetime | None = None) -> CheckRecord | None:
+        """The newest check of `domain` (greatest `at`; of two at the same moment, the one
+        added later), only among those with `at < before` when `before` is given; None when
+        there is none."""
+        ...
+
+    async def claim_check(
+        self, run: str, domain: str, node: str, now: datetime, lease: timedelta
+    ) -> bool:
+        """True if `node` may check `domain` for `run` now, and then the claim is `node`'s
+        until `now + lease`: the domain was never claimed in this run, or its claim is not done
+        and its lease has ended (`until <= now`). False otherwise: claimed by anyone, `node`
+        itself included, whose lease still runs, or done. Atomic: of concurrent callers,
+        across processes and nodes, exactly one gets True."""
+        ...
+
+    async def run_progress(self, run: str) -> tuple[int, int]:
+        """(domains claimed in `run`, of which done): a domain whose check was added with
+        this run counts as claimed and done even if nobody claimed it first."""
+        ...
+
+
+class Store(PolicyCache, SessionLog, ReportQueue, ServedLog, CheckLog, Protocol):
+    """All five roles: what `open_store` returns and what the engine, the reporter, the
+    collector, the Postfix server and `mxguard check` are given. All methods are coroutines;
+    writes are durable on return. Over a backend that lacks a role (Redis), that role's methods
+    raise StoreError (see cache_only.py)."""
 
 
 def default_store_url() -> str:
@@ -456,7 +511,12 @@ def check_text(value: str, name: str) -> str:
 
 
 def _check_texts(
-    value: CachedPolicy | SessionResult | ServedPolicy | PendingReport | ReportedPolicy,
+    value: CachedPolicy
+    | SessionResult
+    | ServedPolicy
+    | PendingReport
+    | ReportedPolicy
+    | CheckRecord,
 ) -> None:
     """Every text (and every text in a tuple) among the fields of `value` and of the
     dataclasses in them (`policy`), by check_text."""
@@ -521,6 +581,49 @@ def check_served(record: ServedPolicy) -> ServedPolicy:
     policy = _check_reported(record.policy)
     _check_texts(record)
     return replace(record, at=as_utc(record.at, "at"), policy=policy)
+
+
+def check_check(record: CheckRecord) -> CheckRecord:
+    """`record` with a UTC `at`, after checking it can be added."""
+    if record.id is not None:
+        raise StoreError(
+            f"check record already has id {record.id}; pass id=None, the store assigns ids"
+        )
+    check_domain(record.domain)
+    _check_texts(record)
+    if record.run is not None:
+        check_run(record.run)
+    return replace(record, at=as_utc(record.at, "at"))
+
+
+def check_run(run: str) -> str:
+    """`run` if it can name a bulk run of `mxguard check`, else StoreError."""
+    if not run:
+        raise StoreError(
+            "run is empty; name the bulk run (or pass run=None for a check outside any run)"
+        )
+    return check_text(run, "run")
+
+
+def check_claim(
+    run: str, domain: str, node: str, now: datetime, lease: timedelta
+) -> tuple[datetime, datetime]:
+    """(`now`, `now + lease`) in UTC, after checking that the claim can be recorded."""
+    check_run(run)
+    check_domain(domain)
+    if not node:
+        raise StoreError("node is empty; name the process or node that claims the check")
+    check_text(node, "node")
+    if lease <= timedelta(0):
+        raise StoreError(f"lease {lease} is not positive; pass how long the claim holds")
+    start = as_utc(now, "now")
+    try:
+        return start, start + lease
+    except OverflowError:
+        raise StoreError(
+            f"now + lease ({start.isoformat()} + {lease}) is past the year 9999; "
+            "pass a shorter lease"
+        ) from None
 
 
 def _check_reported(policy: ReportedPolicy) -> ReportedPolicy:

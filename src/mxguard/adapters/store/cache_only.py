@@ -1,11 +1,13 @@
 """A `Store` over a backend that keeps the MTA-STS policy cache only (Redis, redis.py).
 
-The engine, the reporter and the Postfix server are given a `Store`, all four roles, whatever
-the URL (docs/design.md, "State"). Redis keeps the policy cache (RFC 8461 §5) and nothing
-else: TLS-RPT session results need range queries and must be kept until a report is accepted
-(RFC 8460 §5), and the report queue and the served log go with them. `PolicyCacheOnly` passes
-the policy cache through and answers every call of the other three roles with a StoreError
-that names the role, the store and the backends that keep it.
+The engine, the reporter, the Postfix server and `mxguard check` are given a `Store`, all five
+roles, whatever the URL (docs/design.md, "State"). Redis keeps the policy cache (RFC 8461 §5)
+and nothing else: TLS-RPT session results need range queries and must be kept until a report
+is accepted (RFC 8460 §5), and the report queue and the served log go with them; the history
+of `mxguard check` is queried by domain and time, and its bulk-run claims need a transaction
+shared with it. `PolicyCacheOnly` passes the policy cache through and answers every call of
+the other four roles with a StoreError that names the role, the store and the backends that
+keep it.
 
 Refusing per call rather than refusing the URL is deliberate: `mxguard send` and
 `mxguard serve postfix` work with a Redis cache and deliveries must not fail because their
@@ -19,10 +21,11 @@ served; where the refused role is the point of the command (`mxguard tlsrpt repo
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from mxguard.adapters.store import (
     CachedPolicy,
+    CheckRecord,
     PendingReport,
     PolicyCache,
     ServedPolicy,
@@ -34,6 +37,7 @@ from mxguard.adapters.store import (
 SESSION_LOG = "TLS-RPT session results"
 REPORT_QUEUE = "TLS-RPT reports awaiting delivery"
 SERVED_LOG = "the policies the Postfix policy server served"
+CHECK_LOG = "the history of mxguard check and the claims of its bulk runs"
 
 
 class PolicyCacheOnly:
@@ -116,6 +120,22 @@ class PolicyCacheOnly:
 
     async def prune_served(self, before: datetime) -> int:
         raise self._refused(SERVED_LOG)
+
+    # --- the check log: refused ---
+
+    async def add_check(self, record: CheckRecord) -> int:
+        raise self._refused(CHECK_LOG)
+
+    async def last_check(self, domain: str, before: datetime | None = None) -> CheckRecord | None:
+        raise self._refused(CHECK_LOG)
+
+    async def claim_check(
+        self, run: str, domain: str, node: str, now: datetime, lease: timedelta
+    ) -> bool:
+        raise self._refused(CHECK_LOG)
+
+    async def run_progress(self, run: str) -> tuple[int, int]:
+        raise self._refused(CHECK_LOG)
 
     def _refused(self, what: str) -> StoreError:
         return StoreError(

@@ -1,5 +1,5 @@
 """The shared store: PostgreSQL, for several mxguard nodes with one policy cache and one
-TLS-RPT result table (docs/design.md, "State"). A `Store`: all four roles (store/__init__.py),
+TLS-RPT result table (docs/design.md, "State"). A `Store`: all five roles (store/__init__.py),
 call for call as the SQLite backend does (tests/test_store_conformance.py).
 
 Uses psycopg 3's asyncio connection. Each store holds one connection and runs one operation
@@ -10,8 +10,8 @@ time zone is UTC, so `timestamptz` values come back as UTC-aware datetimes.
 The schema is created on open, under an advisory lock so that nodes starting together do not
 race, and is versioned like the SQLite schema (table `schema_version`). Give mxguard its own
 database (or its own schema via `?options=-csearch_path%3Dmxguard`): the table names are
-plain (`sts_policies`, `session_results`, `tlsrpt_reports`, `served_policies`,
-`schema_version`).
+plain (`sts_policies`, `session_results`, `tlsrpt_reports`, `served_policies`, `checks`,
+`check_claims`, `schema_version`).
 
 Text is sorted with `COLLATE "C"`, code point order as in SQLite and Redis, whatever collation
 the database was created with (a language's collation puts `a_b.example` before
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import psycopg
@@ -30,16 +30,20 @@ import psycopg.conninfo
 
 from mxguard.adapters.store import (
     CachedPolicy,
+    CheckRecord,
     PendingReport,
     ServedPolicy,
     SessionResult,
     StoreError,
     as_utc,
+    check_check,
+    check_claim,
     check_domain,
     check_policy,
     check_report,
     check_report_id,
     check_result,
+    check_run,
     check_served,
     check_text,
     policy_from_store,
@@ -135,6 +139,29 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX served_policies_domain_at ON served_policies (domain, at)",
     ),
+    (
+        # The history of `mxguard check` and the claims of its bulk runs (see sqlite.py,
+        # version 5).
+        """CREATE TABLE checks (
+            id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            domain        text NOT NULL,
+            at            timestamptz NOT NULL,
+            verdict       text NOT NULL,
+            report        text NOT NULL,
+            policy_id     text,
+            policy_digest text,
+            run           text
+        )""",
+        "CREATE INDEX checks_domain_at ON checks (domain, at)",
+        """CREATE TABLE check_claims (
+            run         text NOT NULL,
+            domain      text NOT NULL,
+            node        text,
+            lease_until timestamptz,
+            check_id    bigint,
+            PRIMARY KEY (run, domain)
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -150,6 +177,7 @@ _SERVED_COLUMNS = (
     "domain, at, policy_type, policy_strings, mx_patterns, rua, mx_hosts, mx_addresses, answer"
 )
 _POLICY_COLUMNS = "domain, policy_id, policy_text, fetched_at, expires_at"
+_CHECK_COLUMNS = "domain, at, verdict, report, policy_id, policy_digest, run"
 
 
 class PostgresStore:
@@ -421,6 +449,78 @@ class PostgresStore:
 
         return await self._run(work, idempotent=True)
 
+    # --- the history of `mxguard check` and its bulk-run claims ---
+
+    async def add_check(self, record: CheckRecord) -> int:
+        r = check_check(record)
+        row = (r.domain, r.at, r.verdict, r.report, r.policy_id, r.policy_digest, r.run)
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> int:
+            async with conn.transaction():
+                cur = await conn.execute(
+                    f"INSERT INTO checks ({_CHECK_COLUMNS}) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                    row,
+                )
+                added = await cur.fetchone()
+                if added is None:  # INSERT … RETURNING always gives the row
+                    raise StoreError("the new check record got no id")
+                check_id = int(added[0])
+                if r.run is not None:
+                    # Done by the first check added for it; a later one leaves it so.
+                    await conn.execute(
+                        "INSERT INTO check_claims (run, domain, check_id) VALUES (%s, %s, %s) "
+                        "ON CONFLICT (run, domain) DO UPDATE SET "
+                        "check_id = coalesce(check_claims.check_id, EXCLUDED.check_id)",
+                        (r.run, r.domain, check_id),
+                    )
+                return check_id
+
+        # Not retried on a broken connection: it may have committed (see _run).
+        return await self._run(work, idempotent=False)
+
+    async def last_check(self, domain: str, before: datetime | None = None) -> CheckRecord | None:
+        check_domain(domain)
+        params: list[object] = [domain]
+        where = "domain = %s"
+        if before is not None:
+            where += " AND at < %s"
+            params.append(as_utc(before, "before"))
+        rows = await self._fetch(
+            f"SELECT id, {_CHECK_COLUMNS} FROM checks WHERE {where} "
+            "ORDER BY at DESC, id DESC LIMIT 1",
+            tuple(params),
+        )
+        return _check_from_row(rows[0]) if rows else None
+
+    async def claim_check(
+        self, run: str, domain: str, node: str, now: datetime, lease: timedelta
+    ) -> bool:
+        start, until = check_claim(run, domain, node, now, lease)
+        # One statement, atomic under concurrency: of callers inserting the same claim, one
+        # inserts; the others wait for its row lock, then evaluate the WHERE against the
+        # committed claim (its lease runs) and update nothing, so return no row. Not retried
+        # on a broken connection: the claim may have committed, and a retry would find it
+        # held and answer False.
+        rows = await self._fetch(
+            "INSERT INTO check_claims (run, domain, node, lease_until) "
+            "VALUES (%(run)s, %(domain)s, %(node)s, %(until)s) "
+            "ON CONFLICT (run, domain) DO UPDATE SET "
+            "node = EXCLUDED.node, lease_until = EXCLUDED.lease_until "
+            "WHERE check_claims.check_id IS NULL AND check_claims.lease_until <= %(now)s "
+            "RETURNING 1",
+            {"run": run, "domain": domain, "node": node, "until": until, "now": start},
+            idempotent=False,
+        )
+        return bool(rows)
+
+    async def run_progress(self, run: str) -> tuple[int, int]:
+        check_run(run)
+        rows = await self._fetch(
+            "SELECT count(*), count(check_id) FROM check_claims WHERE run = %s", (run,)
+        )
+        return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
+
     async def close(self) -> None:
         async with self._lock:
             self._closed = True
@@ -446,7 +546,11 @@ class PostgresStore:
         return conn
 
     async def _fetch(
-        self, query: str, params: tuple[Any, ...] = (), *, idempotent: bool = True
+        self,
+        query: str,
+        params: tuple[Any, ...] | dict[str, Any] = (),
+        *,
+        idempotent: bool = True,
     ) -> list[tuple[Any, ...]]:
         async def work(conn: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
             cur = await conn.execute(query, params)
@@ -597,4 +701,18 @@ def _report_from_row(row: tuple[Any, ...]) -> PendingReport:
         delivered_at=None if delivered_at is None else delivered_at.astimezone(UTC),
         delivered_to=delivered_to,
         dropped_at=None if dropped_at is None else dropped_at.astimezone(UTC),
+    )
+
+
+def _check_from_row(row: tuple[Any, ...]) -> CheckRecord:
+    id_, domain, at, verdict, report, policy_id, digest, run = row
+    return CheckRecord(
+        domain=domain,
+        at=at.astimezone(UTC),
+        verdict=verdict,
+        report=report,
+        policy_id=policy_id,
+        policy_digest=digest,
+        run=run,
+        id=int(id_),
     )

@@ -1,5 +1,5 @@
 """The default store: one SQLite file (or `:memory:`), embedded, no server to run. A `Store`:
-all four roles (store/__init__.py), call for call as the PostgreSQL backend does
+all five roles (store/__init__.py), call for call as the PostgreSQL backend does
 (tests/test_store_conformance.py).
 
 Durability (what docs/design.md "State" asks: durable before acknowledged): the database runs in
@@ -29,21 +29,25 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from mxguard.adapters.store import (
     CachedPolicy,
+    CheckRecord,
     PendingReport,
     ServedPolicy,
     SessionResult,
     StoreError,
     as_utc,
+    check_check,
+    check_claim,
     check_domain,
     check_policy,
     check_report,
     check_report_id,
     check_result,
+    check_run,
     check_served,
     check_text,
     format_time,
@@ -172,6 +176,32 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX served_policies_domain_at ON served_policies (domain, at)",
     ),
+    (
+        # The history of `mxguard check` (store/__init__.py CheckRecord): one row per check of
+        # a domain, the whole JSON report as text.
+        """CREATE TABLE checks (
+            id            INTEGER PRIMARY KEY AUTOINCREMENT,
+            domain        TEXT NOT NULL,
+            at            TEXT NOT NULL,
+            verdict       TEXT NOT NULL,
+            report        TEXT NOT NULL,
+            policy_id     TEXT,
+            policy_digest TEXT,
+            run           TEXT
+        )""",
+        "CREATE INDEX checks_domain_at ON checks (domain, at)",
+        # Who checks which domain in a bulk run: `node` holds the claim until `lease_until`;
+        # `check_id` (the check added for it) set means done. A claim created done by
+        # add_check has neither node nor lease.
+        """CREATE TABLE check_claims (
+            run         TEXT NOT NULL,
+            domain      TEXT NOT NULL,
+            node        TEXT,
+            lease_until TEXT,
+            check_id    INTEGER,
+            PRIMARY KEY (run, domain)
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -186,6 +216,7 @@ _REPORT_COLUMNS = (
     "report_id, policy_domain, start, filename, body, rua, result_ids, created_at, "
     "next_attempt_at, attempts, last_error, delivered_at, delivered_to, dropped_at"
 )
+_CHECK_COLUMNS = "domain, at, verdict, report, policy_id, policy_digest, run"
 
 
 class SQLiteStore:
@@ -542,6 +573,82 @@ class SQLiteStore:
 
         return await self._with_conn(work)
 
+    # --- the history of `mxguard check` and its bulk-run claims ---
+
+    async def add_check(self, record: CheckRecord) -> int:
+        r = check_check(record)
+        row = (r.domain, format_time(r.at), r.verdict, r.report, r.policy_id, r.policy_digest,
+               r.run)  # fmt: skip
+
+        def work(conn: sqlite3.Connection) -> int:
+            with _write(conn):
+                # fetchall: the statement must be finished before COMMIT.
+                [(check_id,)] = conn.execute(
+                    f"INSERT INTO checks ({_CHECK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "RETURNING id",
+                    row,
+                ).fetchall()
+                if r.run is not None:
+                    # Done by the first check added for it; a later one leaves it so.
+                    conn.execute(
+                        "INSERT INTO check_claims (run, domain, check_id) VALUES (?, ?, ?) "
+                        "ON CONFLICT (run, domain) DO UPDATE SET "
+                        "check_id = coalesce(check_claims.check_id, excluded.check_id)",
+                        (r.run, r.domain, check_id),
+                    )
+                return int(check_id)
+
+        return await self._with_conn(work)
+
+    async def last_check(self, domain: str, before: datetime | None = None) -> CheckRecord | None:
+        check_domain(domain)
+        where, params = "domain = ?", [domain]
+        if before is not None:
+            where += " AND at < ?"
+            params.append(format_time(as_utc(before, "before")))
+
+        def work(conn: sqlite3.Connection) -> CheckRecord | None:
+            row = conn.execute(
+                f"SELECT id, {_CHECK_COLUMNS} FROM checks WHERE {where} "
+                "ORDER BY at DESC, id DESC LIMIT 1",
+                params,
+            ).fetchone()
+            return None if row is None else _check_from_row(row)
+
+        return await self._with_reader(work)
+
+    async def claim_check(
+        self, run: str, domain: str, node: str, now: datetime, lease: timedelta
+    ) -> bool:
+        start, until = check_claim(run, domain, node, now, lease)
+
+        def work(conn: sqlite3.Connection) -> bool:
+            # BEGIN IMMEDIATE serialises claims with every other writer of the file. An upsert
+            # whose WHERE fails updates nothing and returns no row.
+            with _write(conn):
+                rows = conn.execute(
+                    "INSERT INTO check_claims (run, domain, node, lease_until) "
+                    "VALUES (?1, ?2, ?3, ?4) ON CONFLICT (run, domain) DO UPDATE SET "
+                    "node = excluded.node, lease_until = excluded.lease_until "
+                    "WHERE check_claims.check_id IS NULL AND check_claims.lease_until <= ?5 "
+                    "RETURNING 1",
+                    (run, domain, node, format_time(until), format_time(start)),
+                ).fetchall()
+            return bool(rows)
+
+        return await self._with_conn(work)
+
+    async def run_progress(self, run: str) -> tuple[int, int]:
+        check_run(run)
+
+        def work(conn: sqlite3.Connection) -> tuple[int, int]:
+            row = conn.execute(
+                "SELECT count(*), count(check_id) FROM check_claims WHERE run = ?", (run,)
+            ).fetchone()
+            return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+        return await self._with_reader(work)
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -847,4 +954,18 @@ def _report_from_row(row: tuple[object, ...]) -> PendingReport:
         delivered_at=None if delivered_at is None else parse_time(str(delivered_at)),
         delivered_to=_opt(delivered_to),
         dropped_at=None if dropped_at is None else parse_time(str(dropped_at)),
+    )
+
+
+def _check_from_row(row: tuple[object, ...]) -> CheckRecord:
+    id_, domain, at, verdict, report, policy_id, digest, run = row
+    return CheckRecord(
+        domain=str(domain),
+        at=parse_time(str(at)),
+        verdict=str(verdict),
+        report=str(report),
+        policy_id=_opt(policy_id),
+        policy_digest=_opt(digest),
+        run=_opt(run),
+        id=int(str(id_)),
     )
