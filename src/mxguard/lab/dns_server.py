@@ -270,16 +270,24 @@ class AuthServer:
 def _find_zone(
     zones: Mapping[dns.name.Name, _Zone], qname: dns.name.Name, qtype: int
 ) -> _Zone | None:
-    # A DS record lives in the parent zone (RFC 4035 §3.1.4.1): at a zone apex, skip that
-    # zone when an enclosing one is held.
-    skip_apex = qtype == _DS and any(qname != o and qname.is_subdomain(o) for o in zones)
-    best: _Zone | None = None
-    for origin, zone in zones.items():
-        if not qname.is_subdomain(origin) or (skip_apex and origin == qname):
-            continue
-        if best is None or len(origin.labels) > len(best.origin.labels):
-            best = zone
-    return best
+    # A DS record lives in the parent zone (RFC 4035 §3.1.4.1): at a zone apex, answer from
+    # the enclosing zone when one is held.
+    if qtype == _DS and qname in zones and len(qname.labels) > 1:
+        above = _deepest_zone(zones, qname.parent())
+        if above is not None:
+            return above
+    return _deepest_zone(zones, qname)
+
+
+def _deepest_zone(zones: Mapping[dns.name.Name, _Zone], name: dns.name.Name) -> _Zone | None:
+    # Walk up from the name: one dict lookup per label, however many zones are held.
+    while True:
+        zone = zones.get(name)
+        if zone is not None:
+            return zone
+        if len(name.labels) <= 1:
+            return None
+        name = name.parent()
 
 
 def _answer_in_zone(

@@ -7,12 +7,15 @@ the demo and ``mxguard lab up`` can drive it with plain method calls while their
 - an authoritative DNS server for the lab zones and Unbound as the validating resolver;
 - for every MX host an SMTP receiver on a private address, and in front of it, at the address
   its A record names, an on-path attacker (in ``pass`` mode it is an honest wire);
-- for every domain with MTA-STS an HTTPS policy host ``mta-sts.<domain>``;
+- for every domain with MTA-STS an HTTPS policy host ``mta-sts.<domain>``; when a scenario
+  has very many of them (more than ``SHARED_POLICY_LISTENER_ABOVE``, as a bulk scenario of
+  thousands of domains does), they all share one address and one HTTPS listener that picks
+  the host by SNI, as a provider hosting many domains' policies would;
 - the attacker's own mail host ``mx.attacker.<tld>`` (where a spoofed MX leads).
 
-Every peer has its own 127.0.0.0/8 address. As root the lab uses the real ports (53, 25,
-443); otherwise high ports. Everything the lab writes (certificates, Unbound's config and
-log, an mxguard config file for clients) goes into its work directory.
+Every peer (but shared policy hosts) has its own 127.0.0.0/8 address. As root the lab uses
+the real ports (53, 25, 443); otherwise high ports. Everything the lab writes (certificates,
+Unbound's config and log, an mxguard config file for clients) goes into its work directory.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any, TypeVar
 from mxguard.lab.attacker import Attacker
 from mxguard.lab.dns_server import AuthServer
 from mxguard.lab.pki import LabPKI
-from mxguard.lab.policy_host import PolicyHost
+from mxguard.lab.policy_host import PolicyHost, SharedPolicyListener
 from mxguard.lab.scenario import (
     ATTACKER_DOMAIN,
     AttackMode,
@@ -50,6 +53,12 @@ from mxguard.lab.unbound import Unbound
 from mxguard.lab.zones import LabKeys, build_zones
 
 T = TypeVar("T")
+
+# Above this many MTA-STS domains, their policy hosts share one HTTPS listener (unless the Lab
+# is told otherwise): one socket instead of one per domain, so that thousands of domains stay
+# within the usual limit of 1024 open files per process.
+SHARED_POLICY_LISTENER_ABOVE = 100
+_SHARED_POLICY_KEY = "https:shared-policy-hosts"  # the _Addresses key of that listener
 
 
 class LabError(RuntimeError):
@@ -95,6 +104,11 @@ class _Addresses:
             self._given[key] = f"{self.net}.{n // 256}.{n % 256}"
         return self._given[key]
 
+    def share(self, key: str, with_key: str) -> str:
+        """Give ``key`` the address of ``with_key`` (from now on)."""
+        self._given[key] = self(with_key)
+        return self._given[key]
+
 
 class Lab:
     """A running lab. Use as a context manager, or call ``start()`` and ``stop()``."""
@@ -106,7 +120,12 @@ class Lab:
         workdir: Path | None = None,
         net: str = "127.77",
         ports: LabPorts | None = None,
+        shared_policy_listener: bool | None = None,
     ) -> None:
+        """``shared_policy_listener``: put every policy host behind one HTTPS listener (true),
+        give each its own (false), or decide by the scenario's number of MTA-STS domains
+        (None: shared above ``SHARED_POLICY_LISTENER_ABOVE``). Fixed for the lab's life.
+        """
         self.scenario = scenario.validate()
         self.ports = ports or LabPorts.default()
         self._own_workdir = workdir is None
@@ -120,6 +139,12 @@ class Lab:
         self.receivers: dict[str, SmtpReceiver] = {}
         self.attackers: dict[str, Attacker] = {}
         self.policy_hosts: dict[str, PolicyHost] = {}
+        if shared_policy_listener is None:
+            with_sts = sum(1 for d in scenario.domains if d.mta_sts is not None)
+            shared_policy_listener = with_sts > SHARED_POLICY_LISTENER_ABOVE
+        self._share_policy_hosts = shared_policy_listener
+        self._policy_listener: SharedPolicyListener | None = None
+        self._share_policy_addresses()
         self._auth: AuthServer | None = None
         self._unbound: Unbound | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -155,6 +180,20 @@ class Lab:
 
     def policy_host(self, domain: str) -> PolicyHost:
         return self.policy_hosts[domain]
+
+    @property
+    def policy_listener(self) -> SharedPolicyListener | None:
+        """The HTTPS listener shared by all policy hosts, if they share one (see ``Lab``)."""
+        return self._policy_listener
+
+    def smtp_connections(self) -> dict[str, int]:
+        """TCP connections each lab mail host accepted since start (or ``clear_records()``).
+
+        Keyed by host name: every MX host of the scenario (counted at its receiver, so each
+        connection made through the attacker in front of it counts once, whatever the attack
+        mode) and the attacker's own mail host.
+        """
+        return {name: r.connections for name, r in self.receivers.items()}
 
     def client_options(self) -> list[str]:
         """The mxguard global options that point a client at this lab."""
@@ -237,6 +276,7 @@ class Lab:
     def apply(self, scenario: Scenario) -> None:
         """Switch to another scenario: peers are rebuilt, DNS swapped, the resolver flushed."""
         self.scenario = scenario.validate()
+        self._share_policy_addresses()
         self._call(self._apply())
 
     def set_attack(self, host: str, mode: AttackMode | str) -> None:
@@ -270,14 +310,12 @@ class Lab:
         if domain.mta_sts is not None and host is not None:
             host.update(domain.mta_sts, self.pki.issue(name, domain.mta_sts.cert))
         elif domain.mta_sts is not None:
-            host = PolicyHost(
-                domain.name, domain.mta_sts, self.pki.issue(name, domain.mta_sts.cert),
-                self._addr(name), self.ports.https,
-            )  # fmt: skip
-            await host.start()
-            self.policy_hosts[domain.name] = host
+            await self._start_policy_host(domain)
         elif host is not None:
-            await host.stop()
+            if self._policy_listener is not None:
+                await self._policy_listener.remove(host)
+            else:
+                await host.stop()
             del self.policy_hosts[domain.name]
         await self._refresh_dns()
 
@@ -293,6 +331,12 @@ class Lab:
     def flush_resolver(self) -> None:
         if self._unbound is not None:
             self._call(self._unbound.flush())
+
+    def _share_policy_addresses(self) -> None:
+        # In shared mode every mta-sts.<domain> of the scenario resolves to the listener.
+        if self._share_policy_hosts:
+            for d in self.scenario.domains:
+                self._addr.share(f"mta-sts.{d.name}", _SHARED_POLICY_KEY)
 
     # --- inside the loop -----------------------------------------------------------------
 
@@ -340,21 +384,35 @@ class Lab:
         receiver = SmtpReceiver(own, self.pki.issue(own.name), self._addr(own.name), smtp)
         await receiver.start()
         self.receivers[own.name] = receiver
+        if self._share_policy_hosts:
+            self._policy_listener = SharedPolicyListener(
+                self._addr(_SHARED_POLICY_KEY), self.ports.https
+            )
+            await self._policy_listener.start()
         for d in self.scenario.domains:
-            if d.mta_sts is None:
-                continue
-            name = f"mta-sts.{d.name}"
-            policy_host = PolicyHost(
-                d.name, d.mta_sts, self.pki.issue(name, d.mta_sts.cert), self._addr(name),
-                self.ports.https,
-            )  # fmt: skip
+            if d.mta_sts is not None:
+                await self._start_policy_host(d)
+
+    async def _start_policy_host(self, d: Domain) -> None:
+        assert d.mta_sts is not None
+        name = f"mta-sts.{d.name}"
+        policy_host = PolicyHost(
+            d.name, d.mta_sts, self.pki.issue(name, d.mta_sts.cert), self._addr(name),
+            self.ports.https,
+        )  # fmt: skip
+        if self._policy_listener is not None:
+            self._policy_listener.add(policy_host)
+        else:
             await policy_host.start()
-            self.policy_hosts[d.name] = policy_host
+        self.policy_hosts[d.name] = policy_host
 
     async def _stop_peers(self) -> None:
         peers: list[Any] = [
             *self.attackers.values(), *self.receivers.values(), *self.policy_hosts.values(),
         ]  # fmt: skip
+        listener, self._policy_listener = self._policy_listener, None
+        if listener is not None:
+            await listener.stop()  # first: it stops accepting, then stops its policy hosts
         for peer in peers:
             await peer.stop()
         self.attackers.clear()

@@ -24,6 +24,7 @@ from mxguard.lab import certprofiles
 from mxguard.lab.scenario import CertKind
 
 _DAY = dt.timedelta(days=1)
+EXPIRING_DAYS = 10  # CertKind.EXPIRING: valid today, within any "expires soon" warning window
 
 
 @dataclass(frozen=True)
@@ -165,9 +166,12 @@ class LabPKI:
         begin, end = self.now - _DAY, self.now + 365 * _DAY
         if kind is CertKind.EXPIRED:
             begin, end = self.now - 60 * _DAY, self.now - 2 * _DAY
+        elif kind is CertKind.EXPIRING:
+            begin, end = self.now - 80 * _DAY, self.now + EXPIRING_DAYS * _DAY
         ca: _CA | None = {
             CertKind.VALID: self.root,
             CertKind.EXPIRED: self.root,
+            CertKind.EXPIRING: self.root,
             CertKind.WRONG_NAME: self.root,
             CertKind.INTERMEDIATE: self.intermediate,
             CertKind.UNTRUSTED: self.untrusted,

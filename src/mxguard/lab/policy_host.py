@@ -11,6 +11,12 @@ connection, ``Connection: close`` after every answer, request head bounded to 8 
 bodies bounded too (untrusted input is bounded everywhere: docs/design.md, "Conventions"). It
 also accepts POST to any other path and keeps what it received, for the TLS-RPT ``https:``
 report endpoint (RFC 8460 §5.4).
+
+Each policy host normally listens on an address of its own. A lab with very many MTA-STS
+domains can instead put them behind one ``SharedPolicyListener``: one HTTPS listener at one
+address that picks the policy host, and with it the certificate, by the server name of the
+ClientHello (SNI, RFC 6066 §3) — as a provider that hosts many domains' policies does. A
+policy host behind it behaves and records exactly as one with its own listener.
 """
 
 from __future__ import annotations
@@ -98,7 +104,6 @@ class PolicyHost:
         self._handlers: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._sni: dict[int, str | None] = {}
-        self._listener_context = self._make_listener_context()
 
     @property
     def name(self) -> str:
@@ -123,22 +128,24 @@ class PolicyHost:
             self._on_connection,
             self.address,
             self.port,
-            ssl=self._listener_context,
+            ssl=self._make_listener_context(),
             ssl_handshake_timeout=_IO_TIMEOUT,
             limit=MAX_HEAD,
         )
 
     async def stop(self) -> None:
         server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
+        if server is None and not self._handlers:
+            return  # not started (or behind a shared listener, with no connection open)
+        if server is not None:
+            server.close()
         # Python 3.11's Server.wait_closed() does not wait for open connections, so a stalled
         # one would live on: end each connection; its handler then sees EOF or an error.
         for writer in list(self._writers):
             writer.transport.abort()
         await asyncio.gather(*self._handlers, return_exceptions=True)
-        await server.wait_closed()
+        if server is not None:
+            await server.wait_closed()
         self._sni.clear()
 
     def update(self, mta_sts: MtaSts, identity: Identity) -> None:
@@ -161,12 +168,15 @@ class PolicyHost:
         ctx = self._identity.server_context()
 
         def choose(obj: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
-            # Keyed by id(): a reused id belongs to a new handshake, which overwrites it first.
-            self._sni[id(obj)] = name
-            obj.context = self._context
+            self._select(obj, name)
 
         ctx.sni_callback = choose
         return ctx
+
+    def _select(self, obj: ssl.SSLObject, name: str | None) -> None:
+        # Keyed by id(): a reused id belongs to a new handshake, which overwrites it first.
+        self._sni[id(obj)] = name
+        obj.context = self._context
 
     async def _on_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -265,6 +275,85 @@ class PolicyHost:
         await _respond(writer, 200, "text/plain", b"received\n")
 
 
+class SharedPolicyListener:
+    """One HTTPS listener at ``address``:``port`` for many policy hosts, chosen by SNI.
+
+    Add each ``PolicyHost`` (made with the same address and port, never started itself)
+    before clients connect to it. A ClientHello whose server name is none of theirs, or that
+    names no server, fails the handshake (the callback asks for an ``unrecognized_name``
+    alert, RFC 6066 §3, but asyncio closes the connection without sending it).
+    """
+
+    def __init__(self, address: str, port: int) -> None:
+        self.address = address
+        self.port = port
+        self._hosts: dict[str, PolicyHost] = {}
+        self._chosen: dict[int, PolicyHost] = {}  # by id() of the handshake's SSLObject
+        self._server: asyncio.Server | None = None
+
+    @property
+    def hosts(self) -> dict[str, PolicyHost]:
+        """The policy hosts behind this listener, by host name (``mta-sts.<domain>``)."""
+        return dict(self._hosts)
+
+    def add(self, host: PolicyHost) -> None:
+        if (host.address, host.port) != (self.address, self.port):
+            raise ValueError(
+                f"policy host {host.name} is at {host.address}:{host.port}, "
+                f"not at the shared listener's {self.address}:{self.port}"
+            )
+        self._hosts[host.name.lower()] = host
+
+    async def remove(self, host: PolicyHost) -> None:
+        """Take ``host`` off the listener and end its open connections."""
+        if self._hosts.get(host.name.lower()) is host:
+            del self._hosts[host.name.lower()]
+        await host.stop()
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError(f"shared policy listener {self.address} is already running")
+        # No certificate of its own: every handshake switches to the chosen host's context.
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.sni_callback = self._choose
+        self._server = await asyncio.start_server(
+            self._on_connection,
+            self.address,
+            self.port,
+            ssl=ctx,
+            ssl_handshake_timeout=_IO_TIMEOUT,
+            limit=MAX_HEAD,
+        )
+
+    async def stop(self) -> None:
+        """Stop listening, then stop every policy host behind the listener."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for host in list(self._hosts.values()):
+            await host.stop()
+        if server is not None:
+            await server.wait_closed()
+        self._chosen.clear()
+
+    def _choose(self, obj: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> int | None:
+        host = self._hosts.get((name or "").rstrip(".").lower())
+        if host is None:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        self._chosen[id(obj)] = host  # as in PolicyHost: a new handshake overwrites a reused id
+        host._select(obj, name)
+        return None
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        host = self._chosen.pop(id(writer.get_extra_info("ssl_object")), None)
+        if host is None or self._hosts.get(host.name.lower()) is not host:
+            writer.transport.abort()  # its host was removed during the handshake
+            return
+        await host._on_connection(reader, writer)
+
+
 async def _read_head(reader: asyncio.StreamReader, sni: str | None) -> Request:
     try:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -326,4 +415,5 @@ __all__ = [
     "PolicyHost",
     "Post",
     "Request",
+    "SharedPolicyListener",
 ]

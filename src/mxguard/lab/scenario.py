@@ -37,6 +37,7 @@ class CertKind(enum.StrEnum):
     VALID = "valid"  # issued by the lab root CA for the host name
     INTERMEDIATE = "intermediate"  # issued by the lab intermediate CA; the chain is sent
     EXPIRED = "expired"  # lab root CA, right name, validity ended in the past
+    EXPIRING = "expiring"  # lab root CA, right name, valid now but only for another 10 days
     WRONG_NAME = "wrong-name"  # lab root CA, valid, but for another name
     SELF_SIGNED = "self-signed"  # for the host name, signed by its own key
     UNTRUSTED = "untrusted"  # right name, issued by a CA that is not in the lab CA file

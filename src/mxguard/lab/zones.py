@@ -183,8 +183,9 @@ def build_zones(
 
     # Delegations (RFC 1034 §4.2.1): NS in the closest enclosing zone, plus DS when the child
     # is meant to validate (RFC 4035 §5.2) or to fail validation (bogus).
+    index = _zone_index(zones)
     for p in plans[1:]:
-        parent = _parent_zone(p.name, zones)
+        parent = _parent_zone(p.name, index)
         owner = _absolute(p.name)
         with zones[parent].writer() as txn:
             txn.add(owner, TTL, _rdata("NS", ns_name.to_text()))
@@ -385,17 +386,27 @@ def _rdata(rdtype: str, text: str) -> dns.rdata.Rdata:
 
 def enclosing_zone(name: dns.name.Name, zone_names: Iterable[str]) -> str | None:
     """The deepest of ``zone_names`` at or above ``name``, or None."""
-    best: str | None = None
-    best_labels = -1
-    for z in zone_names:
-        origin = _absolute(z)
-        if name.is_subdomain(origin) and len(origin.labels) > best_labels:
-            best, best_labels = z, len(origin.labels)
-    return best
+    return _enclosing(name, _zone_index(zone_names))
 
 
-def _parent_zone(zone: str, zones: Mapping[str, dns.zone.Zone]) -> str:
-    parent = enclosing_zone(_absolute(zone).parent(), zones)
+def _zone_index(zone_names: Iterable[str]) -> dict[dns.name.Name, str]:
+    return {_absolute(z): z for z in zone_names}
+
+
+def _enclosing(name: dns.name.Name, index: Mapping[dns.name.Name, str]) -> str | None:
+    # Walk up from the name itself: the first ancestor that is a zone is the deepest one.
+    # (A dict lookup per label, so that thousands of zones do not cost thousands per record.)
+    while True:
+        found = index.get(name)
+        if found is not None:
+            return found
+        if len(name.labels) <= 1:
+            return None
+        name = name.parent()
+
+
+def _parent_zone(zone: str, index: Mapping[dns.name.Name, str]) -> str:
+    parent = _enclosing(_absolute(zone).parent(), index)
     if parent is None:  # the root zone encloses every planned zone; this would be a bug
         raise ZoneBuildError(f"zone {zone!r} has no enclosing lab zone")
     return parent
@@ -407,8 +418,9 @@ def _add_all(
     # Each record goes to the deepest zone that encloses its owner name, so a host of a domain
     # that has a lab zone below it lands in that zone.
     by_zone: dict[str, list[tuple[dns.name.Name, dns.rdata.Rdata]]] = {}
+    index = _zone_index(zones)
     for owner, rdata in records:
-        zone_name = enclosing_zone(owner, zones)
+        zone_name = _enclosing(owner, index)
         if zone_name is None:
             raise ZoneBuildError(
                 f"record {owner} {dns.rdatatype.to_text(rdata.rdtype)} is outside the lab's "
