@@ -23,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "tlsrpt": {"engine", "adapters", "protocol", "config", "tlsrpt"},
     "lab": {"protocol", "adapters", "lab"},
     "demo": {"engine", "lab", "adapters", "protocol", "config", "demo"},
+    "audit": {"engine", "adapters", "protocol", "config", "audit"},
 }
 
 

@@ -98,6 +98,7 @@ def main(
 
 # Sub-command groups live in their own modules; they are registered here, in one place.
 from mxguard.cli import cert as _cert  # noqa: E402
+from mxguard.cli import check as _check  # noqa: E402
 from mxguard.cli import dane as _dane  # noqa: E402
 from mxguard.cli import demo as _demo  # noqa: E402
 from mxguard.cli import lab as _lab  # noqa: E402
@@ -114,5 +115,6 @@ main.add_command(_tlsrpt.tlsrpt)
 main.add_command(_lab.lab)
 main.add_command(_policy.policy)
 main.add_command(_send.send)
+main.add_command(_check.check)
 main.add_command(_demo.demo)
 main.add_command(_serve.serve)

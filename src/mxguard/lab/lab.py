@@ -476,6 +476,9 @@ class Lab:
         ]
         self.config_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
         (self.workdir / "lab.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
+        # The scenario's mail domains, one per line: for `mxguard check --file`.
+        domains = "".join(f"{d.name}\n" for d in self.scenario.domains)
+        (self.workdir / "domains.txt").write_text(domains, encoding="utf-8")
 
     @property
     def config_file(self) -> Path:
