@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -171,6 +173,7 @@ remote-control:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=stderr,
                 stderr=stderr,
+                preexec_fn=_die_with_parent,
             )
         try:
             await self._wait_ready()
@@ -263,3 +266,19 @@ remote-control:
 
 
 __all__ = ["Unbound", "UnboundError", "unbound_path"]
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: be sent SIGTERM when the lab's thread goes away (Linux).
+
+    A lab killed without the chance to stop (SIGKILL, an unhandled SIGTERM) would otherwise
+    leave Unbound running on its address, answering the next lab on that network from a cache
+    signed by keys that no longer exist: every answer bogus."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the lab still stops Unbound itself on a normal stop
