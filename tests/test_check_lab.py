@@ -322,3 +322,15 @@ def test_two_processes_share_one_run_and_check_each_domain_once(
             await s.close()
 
     assert asyncio.run(progress()) == (len(domains), len(domains))
+
+
+def test_human_output_escapes_control_characters_that_peers_sent(
+    results: dict[str, DomainCheck],
+) -> None:
+    from mxguard.cli.check import render
+
+    c = results["no-policy.test"]
+    hostile = dataclasses.replace(c.findings[0], detail="banner \x1b[2J\x1b]0;pwned\x07 here")
+    shown = render(dataclasses.replace(c, findings=(hostile,)))
+    assert "\x1b[2J" not in shown and "\x07" not in shown
+    assert "banner \\x1b[2J\\x1b]0;pwned\\x07 here" in shown

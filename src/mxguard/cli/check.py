@@ -271,23 +271,31 @@ def _csv_row(item: DomainCheck | InputError) -> dict[str, Any]:
     }
 
 
+def _clean(text: str) -> str:
+    """``text`` with control characters escaped: details quote what peers sent (banners,
+    records), and a terminal must never receive their escape sequences."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
 def render(c: DomainCheck) -> str:
-    """The human form of one check."""
+    """The human form of one check (peers' words escaped, our colours kept)."""
     buf = io.StringIO()
 
     def line(text: str = "") -> None:
         buf.write(text + "\n")
 
     verdict = click.style(c.verdict.value.upper(), fg=_COLOURS[c.verdict], bold=True)
-    line(f"{c.domain}: {verdict} (protection: {c.protection.value})")
-    line(f"  {c.summary}")
+    line(f"{c.domain}: " + verdict + f" (protection: {c.protection.value})")
+    line(_clean(f"  {c.summary}"))
     o = c.observations
     line(f"  DNSSEC: {o.mx_lookup.dnssec}; MX lookup: {o.mx_lookup.kind}")
     sts = o.policy.mta_sts
     if sts is not None and sts.mode is not None:
         line(
-            f"  MTA-STS: id {sts.id}, mode {sts.mode}, max_age {sts.max_age}, "
-            f"mx {', '.join(sts.mx)}"
+            _clean(
+                f"  MTA-STS: id {sts.id}, mode {sts.mode}, max_age {sts.max_age}, "
+                f"mx {', '.join(sts.mx)}"
+            )
         )
     for h in o.hosts:
         m = h.policy
@@ -298,29 +306,29 @@ def render(c: DomainCheck) -> str:
             line(f"      TLSA {t.to_text()[:72]}")
         for a in h.addresses:
             mark = click.style("ok", fg="green") if a.honest else click.style("FAIL", fg="red")
-            line(f"    {a.address}: {mark} {a.outcome}")
+            line(f"    {a.address}: " + mark + " " + _clean(a.outcome))
             if a.certificates:
                 leaf = a.certificates[0]
                 names = ", ".join(leaf.dns_names) or "no DNS names"
-                line(f"      certificate: {names}; expires {leaf.not_after}; {leaf.key}")
+                line(_clean(f"      certificate: {names}; expires {leaf.not_after}; {leaf.key}"))
         if not h.addresses and m.defer is None and m.allowed:
             line("    (no address)")
     if o.rua:
         for r in o.rua:
-            line(f"  TLS-RPT rua {r.uri}: {'ok' if r.ok else 'FAIL'} — {r.detail}")
+            line(_clean(f"  TLS-RPT rua {r.uri}: {'ok' if r.ok else 'FAIL'} — {r.detail}"))
     if c.findings:
         line("  findings:")
         for f in c.findings:
             sev = click.style(f"{f.severity.value:<7}", fg=_SEVERITY_COLOURS[f.severity])
             where = f" [{f.mx}]" if f.mx else ""
             rt = f" ({f.result_type.value})" if f.result_type else ""
-            line(f"    {sev} {f.code}{where}{rt}: {f.detail}")
+            line("    " + sev + _clean(f" {f.code}{where}{rt}: {f.detail}"))
             line(f"            sender: {f.sender}")
             line(f"            fix: {f.fix}")
     if c.changes:
         line("  changes since the last check:")
         for change in c.changes:
-            line(f"    {change}")
+            line(_clean(f"    {change}"))
     return buf.getvalue().rstrip("\n")
 
 
