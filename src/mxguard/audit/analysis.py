@@ -24,9 +24,10 @@ from mxguard.audit.model import (
 )
 from mxguard.engine.deliver import authenticate
 from mxguard.engine.policy import Auth, MxPolicy, Source, Tls
-from mxguard.protocol import mtasts, pkix, tlsrpt
+from mxguard.protocol import dane, mtasts, pkix, tlsrpt
 from mxguard.protocol.mtasts import Mode
 from mxguard.protocol.results import ResultType
+from mxguard.protocol.txtfields import begins_with
 
 EXPIRY_WARNING_DAYS = 21  # certificates that expire sooner are flagged
 SHORT_MAX_AGE = 604800  # one week: an enforce policy cached for less is flagged
@@ -310,7 +311,7 @@ def _sts(o: Observations, found: _Findings) -> Mode | None:
         return None
     if record is None:
         return None
-    candidates = [t for t in txt.texts if t.startswith("v=STSv1")]
+    candidates = [t for t in txt.texts if begins_with(t, mtasts.STS_VERSION)]
     for warning in mtasts.lint_record(candidates[0])[2] if candidates else []:
         found.add(
             "sts-record-warning", Severity.INFO, f"{txt.name} TXT: {warning}",
@@ -382,8 +383,13 @@ def _fetch(o: Observations, found: _Findings) -> None:
         code, fix = "sts-policy-http-status", f"serve the policy at {url} with status 200"
     elif f.status == 200 and "text/plain" not in (f.content_type or "").lower():
         code, fix = "sts-policy-content-type", "serve the policy with Content-Type: text/plain"
-    elif f.status == 200:
+    elif f.status == 200 and "larger than the limit" in f.detail:
         code, fix = "sts-policy-too-large", "keep the policy small (a few lines)"
+    elif f.status == 200:
+        code, fix = (
+            "sts-policy-unreachable",
+            (f"serve the whole policy at {url} promptly and uncompressed"),
+        )
     else:
         code, fix = (
             "sts-policy-unreachable",
@@ -480,14 +486,15 @@ def _host(
     if m.defer is not None:
         bogus = m.defer.result_type is ResultType.DNSSEC_INVALID
         found.add(
-            "dnssec-bogus" if bogus else "mx-deferred", Severity.ERROR,
+            "dnssec-bogus" if bogus else "mx-deferred",
+            Severity.ERROR if bogus else Severity.WARNING,
             f"{m.host}: {m.defer.detail}",
             "validating senders never use this host (RFC 7672 §2.2) and report dnssec-invalid"
             if bogus
             else "senders defer mail for this host and try again later",
             "fix the DNSSEC signatures of the host's zone" if bogus
             else "make the host's name servers answer its address and TLSA queries",
-            result_type=m.defer.result_type, mx=m.host, breaks=True,
+            result_type=m.defer.result_type, mx=m.host, breaks=bogus,
         )  # fmt: skip
     elif not m.addresses:
         found.add(
@@ -514,8 +521,7 @@ def _host(
             mx=m.host,
         )  # fmt: skip
     if m.auth is Auth.DANE:
-        ee = {(t.selector, t.matching_type, t.data) for t in m.tlsa if t.usage == 3}
-        if not any(t.usage == 2 for t in m.tlsa) and len(ee) < 2:
+        if not any(t.usage == 2 for t in m.tlsa) and not _next_key_published(h):
             found.add(
                 "dane-rollover-unready", Severity.WARNING,
                 f"{m.host} has one DANE-EE association and no DANE-TA record",
@@ -541,6 +547,23 @@ def _host(
         fresh = tuple(c for c in a.certificates if c.sha256 not in seen)
         seen.update(c.sha256 for c in fresh)
         _expiring(fresh, o.at, found, "certificate-expiring", m.host, f"{m.host}'s certificate")
+
+
+def _next_key_published(h: HostCheck) -> bool:
+    """Whether a DANE-EE record names a key other than the one the host presents now (the
+    next key, published ahead of a rollover). Records of one key in several forms (``3 1 1``
+    and ``3 0 1``) are one key. Without a presented certificate, two distinct records count."""
+    ee = [t for t in h.policy.tlsa if t.usage == 3]
+    leaves = [a.probe.tls.chain[0] for a in h.addresses if a.probe.tls and a.probe.tls.chain]
+    if not leaves:
+        return len({(t.selector, t.matching_type, t.data) for t in ee}) > 1
+    current = leaves[0]
+    try:
+        return any(
+            t.data != dane.association_data(current, t.selector, t.matching_type) for t in ee
+        )
+    except (ValueError, TypeError):  # a certificate cryptography cannot take apart
+        return False
 
 
 def _address(
