@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from mxguard.lab.bulk import bulk_scenario
 from mxguard.lab.lab import Lab
 
 pytestmark = pytest.mark.lab
@@ -103,3 +104,53 @@ def test_the_competitor_runs_against_the_same_lab(bench_lab: Lab, tmp_path: Path
     assert got["herd"]["replies"] == {bench.EXPECTED: TINY.herd}
     assert got["herd"]["fetches"] >= 1
     assert all(math.isfinite(x) and x > 0 for x in numbers(got["warm"]["c4"]))
+
+
+# --- bench/check_bulk.py: the bulk audit, tiny ----------------------------------------------
+
+BULK_BENCH = BENCH.parent / "check_bulk.py"
+
+
+def _load_bulk() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_check_bulk", BULK_BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_bulk_audit_benchmark_runs_mxguard_and_checkdmarc(lab: Lab, tmp_path: Path) -> None:
+    bulk = _load_bulk()
+    lab.apply(bulk_scenario(12, 3))  # conftest's `lab` puts the standard scenario back
+    cfg = bulk.Config(domains=12, hosts=3, concurrency=(4,), history_concurrency=4,
+                      run_seconds=60.0)  # fmt: skip
+    results = bulk.run(lab, tmp_path, cfg)
+    runs = results["mxguard"] + results["history"]
+    assert [r["history"] for r in results["history"]] == ["none", "sqlite, new", "sqlite, again"]
+    for r in runs:
+        # A real mxguard process audited every domain once, with numbers and no problem.
+        assert r["problems"] == [], r
+        assert r["output"]["domains"] == 12 and sum(r["output"]["verdicts"].values()) == 12
+        assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_rss_mib"] > 0
+        assert r["lab"]["smtp_connections"] == r["mxguard_smtp_connections"] > 0
+        assert r["lab"]["most_open_to_one_address"] <= 2  # the --per-address default
+    assert results["history"][2]["store_mib"] > 0
+    table = bulk.markdown(results)
+    assert "| concurrency 4, --no-history |" in table and "Goal ≥ 1000" in table
+    comp = results["competitor"]
+    why = bulk.Checkdmarc.available(lab)
+    if why:
+        assert comp == {"skipped": why}
+        return
+    # checkdmarc saw the lab: every domain, its MTA-STS policies (fetched through the private
+    # resolv.conf and the lab CA) and, with --check-mx-tls, STARTTLS on every MX host.
+    default, tls = comp["runs"]
+    for r in (default, tls):
+        assert r["problems"] == [], r
+        assert r["output"]["domains"] == 12
+        assert r["output"]["mta_sts_policies"] == results["lab"]["mta_sts_domains"]
+        assert r["lab"]["policy_fetches"] == results["lab"]["mta_sts_domains"]
+    assert default["lab"]["smtp_connections"] == 0
+    assert tls["output"]["starttls_hosts"] == 3
+    assert "ratio to checkdmarc default" in table
