@@ -31,11 +31,13 @@ from mxguard.adapters.dns import DnsAnswer, DnsOutcome, DnsResolver, DnssecStatu
 from mxguard.adapters.store import CachedPolicy, CheckLog, CheckRecord, StoreError
 from mxguard.audit import analysis, history
 from mxguard.audit.model import (
+    AddressCheck,
     DomainCheck,
     HostCheck,
     MxLookupView,
     Observations,
     RuaCheck,
+    SmtpProbe,
     TxtLookup,
 )
 from mxguard.audit.probe import Prober
@@ -143,6 +145,7 @@ class Auditor:
         )
         self.roots = pkix.load_roots(settings.ca_file)
         self.store_problem: str | None = None  # the last store error, when history is lost
+        self._judged: dict[tuple[str, str, Any], AddressCheck] = {}
 
     # --- one domain ----------------------------------------------------------------------------
 
@@ -203,8 +206,22 @@ class Auditor:
                 insecure = tuple(r.to_text() for r in answer.records)
         sni = m.tlsa_name or m.host
         probes = await asyncio.gather(*(self.prober.smtp(ip, sni) for ip in m.addresses))
-        checks = tuple(analysis.judge_address(m, p, roots=self.roots, now=now) for p in probes)
-        return HostCheck(m, covered, checks, insecure)
+        return HostCheck(m, covered, tuple(self._judge(m, p, now) for p in probes), insecure)
+
+    def _judge(self, m: Any, probe: SmtpProbe, now: dt.datetime) -> AddressCheck:
+        """``judge_address``, once per probe and MX policy for the whole run: thousands of
+        domains share a few MX hosts, and parsing and verifying the same chain again for each
+        would cost more than the rest of a check (the verdict is a run's, not a second's)."""
+        key = (probe.address, probe.server_name, m)
+        try:
+            found = self._judged.get(key)
+        except TypeError:  # a policy with an unhashable part: judge it afresh
+            return analysis.judge_address(m, probe, roots=self.roots, now=now)
+        if found is None:
+            found = analysis.judge_address(m, probe, roots=self.roots, now=now)
+            if len(self._judged) < 100_000:
+                self._judged[key] = found
+        return found
 
     # --- history -------------------------------------------------------------------------------
 

@@ -337,11 +337,12 @@ def _stats_line(stats: RunStats, writer: _Writer) -> str:
     verdicts = ", ".join(f"{n} {v}" for v, n in sorted((stats.verdicts or {}).items()))
     prober = writer.prober
     connections = prober.smtp_connections if prober is not None else 0
+    most = max(prober.most_open.values(), default=0) if prober is not None else 0
     rate = stats.checked / elapsed * 60
     text = (
         f"checked {stats.checked} domains in {elapsed:.1f} s ({rate:.0f} per minute): "
         f"{verdicts or 'none'}; {stats.skipped} skipped, {stats.errors} errors; "
-        f"{connections} SMTP connections"
+        f"{connections} SMTP connections, at most {most} at once to one address"
     )
     if writer.store_problem:
         text += f"; history not kept: {writer.store_problem}"
