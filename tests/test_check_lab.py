@@ -312,8 +312,8 @@ def test_two_processes_share_one_run_and_check_each_domain_once(
     ]
     outputs = [p.communicate(timeout=120) for p in procs]
     seen = [json.loads(line)["domain"] for out, _ in outputs for line in out.splitlines()]
-    assert sorted(seen) == sorted(domains)  # every domain once, across both processes
-    assert all(out for out, _ in outputs) or len(domains) < 4  # both took part
+    # Every domain once, across both processes (which one took how many depends on timing).
+    assert sorted(seen) == sorted(domains)
 
     async def progress() -> tuple[int, int]:
         s = await open_store(f"sqlite://{store}")
