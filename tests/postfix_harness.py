@@ -198,6 +198,9 @@ class Outcome:
 class PostfixInstance:
     """One Postfix instance in `workdir`; a context manager that starts and stops it."""
 
+    # Who owns data_directory: Postfix's mail_owner, by name or (another root's) user id.
+    mail_owner: str | int = "postfix"
+
     def __init__(
         self,
         workdir: Path | None = None,
@@ -274,7 +277,7 @@ class PostfixInstance:
         self.workdir.chmod(0o755)
         for d in (self.config_dir, self.queue_dir, self.data_dir):
             d.mkdir(mode=0o755, exist_ok=True)
-        shutil.chown(self.data_dir, user="postfix")
+        shutil.chown(self.data_dir, user=self.mail_owner)
         shutil.copyfile(self.ca_file, self.config_dir / "lab-ca.pem")
         (self.config_dir / "lab-ca.pem").chmod(0o644)
         self.resolv_conf.write_text(
