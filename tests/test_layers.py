@@ -24,6 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "lab": {"protocol", "adapters", "lab"},
     "demo": {"engine", "lab", "adapters", "protocol", "config", "demo"},
     "audit": {"engine", "adapters", "protocol", "config", "audit"},
+    "owner": {"engine", "adapters", "protocol", "config", "audit", "owner"},
 }
 
 

@@ -1,8 +1,13 @@
-"""`mxguard serve postfix`: run the Postfix socketmap/tcp_table policy server, or query it.
+"""`mxguard serve`: the servers mxguard runs for a mail system.
 
-Settings come from the flags, then the ``[postfix]`` table of the config file, then the
-defaults (docs/postfix.md lists every key). SIGHUP re-reads the config file (listeners stay
-as they are; the answer cache is kept), SIGTERM and SIGINT stop gracefully (exit 0).
+`serve postfix` runs the Postfix socketmap/tcp_table policy server, or queries it. Settings
+come from the flags, then the ``[postfix]`` table of the config file, then the defaults
+(docs/postfix.md lists every key). SIGHUP re-reads the config file (listeners stay as they
+are; the answer cache is kept), SIGTERM and SIGINT stop gracefully (exit 0).
+
+`serve mta-sts` is the HTTPS server of ``mta-sts.<domain>`` for policies written by `sts
+publish` (``mxguard.owner.mta_sts_server``, docs/publish.md). SIGHUP reloads the certificate
+files (a file that fails keeps its old certificate), SIGTERM and SIGINT stop it (exit 0).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from mxguard.adapters.store import StoreError
 from mxguard.cli.output import EXIT_DEFERRED, EXIT_OK, EXIT_USAGE, emit_json, wants_json
 from mxguard.config import ConfigError, Settings, load, port, resolvers
 from mxguard.engine.context import engine
+from mxguard.owner import mta_sts_server
 from mxguard.postfix.answers import Answer, Kind, Options
 from mxguard.postfix.listen import ListenError
 from mxguard.postfix.options import options_from
@@ -272,3 +278,102 @@ async def _run(server: PolicyServer, reread: Any, overrides: dict[str, Any]) -> 
             loop.remove_signal_handler(sig)
         await asyncio.gather(*reloads, return_exceptions=True)
         await server.stop()
+
+
+@serve.command("mta-sts")
+@click.option("--root", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Serve ROOT/<domain>/.well-known/mta-sts.txt for Host mta-sts.<domain> "
+                   "(the layout `sts publish --out ROOT` writes).")  # fmt: skip
+@click.option("--cert", "certs", multiple=True, required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Certificate chain (PEM, leaf first); repeatable, one --key each. Each "
+                   "connection gets the first one whose names cover its SNI name.")  # fmt: skip
+@click.option("--key", "keys", multiple=True, required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Private key (PEM, unencrypted) of the --cert in that position.")  # fmt: skip
+@click.option("--listen", multiple=True, metavar="ADDR[:PORT]",
+              help="Address to listen on, port 443 unless given; IPv6 as [ADDR]:PORT. "
+                   "Repeatable. Default 0.0.0.0:443 and [::]:443.")  # fmt: skip
+@click.option("--concurrency", type=click.IntRange(1, 100_000), default=200, show_default=True,
+              help="Connections served at once; a request on one more gets a 503.")  # fmt: skip
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=30.0, show_default=True,
+              metavar="SECONDS",
+              help="Seconds a connection may stay open, whatever it does.")  # fmt: skip
+@click.pass_context
+def mta_sts(
+    ctx: click.Context,
+    root: Path,
+    certs: tuple[Path, ...],
+    keys: tuple[Path, ...],
+    listen: tuple[str, ...],
+    concurrency: int,
+    timeout: float,
+) -> None:
+    """The HTTPS server of mta-sts.<domain>: serves MTA-STS policy files (RFC 8461 §3.3).
+
+    200 text/plain with CRLF lines for a valid policy file, 404 for other hosts and paths,
+    405 for other methods, 500 (and a log line) for a file that is not a valid policy. TLS 1.2
+    or newer. SIGHUP reloads the certificates: new connections get the new ones; a file that
+    does not load is logged and its old certificate kept. One log line per request with -v.
+
+    Exit status: 0 after SIGTERM or SIGINT, 1 when an address cannot be opened, 2 on a usage
+    error (including a certificate or key that cannot be used).
+    """
+    if len(certs) != len(keys):
+        raise click.UsageError(
+            f"{len(certs)} --cert and {len(keys)} --key given: give one --key per --cert"
+        )
+    try:
+        if listen:
+            listens = [mta_sts_server.parse_listen(x) for x in listen]
+        else:
+            listens = [
+                mta_sts_server.parse_listen("0.0.0.0:443"),
+                mta_sts_server.parse_listen("[::]:443", required=False),
+            ]
+        server = mta_sts_server.Server(
+            root,
+            [mta_sts_server.CertificatePair(c, k) for c, k in zip(certs, keys, strict=True)],
+            listens,
+            limits=mta_sts_server.Limits(concurrency=concurrency, connection_lifetime=timeout),
+        )
+    except mta_sts_server.ListenError as exc:
+        raise click.BadParameter(str(exc), param_hint="--listen") from None
+    except mta_sts_server.CertificateError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        asyncio.run(_run_mta_sts(server, root))
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen: {exc.strerror or exc}") from None
+
+
+async def _run_mta_sts(server: mta_sts_server.Server, root: Path) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # Before start: a SIGHUP while starting must not end the process (its default action).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
+    try:
+        await server.start()
+    except BaseException:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        raise
+    domains = server.files.domains()
+    click.echo(
+        f"mxguard: serving MTA-STS policies of {len(domains)} domain(s) from {root} on "
+        + ", ".join(f"https://{a}" for a in server.addresses),
+        err=True,
+    )
+    waiter = asyncio.ensure_future(server.wait())
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        stopper.cancel()
+        await server.stop()
+        waiter.cancel()
