@@ -1,4 +1,4 @@
-"""The store's five roles, specified once and run against every backend that keeps each role:
+"""The store's six roles, specified once and run against every backend that keeps each role:
 real SQLite files, a real PostgreSQL server and a real Redis server (tests/servers.py).
 
 | role | interface | backends |
@@ -8,6 +8,7 @@ real SQLite files, a real PostgreSQL server and a real Redis server (tests/serve
 | report queue (RFC 8460 §5) | `ReportQueue` | SQLite, PostgreSQL |
 | what the Postfix server served | `ServedLog` | SQLite, PostgreSQL |
 | the history of `mxguard check`, bulk-run claims | `CheckLog` | SQLite, PostgreSQL |
+| TLS reports received for domain owners (RFC 8460 §4, §5) | `ReportInbox` | SQLite, PostgreSQL |
 
 A backend that lacks a role refuses each of its calls with a StoreError that says where the
 role is kept. Every PostgreSQL database here is created with a language's collation (ICU
@@ -34,20 +35,28 @@ from typing import Any, TypeVar
 
 import pytest
 
+from mxguard.adapters.dkim import DkimResult
 from mxguard.adapters.store import (
     CachedPolicy,
     CheckLog,
     CheckRecord,
     Closable,
+    DayTotals,
+    OrganizationTotals,
     PendingReport,
     PolicyCache,
+    ReceivedRecord,
+    ReportInbox,
     ReportQueue,
+    ReportSource,
+    ReportTotals,
     ServedLog,
     ServedPolicy,
     SessionLog,
     SessionResult,
     Store,
     StoreError,
+    Tally,
     open_store,
 )
 from mxguard.adapters.store.cache_only import PolicyCacheOnly
@@ -55,7 +64,8 @@ from mxguard.adapters.store.postgres import PostgresStore
 from mxguard.adapters.store.redis import RedisStore
 from mxguard.adapters.store.sqlite import SQLiteStore
 from mxguard.protocol.results import ResultType
-from mxguard.protocol.tlsrpt_report import PolicyType, ReportedPolicy
+from mxguard.protocol.tlsrpt_ingest import ReceivedPolicy, ReceivedReport
+from mxguard.protocol.tlsrpt_report import FailureDetail, PolicyType, ReportedPolicy
 
 pytest_plugins = ["servers"]
 
@@ -69,6 +79,7 @@ ROLES: dict[str, type[Any]] = {
     "report queue": ReportQueue,
     "served log": ServedLog,
     "check log": CheckLog,
+    "report inbox": ReportInbox,
 }
 KEEPS: dict[str, tuple[str, ...]] = {
     "sqlite": tuple(ROLES),
@@ -81,6 +92,7 @@ REFUSED_WORDS = {
     "report queue": "TLS-RPT reports awaiting delivery",
     "served log": "Postfix policy server served",
     "check log": "history of mxguard check",
+    "report inbox": "TLS reports received for domain owners",
 }
 
 _databases = itertools.count(1)
@@ -224,13 +236,13 @@ def _signature(function: Callable[..., Any]) -> list[tuple[str, Any, Any]]:
     return [(p.name, p.kind, p.default) for p in params]
 
 
-def test_store_is_the_five_roles_and_each_method_belongs_to_one_role() -> None:
+def test_store_is_the_six_roles_and_each_method_belongs_to_one_role() -> None:
     owned = [_methods(protocol) for protocol in ROLES.values()]
-    assert [len(m) for m in owned] == [4, 4, 6, 3, 4]
-    assert len(set().union(*owned)) == 21  # no method in two roles
+    assert [len(m) for m in owned] == [4, 4, 6, 3, 4, 4]
+    assert len(set().union(*owned)) == 25  # no method in two roles
     assert all(Closable in protocol.__mro__ for protocol in ROLES.values())
     every = {n for n in dir(Store) if inspect.iscoroutinefunction(getattr(Store, n))}
-    assert every == set().union(*owned, _methods(Closable)) and len(every) == 22
+    assert every == set().union(*owned, _methods(Closable)) and len(every) == 26
 
 
 @pytest.mark.parametrize(
@@ -286,6 +298,12 @@ def test_a_backend_without_a_role_refuses_each_of_its_calls_and_names_where_it_i
             lambda s: s.last_check("example.com"),
             lambda s: s.claim_check("run-1", "example.com", "node-a", T0, LEASE),
             lambda s: s.run_progress("run-1"),
+        ],
+        "report inbox": [
+            lambda s: s.add_received(received()),
+            lambda s: s.received_between("example.com", DAY, NEXT_DAY),
+            lambda s: s.report_totals("example.com", DAY, NEXT_DAY),
+            lambda s: s.received_domains(DAY, NEXT_DAY),
         ],
     }
     assert len(calls[role]) == len(_methods(ROLES[role]))
@@ -1355,5 +1373,410 @@ class TestCheckLog:
                 i = await first.add_check(check(run="run-1"))
                 assert await second.last_check("example.com") == check(run="run-1", id=i)
                 assert await second.run_progress("run-1") == (1, 1)
+
+        run(body())
+
+
+# --- TLS reports received for domain owners (RFC 8460 §4, §5) -------------------------------
+
+# A gzip body as received: any bytes, kept exactly.
+RAW = b"\x1f\x8b\x08\x00 a gzipped report \x00\xff"
+STS_LINES = ("version: STSv1", "mode: enforce", "mx: *.example.com", "max_age: 86400")
+VERIFIED = DkimResult(True, "reporter.example", "tlsrpt2026", "signature verified")
+
+
+def inbox_report(
+    report_id: str = "2026-05-01T00:00:00Z_example.com",
+    *,
+    start: datetime = DAY,
+    domain: str | None = "example.com",
+    organization: str = "Reporter Inc.",
+    **kw: Any,
+) -> ReceivedReport:
+    """A received report with an STS policy (two failure details, one of a result type this
+    mxguard does not know) and a TLSA policy, for `domain`, starting at `start`."""
+    sts = ReceivedPolicy(
+        PolicyType.STS, STS_LINES, domain, ("*.example.com",), 120, 3,
+        (
+            FailureDetail(ResultType.CERTIFICATE_EXPIRED, "192.0.2.1", "mx1.example.com",
+                          "198.51.100.7", "mx1.example.com", 2, "expired 2026-04-30", None),
+            FailureDetail("a-future-result-type", None, None, None, None, 1, None, "X 4.7.0"),
+        ),
+    )  # fmt: skip
+    tlsa = ReceivedPolicy(PolicyType.TLSA, ("3 1 1 " + "ab" * 32,), domain, (), 10, 0)
+    base = ReceivedReport(
+        organization_name=organization, start=start,
+        end=start + timedelta(days=1, seconds=-1), contact_info="tlsrpt@reporter.example",
+        report_id=report_id, policies=(sts, tlsa), notes=("policies[0]: a note, ü",),
+    )  # fmt: skip
+    return replace(base, **kw)
+
+
+def received(report: ReceivedReport | None = None, **kw: Any) -> ReceivedRecord:
+    base = ReceivedRecord(
+        report=report if report is not None else inbox_report(),
+        raw=RAW,
+        received_at=BUILT_AT,
+        source=ReportSource.MAIL,
+        dkim=VERIFIED,
+    )
+    return replace(base, **kw)
+
+
+def one_policy(report: ReceivedReport, **kw: Any) -> ReceivedReport:
+    """`report` with its first policy only, changed by `kw`."""
+    return replace(report, policies=(replace(report.policies[0], **kw),))
+
+
+def detail(result: ResultType | str, mx: str | None, count: int) -> FailureDetail:
+    return FailureDetail(result, "192.0.2.1", mx, None, None, count)
+
+
+class TestReportInbox:
+    @pytest.fixture(params=backends("report inbox"))
+    def url(self, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+        return fresh_url(request.param, request, tmp_path)
+
+    def test_report_inbox_has_nothing_before_a_report_is_received(self, url: str) -> None:
+        async def body() -> None:
+            async with opened(url) as store:
+                assert await store.received_between("example.com", DAY, NEXT_DAY) == []
+                assert await store.received_domains(LONG_AGO, FUTURE) == []
+                assert await store.report_totals("example.com", DAY, NEXT_DAY) == ReportTotals(
+                    "example.com", DAY, NEXT_DAY, 0, 0, 0, (), (), (), ()
+                )
+
+        run(body())
+
+    def test_add_received_gives_back_exactly_what_was_added_and_survives_reopening(
+        self, url: str
+    ) -> None:
+        plus2 = timezone(timedelta(hours=2))
+        # A policy of a type RFC 8460 lacks and without a usable domain, control characters
+        # in the sender's texts (escaping them is for whoever shows them), no contact.
+        odd = ReceivedPolicy("a-future-policy-type", (), None, (), 0, 7,
+                             (detail("\x1b[31mred", None, 7),))  # fmt: skip
+        report = inbox_report(start=DAY.astimezone(plus2), contact_info=None)
+        report = replace(report, policies=(*report.policies, odd))
+        record = received(report, received_at=BUILT_AT.astimezone(plus2))
+        unsigned = received(
+            inbox_report("r-2", organization="Other\tSender"),
+            source=ReportSource.HTTPS,
+            dkim=None,
+            raw=b"{}",
+        )
+
+        async def body() -> None:
+            async with opened(url) as store:
+                assert await store.add_received(record)
+                assert await store.add_received(unsigned)
+                got = await store.received_between("example.com", DAY, NEXT_DAY)
+                want = [
+                    replace(received(replace(report, start=DAY)), id=got[0].id),
+                    replace(unsigned, id=got[1].id),
+                ]
+                assert got == want
+                assert got[0].id is not None and got[1].id is not None and got[0].id != got[1].id
+                assert got[0].received_at.tzinfo is UTC and got[0].report.start.tzinfo is UTC
+                assert got[0].report.policies[0].failure_details[1].result_type == (
+                    "a-future-result-type"
+                )
+                assert got[0].dedupe_key == record.dedupe_key
+            async with opened(url) as store:
+                assert await store.received_between("example.com", DAY, NEXT_DAY) == want
+
+        run(body())
+
+    def test_a_resent_report_is_stored_once(self, url: str) -> None:
+        async def body() -> None:
+            async with opened(url) as store:
+                assert await store.add_received(received())
+                # RFC 8460 §5.5: senders retry; the same report again, however it travelled
+                # and whatever its counts say now, is the same report.
+                recounted = tuple(
+                    replace(p, successful=p.successful + 1) for p in inbox_report().policies
+                )
+                for again in (
+                    received(),
+                    received(raw=b"other bytes", source=ReportSource.HTTPS, dkim=None),
+                    received(received_at=BUILT_AT + timedelta(days=1)),
+                    received(inbox_report(policies=recounted, notes=())),
+                ):
+                    assert not await store.add_received(again)
+                totals = await store.report_totals("example.com", DAY, NEXT_DAY)
+                assert (totals.reports, totals.successful, totals.failed) == (1, 130, 3)
+                # Another report-id, organisation, day or set of policies is another report.
+                for other in (
+                    inbox_report("another-id"),
+                    inbox_report(organization="Other Sender"),
+                    inbox_report(end=NEXT_DAY),
+                    one_policy(inbox_report()),
+                ):
+                    assert await store.add_received(received(other))
+                assert len(await store.received_between("example.com", DAY, NEXT_DAY)) == 5
+
+        run(body())
+
+    def test_of_concurrent_adds_of_one_report_from_two_stores_exactly_one_stores_it(
+        self, url: str
+    ) -> None:
+        async def body() -> None:
+            async with opened(url) as first, opened(url) as second:
+                added = await asyncio.gather(
+                    *(
+                        store.add_received(received())
+                        for _ in range(10)
+                        for store in (first, second)
+                    )
+                )
+                assert added.count(True) == 1
+                assert len(await second.received_between("example.com", DAY, NEXT_DAY)) == 1
+
+        run(body())
+
+    def test_received_between_takes_a_domains_reports_by_the_start_of_their_date_range(
+        self, url: str
+    ) -> None:
+        reports = [
+            inbox_report("before", start=DAY - timedelta(microseconds=1)),
+            inbox_report("first", start=DAY),
+            inbox_report("other-domain", start=DAY, domain="example.org"),
+            inbox_report("last", start=NEXT_DAY - timedelta(microseconds=1)),
+            inbox_report("after", start=NEXT_DAY),
+        ]
+
+        async def body() -> None:
+            async with opened(url) as store:
+                # Added out of order: the answer is in order of the date range's start.
+                for r in reversed(reports):
+                    assert await store.add_received(received(r))
+                got = await store.received_between("example.com", DAY, NEXT_DAY)
+                assert [g.report.report_id for g in got] == ["first", "last"]
+                other = await store.received_between("example.org", LONG_AGO, FUTURE)
+                assert [g.report.report_id for g in other] == ["other-domain"]
+                plus2 = timezone(timedelta(hours=2))
+                again = await store.received_between(
+                    "example.com", DAY.astimezone(plus2), NEXT_DAY.astimezone(plus2)
+                )
+                assert again == got
+                assert await store.received_domains(DAY, NEXT_DAY) == [
+                    "example.com",
+                    "example.org",
+                ]
+                assert await store.received_domains(NEXT_DAY, FUTURE) == ["example.com"]
+                assert await store.received_between("example.net", LONG_AGO, FUTURE) == []
+
+        run(body())
+
+    def test_report_totals_add_up_days_organisations_result_types_and_mx_hosts(
+        self, url: str
+    ) -> None:
+        day2 = NEXT_DAY
+        a = ReceivedPolicy(
+            PolicyType.STS,
+            STS_LINES,
+            "example.com",
+            ("*.example.com",),
+            100,
+            6,
+            (
+                detail(ResultType.CERTIFICATE_EXPIRED, "mx1.example.com", 4),
+                detail(ResultType.STARTTLS_NOT_SUPPORTED, "mx2.example.com", 2),
+            ),
+        )
+        b = ReceivedPolicy(
+            PolicyType.STS,
+            STS_LINES,
+            "example.com",
+            ("*.example.com",),
+            50,
+            3,
+            (
+                detail(ResultType.CERTIFICATE_EXPIRED, "mx2.example.com", 2),
+                detail("a-future-result-type", None, 1),
+            ),
+        )
+        no_policy = ReceivedPolicy(PolicyType.NO_POLICY_FOUND, (), "example.com", (), 7, 0)
+        elsewhere = ReceivedPolicy(PolicyType.STS, (), "example.org", (), 1000, 1000,
+                                   (detail(ResultType.CERTIFICATE_EXPIRED, "mx.example.org",
+                                           1000),))  # fmt: skip
+        reports = [
+            inbox_report("g1", organization="Google", policies=(a, no_policy)),
+            inbox_report("g2", organization="Google", start=day2, policies=(b,)),
+            inbox_report("m1", organization="Microsoft", policies=(b, elsewhere)),
+            inbox_report("late", organization="Late", start=day2 + timedelta(days=1),
+                         policies=(a,)),
+        ]  # fmt: skip
+
+        async def body() -> None:
+            async with opened(url) as store:
+                for r in reports:
+                    assert await store.add_received(received(r))
+                end = day2 + timedelta(days=1)
+                totals = await store.report_totals("example.com", DAY, end)
+                assert totals == ReportTotals(
+                    domain="example.com",
+                    start=DAY,
+                    end=end,
+                    reports=3,
+                    successful=207,
+                    failed=12,
+                    days=(
+                        DayTotals(DAY.date(), 2, 157, 9),
+                        DayTotals(day2.date(), 1, 50, 3),
+                    ),
+                    organizations=(
+                        OrganizationTotals("Google", 2, 157, 9),
+                        OrganizationTotals("Microsoft", 1, 50, 3),
+                    ),
+                    # Ties in code point order of the key.
+                    result_types=(
+                        Tally(ResultType.CERTIFICATE_EXPIRED, 3, 8),
+                        Tally("a-future-result-type", 2, 2),
+                        Tally(ResultType.STARTTLS_NOT_SUPPORTED, 1, 2),
+                    ),
+                    # Failures without a host name last.
+                    mx_hosts=(
+                        Tally("mx2.example.com", 3, 6),
+                        Tally("mx1.example.com", 1, 4),
+                        Tally(None, 2, 2),
+                    ),
+                )
+                top = await store.report_totals("example.com", DAY, end, top=1)
+                assert top.organizations == totals.organizations[:1]
+                assert top.result_types == totals.result_types[:1]
+                assert top.mx_hosts == totals.mx_hosts[:1]
+                assert (top.reports, top.successful, top.failed, top.days) == (
+                    3, 207, 12, totals.days,
+                )  # fmt: skip
+                assert totals.to_json()["mx_hosts"][2] == {
+                    "mx_host": None,
+                    "reports": 2,
+                    "failed": 2,
+                }
+
+        run(body())
+
+    def test_report_totals_are_exact_far_beyond_what_a_64_bit_sum_holds(self, url: str) -> None:
+        # Anyone may send reports for a domain; 1,100 counts at the largest value a report may
+        # hold (2**53 - 1) add up to more than 2**63, which must not break the totals.
+        big = 2**53 - 1
+        policy = ReceivedPolicy(
+            PolicyType.STS,
+            STS_LINES,
+            "example.com",
+            (),
+            big,
+            big,
+            (detail(ResultType.CERTIFICATE_EXPIRED, "mx1.example.com", big),),
+        )
+        small = ReceivedPolicy(
+            PolicyType.STS,
+            STS_LINES,
+            "example.com",
+            (),
+            1,
+            1,
+            (detail(ResultType.STARTTLS_NOT_SUPPORTED, "mx2.example.com", 1),),
+        )
+
+        async def body() -> None:
+            async with opened(url) as store:
+                for n in range(11):
+                    report = inbox_report(f"big-{n}", policies=(policy,) * 100)
+                    assert await store.add_received(received(report))
+                assert await store.add_received(received(inbox_report("s", policies=(small,))))
+                totals = await store.report_totals("example.com", DAY, NEXT_DAY)
+                assert totals.successful == totals.failed == 1100 * big + 1 > 2**63
+                assert totals.result_types == (
+                    Tally(ResultType.CERTIFICATE_EXPIRED, 11, 1100 * big),
+                    Tally(ResultType.STARTTLS_NOT_SUPPORTED, 1, 1),
+                )
+                assert totals.days == (DayTotals(DAY.date(), 12, 1100 * big + 1, 1100 * big + 1),)
+
+        run(body())
+
+    @pytest.mark.parametrize(
+        ("rule", "bad", "message"),
+        [
+            ("the store assigns ids", received(id=7), "store assigns ids"),
+            ("times carry a zone", received(received_at=T0.replace(tzinfo=None)),
+             "received_at .* has no time zone"),
+            ("the report's times too", received(inbox_report(start=T0.replace(tzinfo=None))),
+             "start .* has no time zone"),
+            ("a known source", received(source="carrier-pigeon"), "source 'carrier-pigeon'"),
+            ("the raw body is bytes", received(raw="text"), "raw is str, not bytes"),
+            ("a report-id", received(inbox_report("")), "report_id is empty"),
+            ("domains in key form", received(one_policy(inbox_report(),
+                                                        policy_domain="Example.COM.")),
+             "lower-case A-label"),
+            ("no NUL in the organisation", received(inbox_report(organization="Evil\x00Inc")),
+             "organization_name .* NUL"),
+            ("no lone surrogate in a note", received(inbox_report(notes=(SURROGATE,))),
+             "notes .* surrogate"),
+            ("no NUL in a policy string", received(one_policy(inbox_report(),
+                                                              policy_strings=(NUL,))),
+             "policy_strings .* NUL"),
+            ("no NUL in a failure detail", received(one_policy(
+                inbox_report(), failure_details=(detail(ResultType.CERTIFICATE_EXPIRED, NUL,
+                                                        1),))),
+             "receiving_mx_hostname .* NUL"),
+            ("no NUL in the DKIM detail", received(dkim=DkimResult(False, None, None, NUL)),
+             "detail .* NUL"),
+            ("counts are not negative", received(one_policy(inbox_report(), successful=-1)),
+             "successful -1 is not a session count"),
+            ("counts stay below 2**53", received(one_policy(inbox_report(), failed=2**53)),
+             "failed 9007199254740992 is not a session count"),
+            ("counts are integers", received(one_policy(inbox_report(), failed=True)),
+             "failed True is not a session count"),
+            ("failure counts too", received(one_policy(
+                inbox_report(), failure_details=(detail("x", None, -5),))),
+             "failed_session_count -5 is not a session count"),
+        ],
+    )  # fmt: skip
+    def test_add_received_refuses_a_record_it_could_not_give_back_unchanged(
+        self, url: str, rule: str, bad: ReceivedRecord, message: str
+    ) -> None:
+        async def body() -> None:
+            async with opened(url) as store:
+                with pytest.raises(StoreError, match=message):
+                    await store.add_received(bad)
+                assert await store.received_domains(LONG_AGO, FUTURE) == [], rule
+                totals = await store.report_totals("example.com", LONG_AGO, FUTURE)
+                assert totals.reports == 0, rule
+
+        run(body())
+
+    def test_report_inbox_refuses_arguments_it_could_not_answer(self, url: str) -> None:
+        naive = DAY.replace(tzinfo=None)
+
+        async def body() -> None:
+            async with opened(url) as store:
+                calls: list[tuple[Callable[[], Awaitable[object]], str]] = [
+                    (lambda: store.received_between("Example.com", DAY, NEXT_DAY), "A-label"),
+                    (lambda: store.received_between("example.com", naive, NEXT_DAY),
+                     "start .* has no time zone"),
+                    (lambda: store.report_totals("example.com.", DAY, NEXT_DAY), "A-label"),
+                    (lambda: store.report_totals("example.com", DAY, naive),
+                     "end .* has no time zone"),
+                    (lambda: store.report_totals("example.com", DAY, NEXT_DAY, top=0),
+                     "top 0 is not a positive integer"),
+                    (lambda: store.report_totals("example.com", DAY, NEXT_DAY, top=True),
+                     "top True is not a positive integer"),
+                    (lambda: store.received_domains(naive, NEXT_DAY), "start .* has no time zone"),
+                ]  # fmt: skip
+                for call, message in calls:
+                    with pytest.raises(StoreError, match=message):
+                        await call()
+
+        run(body())
+
+    def test_report_inbox_is_shared_by_two_stores(self, url: str) -> None:
+        async def body() -> None:
+            async with opened(url) as first, opened(url) as second:
+                assert await first.add_received(received())
+                assert not await second.add_received(received())
+                got = await second.received_between("example.com", DAY, NEXT_DAY)
+                assert [replace(g, id=None) for g in got] == [received()]
 
         run(body())

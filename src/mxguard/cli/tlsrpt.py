@@ -9,7 +9,9 @@
   complete day with results no report covers yet (late results included), sends the reports
   after a random delay, retries failed deliveries; SIGTERM stops it;
 - `collect-postfix --log FILE [--follow] [--state FILE]` records the SMTP sessions of a Postfix
-  log as session results, resuming where it stopped (collector.py).
+  log as session results, resuming where it stopped (collector.py);
+- `ingest FILE|-` receives reports other senders sent to a domain owner: a report file or a
+  whole report e-mail (§5.3, its DKIM signature checked), kept in the store once each.
 """
 
 from __future__ import annotations
@@ -19,16 +21,34 @@ import dataclasses
 import datetime as dt
 import math
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from mxguard.adapters.store import StoreError
-from mxguard.cli.output import EXIT_DEFERRED, emit_json, emit_lint, wants_json
+from mxguard.adapters.dkim import DkimResult, verify_dkim
+from mxguard.adapters.dns import DnsResolver
+from mxguard.adapters.store import (
+    ReceivedRecord,
+    ReportSource,
+    StoreError,
+    default_store_url,
+    open_store,
+)
+from mxguard.adapters.store.cache_only import PolicyCacheOnly
+from mxguard.cli.output import (
+    EXIT_DEFERRED,
+    EXIT_INVALID,
+    EXIT_OK,
+    emit_json,
+    emit_lint,
+    wants_json,
+)
 from mxguard.config import ConfigError
 from mxguard.engine.context import engine
 from mxguard.protocol import tlsrpt as tlsrpt_record
+from mxguard.protocol import tlsrpt_ingest
 from mxguard.tlsrpt.reporter import GRACE, Built, Delivery, reporter_for
 
 
@@ -288,3 +308,188 @@ def collect_postfix(
             click.echo(f"  the log was {flag} since the last run")
     if counts.skipped_long:
         click.echo(f"  {counts.skipped_long} over-long line(s) skipped")
+
+
+@dataclasses.dataclass
+class _Received:
+    """One report of the input: read (`record`) or refused (`error`), then stored or not."""
+
+    filename: str
+    record: ReceivedRecord | None = None
+    error: str | None = None
+    stored: bool | None = None  # False: a report with its dedupe key was already stored
+
+    @property
+    def status(self) -> str:
+        if self.error is not None:
+            return "refused"
+        return "stored" if self.stored else "duplicate"
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"filename": self.filename, "status": self.status,
+                               "error": self.error}  # fmt: skip
+        if self.record is not None:
+            r = self.record.report
+            doc.update(
+                organization_name=r.organization_name,
+                report_id=r.report_id,
+                policy_domains=list(r.policy_domains),
+                start=r.start.isoformat(),
+                end=r.end.isoformat(),
+                successful=r.successful,
+                failed=r.failed,
+                notes=list(r.notes),
+            )
+        return doc
+
+
+@tlsrpt.command("ingest")
+@click.argument("source", metavar="FILE|-")
+@click.option("--store", "store_url", metavar="URL",
+              help="Keep the reports in this store (default: the global --store, or the "
+                   "default state file).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, default=None, help="Machine-readable output.")
+@click.pass_context
+def ingest(ctx: click.Context, source: str, store_url: str | None, as_json: bool | None) -> None:
+    """Receive TLS reports sent to your domain (RFC 8460 §4, §5) and keep them in the store.
+
+    FILE (or standard input, '-') is a report, .json or .json.gz, or a whole e-mail carrying
+    one or more (its DKIM signature is checked and kept with each; an unsigned report is kept
+    too). Each report is stored once: a resent one is reported as a duplicate. As an MTA pipe
+    transport (Postfix: `argv=mxguard tlsrpt ingest -`) it reads the message on standard input.
+
+    Exit status: 0 every report stored or already stored; 1 some input refused (too big, not
+    a report, no report attached; nothing of a refused report is stored); 2 usage error (also
+    a store that cannot be opened); 75 the store failed while writing (try again).
+    """
+    from mxguard.cli import settings
+
+    s = settings(ctx)
+    if store_url is not None and not store_url.strip():
+        raise click.UsageError("--store is empty; give a store URL")
+    url = store_url or s.store or default_store_url()
+    data, shown = _read_input(source)
+    now = dt.datetime.now(dt.UTC)
+    dkim: DkimResult | None = None
+    kind = "report" if tlsrpt_ingest.looks_like_report(data) else "mail"
+
+    async def work() -> tuple[list[_Received], DkimResult | None]:
+        items: list[_Received] = []
+        found: list[tuple[str, bytes, str | None]]
+        origin = ReportSource.FILE
+        result = None
+        if len(data) > tlsrpt_ingest.MAX_MESSAGE_SIZE:
+            limit = tlsrpt_ingest.MAX_MESSAGE_SIZE
+            return [_Received(shown, error=f"the input is over {limit:,} bytes")], None
+        if kind == "report":
+            found = [(Path(source).name if source != "-" else "", data, None)]
+        else:
+            origin = ReportSource.MAIL
+            try:
+                found = tlsrpt_ingest.reports_from_email(data)
+            except tlsrpt_ingest.ReportRejected as exc:
+                return [_Received(shown, error=exc.reason)], None
+            if not found:
+                why = (
+                    "no TLS report in this e-mail: no application/tlsrpt+gzip or "
+                    "application/tlsrpt+json part (RFC 8460 §5.3), and no .json or .json.gz "
+                    "attachment; and it is not a report itself (neither gzip nor JSON)"
+                )
+                return [_Received(shown, error=why)], None
+            result = await verify_dkim(data, DnsResolver(s.resolvers or None))
+        for name, body, ctype in found:
+            item = _Received(name or shown)
+            try:
+                text = tlsrpt_ingest.decode(body, content_type=ctype, filename=name or None)
+                report = tlsrpt_ingest.parse(text, domain_hint=tlsrpt_ingest.filename_domain(name))
+            except tlsrpt_ingest.ReportRejected as exc:
+                item.error = exc.reason
+            else:
+                item.record = ReceivedRecord(report, body, now, origin, result)
+            items.append(item)
+        readable = [i for i in items if i.record is not None]
+        if not readable:
+            return items, result
+        store = await open_store(url)
+        try:
+            for item in readable:
+                assert item.record is not None
+                try:
+                    item.stored = await store.add_received(item.record)
+                except StoreError as exc:
+                    if isinstance(store, PolicyCacheOnly):
+                        raise  # this store never keeps reports: a usage error, not a retry
+                    raise _WriteFailed(str(exc)) from None
+        finally:
+            await store.close()
+        return items, result
+
+    try:
+        items, dkim = asyncio.run(work())
+    except StoreError as exc:
+        raise click.UsageError(str(exc)) from None
+    except _WriteFailed as exc:
+        click.echo(f"mxguard tlsrpt ingest: {exc}; nothing more was stored, try again", err=True)
+        ctx.exit(EXIT_DEFERRED)
+    refused = sum(1 for i in items if i.error is not None)
+    if wants_json(ctx, as_json):
+        emit_json(
+            {
+                "input": shown,
+                "kind": kind,
+                "dkim": None if dkim is None else dkim.to_json(),
+                "reports": [i.to_json() for i in items],
+                "stored": sum(1 for i in items if i.stored),
+                "duplicates": sum(1 for i in items if i.stored is False),
+                "refused": refused,
+            }
+        )
+    else:
+        for item in items:
+            click.echo(_ingest_text(item, dkim, kind))
+    ctx.exit(EXIT_INVALID if refused else EXIT_OK)
+
+
+class _WriteFailed(Exception):
+    """The store refused a write after it was opened (e.g. the database went away)."""
+
+
+def _read_input(source: str) -> tuple[bytes, str]:
+    """At most one byte more than an e-mail may have, and how to name where it came from."""
+    limit = tlsrpt_ingest.MAX_MESSAGE_SIZE + 1
+    if source == "-":
+        return sys.stdin.buffer.read(limit), "standard input"
+    try:
+        with open(source, "rb") as f:
+            return f.read(limit), source
+    except OSError as exc:
+        raise click.BadParameter(f"{source}: {exc.strerror}", param_hint="FILE") from None
+
+
+def _ingest_text(item: _Received, dkim: DkimResult | None, kind: str) -> str:
+    """What people read about one report; every text from the report escaped (it is the
+    sender's, and could drive a terminal)."""
+    if item.record is None:
+        return _clean(f"refused: {item.filename}: {item.error}")
+    r = item.record.report
+    domains = ", ".join(r.policy_domains) or "no policy domain"
+    what = "stored" if item.stored else "duplicate (already stored)"
+    lines = [
+        _clean(
+            f"{what}: report {r.report_id} from {r.organization_name} for {domains}, "
+            f"{r.start.isoformat()} to {r.end.isoformat()}: {r.successful} successful, "
+            f"{r.failed} failed sessions"
+        )
+    ]
+    if kind == "mail" and dkim is not None:
+        if dkim.ok:
+            lines.append(_clean(f"  DKIM: verified, d={dkim.domain} s={dkim.selector}"))
+        else:
+            lines.append(_clean(f"  DKIM: not verified ({dkim.detail})"))
+    lines += [_clean(f"  note: {n}") for n in r.notes]
+    return "\n".join(lines)
+
+
+def _clean(text: str) -> str:
+    """`text` with every character that is not printable shown as an escape."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -1,6 +1,6 @@
-"""mxguard's state, in five roles: the MTA-STS policy cache, the TLS-RPT session log, the
-report queue, the log of what the Postfix policy server served and the history of
-`mxguard check`.
+"""mxguard's state, in six roles: the MTA-STS policy cache, the TLS-RPT session log, the
+report queue, the log of what the Postfix policy server served, the history of
+`mxguard check` and the inbox of TLS reports received for domain owners.
 
 Several things outlive a single delivery and must survive restarts:
 
@@ -19,15 +19,20 @@ Several things outlive a single delivery and must survive restarts:
 - the check log (`CheckLog`): every `mxguard check` of a domain (`CheckRecord`: its verdict,
   the whole report, the MTA-STS policy it saw), so that a later check can say what changed,
   and the claims that let several processes or nodes share one bulk run, each domain checked
-  once per run.
+  once per run;
+- the report inbox (`ReportInbox`): aggregate reports other senders sent to a domain owner's
+  `rua` (RFC 8460 §4, §5), each stored once however often it is resent (`ReceivedRecord`:
+  the parsed report, its raw body, where it came from and what its DKIM signature said),
+  and the totals a summary or dashboard shows.
 
 Each role is a `typing.Protocol` of its own (a backend conforms by having the methods; mypy
-checks it where `open_store` returns the backend), and `Store` is all five together: what the
-engine, the reporter, the collector, the Postfix server and `mxguard check` are given.
+checks it where `open_store` returns the backend), and `Store` is all six together: what the
+engine, the reporter, the collector, the Postfix server, `mxguard check` and the report
+receiver are given.
 `open_store(url)` picks a backend from the URL:
 
-- `sqlite:///ABS/PATH` or `sqlite:///:memory:` — the default, embedded (sqlite.py): all five;
-- `postgresql://…` — several mxguard nodes share one state (postgres.py): all five;
+- `sqlite:///ABS/PATH` or `sqlite:///:memory:` — the default, embedded (sqlite.py): all six;
+- `postgresql://…` — several mxguard nodes share one state (postgres.py): all six;
 - `redis://…` (or `rediss://…`, `unix://…`) — the policy cache only (redis.py). `open_store`
   returns it as a `Store` (cache_only.py) whose other roles raise StoreError naming what
   cannot be kept there and where it can: a delivery still works and logs that its session
@@ -45,30 +50,40 @@ surrogate) is refused with StoreError by every backend alike, before anything is
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, fields, is_dataclass, replace
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from mxguard.adapters.dkim import DkimResult
 from mxguard.protocol.results import ResultType
-from mxguard.protocol.tlsrpt_report import PolicyType, ReportedPolicy
+from mxguard.protocol.tlsrpt_ingest import MAX_COUNT, ReceivedPolicy, ReceivedReport, dedupe_key
+from mxguard.protocol.tlsrpt_report import FailureDetail, PolicyType, ReportedPolicy
 
 __all__ = [
     "CachedPolicy",
     "CheckLog",
     "CheckRecord",
     "Closable",
+    "DayTotals",
+    "OrganizationTotals",
     "PendingReport",
     "PolicyCache",
+    "ReceivedRecord",
+    "ReportInbox",
     "ReportQueue",
+    "ReportSource",
+    "ReportTotals",
     "ServedLog",
     "ServedPolicy",
     "SessionLog",
     "SessionResult",
     "Store",
     "StoreError",
+    "Tally",
     "default_store_url",
     "open_store",
     "state_folder",
@@ -220,6 +235,113 @@ class CheckRecord:
     policy_digest: str | None = None  # SHA-256 hex of the MTA-STS policy body fetched, if any
     run: str | None = None  # the bulk run this check belongs to, if any
     id: int | None = None  # assigned by the store; None when adding
+
+
+class ReportSource(enum.StrEnum):
+    """How a received report reached mxguard."""
+
+    HTTPS = "https"  # POSTed to an https rua (RFC 8460 §5.4)
+    MAIL = "mail"  # an e-mail to a mailto rua (RFC 8460 §5.3)
+    FILE = "file"  # a file handed to `mxguard tlsrpt ingest`
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedRecord:
+    """A TLS report received for a domain owner (RFC 8460 §4), as the report inbox keeps it:
+    the report as parsed (mxguard.protocol.tlsrpt_ingest), the body exactly as received (gzip
+    or JSON), when and how it came and, for mail, what its DKIM signature said. Stored once per
+    `dedupe_key`: a resent report is not counted twice."""
+
+    report: ReceivedReport
+    raw: bytes  # the report body as received: the attachment or POST body, gzip or JSON
+    received_at: datetime  # timezone-aware; stored and given back as UTC
+    source: ReportSource
+    dkim: DkimResult | None = None  # the e-mail's signature (RFC 8460 §5.3); None: not mail
+    id: int | None = None  # assigned by the store; None when adding
+
+    @property
+    def dedupe_key(self) -> str:
+        """The report's identity (organisation, report-id, date range, policies)."""
+        return dedupe_key(self.report)
+
+
+@dataclass(frozen=True, slots=True)
+class DayTotals:
+    """The sessions reported for a domain in the reports of one UTC day (the day each report's
+    date range starts, RFC 8460 §4.1)."""
+
+    day: date
+    reports: int
+    successful: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class OrganizationTotals:
+    """The sessions one sending organisation (`organization-name`) reported for a domain."""
+
+    organization: str
+    reports: int
+    successful: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """Failed sessions of a domain under one `key` (a result type, or a receiving MX host name;
+    None: the reports did not say), from `failure-details`, and in how many reports."""
+
+    key: str | None
+    reports: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReportTotals:
+    """What the reports received for `domain` with a date range starting in [start, end) say,
+    added up over their policies for that domain. `successful` and `failed` come from the
+    summaries; `result_types` and `mx_hosts` from the failure details, which senders may
+    leave incomplete, so their sums need not equal `failed`. `organizations`, `result_types`
+    and `mx_hosts` are the largest `top` of each, most failed sessions first."""
+
+    domain: str
+    start: datetime
+    end: datetime
+    reports: int
+    successful: int
+    failed: int
+    days: tuple[DayTotals, ...]  # every UTC day with reports, in order
+    organizations: tuple[OrganizationTotals, ...]
+    result_types: tuple[Tally, ...]
+    mx_hosts: tuple[Tally, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "start": self.start.isoformat(),
+            "end": self.end.isoformat(),
+            "reports": self.reports,
+            "successful": self.successful,
+            "failed": self.failed,
+            "days": [
+                {"day": d.day.isoformat(), "reports": d.reports, "successful": d.successful,
+                 "failed": d.failed}
+                for d in self.days
+            ],
+            "organizations": [
+                {"organization": o.organization, "reports": o.reports,
+                 "successful": o.successful, "failed": o.failed}
+                for o in self.organizations
+            ],
+            "result_types": [
+                {"result_type": t.key, "reports": t.reports, "failed": t.failed}
+                for t in self.result_types
+            ],
+            "mx_hosts": [
+                {"mx_host": t.key, "reports": t.reports, "failed": t.failed}
+                for t in self.mx_hosts
+            ],
+        }  # fmt: skip
 
 
 class Closable(Protocol):
@@ -387,9 +509,43 @@ class CheckLog(Closable, Protocol):
         ...
 
 
-class Store(PolicyCache, SessionLog, ReportQueue, ServedLog, CheckLog, Protocol):
-    """All five roles: what `open_store` returns and what the engine, the reporter, the
-    collector, the Postfix server and `mxguard check` are given. All methods are coroutines;
+class ReportInbox(Closable, Protocol):
+    """TLS reports received for domain owners (RFC 8460 §4, §5): each report once, with its raw
+    body, one row per policy and one per failure detail, and the totals a summary or a
+    dashboard shows. A report belongs to every domain one of its policies names; "in [start,
+    end)" means its date range starts then. Kept by SQLite and PostgreSQL."""
+
+    async def add_received(self, record: ReceivedRecord) -> bool:
+        """Keep `record` (its `id` must be None), all of it in one transaction; False, and
+        nothing written, when a report with its `dedupe_key` is already stored (a resent
+        report, RFC 8460 §5.5). Of concurrent adds of one report, exactly one is True."""
+        ...
+
+    async def received_between(
+        self, domain: str, start: datetime, end: datetime
+    ) -> list[ReceivedRecord]:
+        """The reports for `domain` in [start, end), whole (every policy, the raw body), each
+        with the id the store gave it; ordered by (start of the date range, id)."""
+        ...
+
+    async def report_totals(
+        self, domain: str, start: datetime, end: datetime, *, top: int = 20
+    ) -> ReportTotals:
+        """The sessions the reports for `domain` in [start, end) count under its policies: in
+        all, per UTC day, per sending organisation, per result type and per receiving MX host
+        (the `top` largest of the last three; ties in code point order of the key, unknown
+        keys last). Sums are exact however large."""
+        ...
+
+    async def received_domains(self, start: datetime, end: datetime) -> list[str]:
+        """The policy domains of the reports in [start, end), in code point order."""
+        ...
+
+
+class Store(PolicyCache, SessionLog, ReportQueue, ServedLog, CheckLog, ReportInbox, Protocol):
+    """All six roles: what `open_store` returns and what the engine, the reporter, the
+    collector, the Postfix server, `mxguard check` and the report receiver are given. All
+    methods are coroutines;
     writes are durable on return. Over a backend that lacks a role (Redis), that role's methods
     raise StoreError (see cache_only.py)."""
 
@@ -734,6 +890,140 @@ def readded_report(stored: PendingReport, report: PendingReport) -> bool:
 
 def _build(r: PendingReport) -> tuple[object, ...]:
     return (r.policy_domain, r.start, r.filename, r.body, r.rua, r.result_ids, r.created_at)
+
+
+def check_received(record: ReceivedRecord) -> ReceivedRecord:
+    """`record` with UTC times and its known policy and result types as enums, after checking
+    that it can be stored and given back unchanged: no id yet, a known source, bytes for the
+    raw body, a report-id, every policy domain in key form (or None), every count an integer
+    from 0 to 2**53 - 1, every text storable (check_text)."""
+    if record.id is not None:
+        raise StoreError(
+            f"received report already has id {record.id}; pass id=None, the store assigns ids"
+        )
+    if not isinstance(record.raw, bytes):
+        raise StoreError(
+            f"raw is {type(record.raw).__name__}, not bytes; pass the report body as received"
+        )
+    try:
+        source = ReportSource(record.source)
+    except ValueError:
+        raise StoreError(
+            f"source {record.source!r} is not one of {', '.join(s.value for s in ReportSource)}"
+        ) from None
+    report = record.report
+    if not report.report_id:
+        raise StoreError("report_id is empty; pass the RFC 8460 §4.4 report-id")
+    _check_all_texts(report, "report")
+    if record.dkim is not None:
+        _check_all_texts(record.dkim, "dkim")
+    policies = tuple(_check_received_policy(p) for p in report.policies)
+    report = replace(
+        report,
+        start=as_utc(report.start, "start"),
+        end=as_utc(report.end, "end"),
+        policies=policies,
+    )
+    return replace(
+        record,
+        report=report,
+        source=source,
+        received_at=as_utc(record.received_at, "received_at"),
+    )
+
+
+def _check_received_policy(policy: ReceivedPolicy) -> ReceivedPolicy:
+    if policy.policy_domain is not None:
+        check_domain(policy.policy_domain)
+    check_count(policy.successful, "successful")
+    check_count(policy.failed, "failed")
+    details = []
+    for d in policy.failure_details:
+        check_count(d.failed_session_count, "failed_session_count")
+        details.append(replace(d, result_type=known_result_type(str(d.result_type))))
+    return replace(
+        policy,
+        policy_type=known_policy_type(str(policy.policy_type)),
+        failure_details=tuple(details),
+    )
+
+
+def check_count(value: object, name: str) -> int:
+    """`value` if it is a session count every backend keeps exactly (an integer from 0 to
+    2**53 - 1, as a received report may hold), else StoreError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise StoreError(
+            f"{name} {value!r} is not a session count; pass an integer from 0 to 2**53 - 1"
+        )
+    return value
+
+
+def check_inbox_range(
+    domain: str | None, start: datetime, end: datetime, top: int = 1
+) -> tuple[datetime, datetime]:
+    """(`start`, `end`) in UTC, after checking the arguments of a report inbox query."""
+    if domain is not None:
+        check_domain(domain)
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise StoreError(f"top {top!r} is not a positive integer; pass how many to list")
+    return as_utc(start, "start"), as_utc(end, "end")
+
+
+def _check_all_texts(value: object, name: str) -> None:
+    """check_text on every text in `value`: itself, in its tuples, in its dataclass fields."""
+    if isinstance(value, str):
+        check_text(value, name)
+    elif isinstance(value, tuple):
+        for item in value:
+            _check_all_texts(item, name)
+    elif is_dataclass(value) and not isinstance(value, type):
+        for f in fields(value):
+            _check_all_texts(getattr(value, f.name), f.name)
+
+
+def known_policy_type(text: str) -> PolicyType | str:
+    """A received `policy-type`: a PolicyType, or the text of one RFC 8460 §4.4 lacks."""
+    try:
+        return PolicyType(text)
+    except ValueError:
+        return text
+
+
+def known_result_type(text: str) -> ResultType | str:
+    """A received `result-type`: a ResultType, or the text of one this mxguard does not know."""
+    return ResultType(text) if text in _RESULT_TYPES else text
+
+
+def dkim_from_store(
+    ok: bool | None, domain: str | None, selector: str | None, detail: str | None
+) -> DkimResult | None:
+    """The DKIM result kept with a received report (None: none was checked)."""
+    if ok is None:
+        return None
+    return DkimResult(bool(ok), domain, selector, detail or "")
+
+
+def assemble_received(
+    heads: Sequence[ReceivedRecord],
+    policies: Iterable[tuple[int, int, ReceivedPolicy]],
+    failures: Iterable[tuple[int, FailureDetail]],
+) -> list[ReceivedRecord]:
+    """Whole records from a backend's rows: `heads` (with ids, without policies), `policies`
+    as (report id, policy id, policy without details) and `failures` as (policy id, detail),
+    each in stored order. Rows of reports not among `heads` are ignored."""
+    details: dict[int, list[FailureDetail]] = {}
+    for policy_id, detail in failures:
+        details.setdefault(policy_id, []).append(detail)
+    by_report: dict[int, list[ReceivedPolicy]] = {}
+    for report_id, policy_id, policy in policies:
+        found = tuple(details.get(policy_id, ()))
+        by_report.setdefault(report_id, []).append(replace(policy, failure_details=found))
+    out = []
+    for head in heads:
+        assert head.id is not None
+        report = replace(head.report, policies=tuple(by_report.get(head.id, ())))
+        out.append(replace(head, report=report))
+    return out
 
 
 # Times are kept as fixed-width UTC text where the backend has no time type, so that text order

@@ -1,13 +1,14 @@
 """A `Store` over a backend that keeps the MTA-STS policy cache only (Redis, redis.py).
 
-The engine, the reporter, the Postfix server and `mxguard check` are given a `Store`, all five
-roles, whatever the URL (docs/design.md, "State"). Redis keeps the policy cache (RFC 8461 §5)
-and nothing else: TLS-RPT session results need range queries and must be kept until a report
-is accepted (RFC 8460 §5), and the report queue and the served log go with them; the history
-of `mxguard check` is queried by domain and time, and its bulk-run claims need a transaction
-shared with it. `PolicyCacheOnly` passes the policy cache through and answers every call of
-the other four roles with a StoreError that names the role, the store and the backends that
-keep it.
+The engine, the reporter, the Postfix server, `mxguard check` and the report receiver are given
+a `Store`, all six roles, whatever the URL (docs/design.md, "State"). Redis keeps the policy
+cache (RFC 8461 §5) and nothing else: TLS-RPT session results need range queries and must be
+kept until a report is accepted (RFC 8460 §5), and the report queue and the served log go
+with them; the history of `mxguard check` is queried by domain and time, and its bulk-run
+claims need a transaction shared with it; received reports are added up by domain, day and
+more, and each is stored once in one transaction. `PolicyCacheOnly` passes the policy cache
+through and answers every call of the other five roles with a StoreError that names the role,
+the store and the backends that keep it.
 
 Refusing per call rather than refusing the URL is deliberate: `mxguard send` and
 `mxguard serve postfix` work with a Redis cache and deliveries must not fail because their
@@ -15,7 +16,8 @@ results cannot be recorded. The callers treat the StoreError as "not recorded": 
 logs it and is delivered all the same, the Postfix server counts it in /metrics and answers
 Postfix unchanged, the log collector resolves policies itself instead of asking what was
 served; where the refused role is the point of the command (`mxguard tlsrpt report`,
-`collect-postfix`) the command stops with the message, and `tlsrpt run` logs it each round.
+`collect-postfix`, `ingest`) the command stops with the message, and `tlsrpt run` logs it
+each round.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from mxguard.adapters.store import (
     CheckRecord,
     PendingReport,
     PolicyCache,
+    ReceivedRecord,
+    ReportTotals,
     ServedPolicy,
     SessionResult,
     StoreError,
@@ -38,6 +42,7 @@ SESSION_LOG = "TLS-RPT session results"
 REPORT_QUEUE = "TLS-RPT reports awaiting delivery"
 SERVED_LOG = "the policies the Postfix policy server served"
 CHECK_LOG = "the history of mxguard check and the claims of its bulk runs"
+REPORT_INBOX = "TLS reports received for domain owners"
 
 
 class PolicyCacheOnly:
@@ -136,6 +141,24 @@ class PolicyCacheOnly:
 
     async def run_progress(self, run: str) -> tuple[int, int]:
         raise self._refused(CHECK_LOG)
+
+    # --- the report inbox: refused ---
+
+    async def add_received(self, record: ReceivedRecord) -> bool:
+        raise self._refused(REPORT_INBOX)
+
+    async def received_between(
+        self, domain: str, start: datetime, end: datetime
+    ) -> list[ReceivedRecord]:
+        raise self._refused(REPORT_INBOX)
+
+    async def report_totals(
+        self, domain: str, start: datetime, end: datetime, *, top: int = 20
+    ) -> ReportTotals:
+        raise self._refused(REPORT_INBOX)
+
+    async def received_domains(self, start: datetime, end: datetime) -> list[str]:
+        raise self._refused(REPORT_INBOX)
 
     def _refused(self, what: str) -> StoreError:
         return StoreError(

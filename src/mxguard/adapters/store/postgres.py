@@ -1,5 +1,5 @@
 """The shared store: PostgreSQL, for several mxguard nodes with one policy cache and one
-TLS-RPT result table (docs/design.md, "State"). A `Store`: all five roles (store/__init__.py),
+TLS-RPT result table (docs/design.md, "State"). A `Store`: all six roles (store/__init__.py),
 call for call as the SQLite backend does (tests/test_store_conformance.py).
 
 Uses psycopg 3's asyncio connection. Each store holds one connection and runs one operation
@@ -11,7 +11,8 @@ The schema is created on open, under an advisory lock so that nodes starting tog
 race, and is versioned like the SQLite schema (table `schema_version`). Give mxguard its own
 database (or its own schema via `?options=-csearch_path%3Dmxguard`): the table names are
 plain (`sts_policies`, `session_results`, `tlsrpt_reports`, `served_policies`, `checks`,
-`check_claims`, `schema_version`).
+`check_claims`, `received_reports`, `received_policies`, `received_failures`,
+`schema_version`).
 
 Text is sorted with `COLLATE "C"`, code point order as in SQLite and Redis, whatever collation
 the database was created with (a language's collation puts `a_b.example` before
@@ -31,26 +32,40 @@ import psycopg.conninfo
 from mxguard.adapters.store import (
     CachedPolicy,
     CheckRecord,
+    DayTotals,
+    OrganizationTotals,
     PendingReport,
+    ReceivedRecord,
+    ReportSource,
+    ReportTotals,
     ServedPolicy,
     SessionResult,
     StoreError,
+    Tally,
     as_utc,
+    assemble_received,
     check_check,
     check_claim,
     check_domain,
+    check_inbox_range,
     check_policy,
+    check_received,
     check_report,
     check_report_id,
     check_result,
     check_run,
     check_served,
     check_text,
+    dkim_from_store,
+    known_policy_type,
+    known_result_type,
     policy_from_store,
     readded_report,
     redact_url,
     result_type_from_store,
 )
+from mxguard.protocol.tlsrpt_ingest import ReceivedPolicy, ReceivedReport
+from mxguard.protocol.tlsrpt_report import FailureDetail
 
 T = TypeVar("T")
 
@@ -162,6 +177,54 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (run, domain)
         )""",
     ),
+    (
+        # TLS reports received for domain owners (see sqlite.py, version 6).
+        """CREATE TABLE received_reports (
+            id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            dedupe_key        text NOT NULL UNIQUE,
+            organization_name text NOT NULL,
+            report_id         text NOT NULL,
+            range_start       timestamptz NOT NULL,
+            range_end         timestamptz NOT NULL,
+            contact_info      text,
+            notes             text[] NOT NULL,
+            received_at       timestamptz NOT NULL,
+            source            text NOT NULL,
+            dkim_ok           boolean,
+            dkim_domain       text,
+            dkim_selector     text,
+            dkim_detail       text,
+            raw               bytea NOT NULL
+        )""",
+        "CREATE INDEX received_reports_start ON received_reports (range_start)",
+        """CREATE TABLE received_policies (
+            id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            received_id    bigint NOT NULL REFERENCES received_reports (id),
+            position       integer NOT NULL,
+            policy_type    text NOT NULL,
+            policy_domain  text,
+            policy_strings text[] NOT NULL,
+            mx_hosts       text[] NOT NULL,
+            successful     bigint NOT NULL,
+            failed         bigint NOT NULL
+        )""",
+        "CREATE INDEX received_policies_report ON received_policies (received_id)",
+        "CREATE INDEX received_policies_domain ON received_policies (policy_domain)",
+        """CREATE TABLE received_failures (
+            id                     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            policy_id              bigint NOT NULL REFERENCES received_policies (id),
+            position               integer NOT NULL,
+            result_type            text NOT NULL,
+            sending_mta_ip         text,
+            receiving_mx_hostname  text,
+            receiving_mx_helo      text,
+            receiving_ip           text,
+            failed_session_count   bigint NOT NULL,
+            additional_information text,
+            failure_reason_code    text
+        )""",
+        "CREATE INDEX received_failures_policy ON received_failures (policy_id)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -178,6 +241,36 @@ _SERVED_COLUMNS = (
 )
 _POLICY_COLUMNS = "domain, policy_id, policy_text, fetched_at, expires_at"
 _CHECK_COLUMNS = "domain, at, verdict, report, policy_id, policy_digest, run"
+_RECEIVED_COLUMNS = (
+    "dedupe_key, organization_name, report_id, range_start, range_end, contact_info, notes, "
+    "received_at, source, dkim_ok, dkim_domain, dkim_selector, dkim_detail, raw"
+)
+_RECEIVED_POLICY_COLUMNS = (
+    "received_id, position, policy_type, policy_domain, policy_strings, mx_hosts, successful, "
+    "failed"
+)
+_RECEIVED_FAILURE_COLUMNS = (
+    "policy_id, position, result_type, sending_mta_ip, receiving_mx_hostname, "
+    "receiving_mx_helo, receiving_ip, failed_session_count, additional_information, "
+    "failure_reason_code"
+)
+# As in sqlite.py: a domain's reports, policies and failure details of [start, end).
+_INBOX_REPORTS = (
+    "SELECT r.id FROM received_reports r WHERE r.range_start >= %(start)s "
+    "AND r.range_start < %(end)s AND EXISTS (SELECT 1 FROM received_policies q "
+    "WHERE q.received_id = r.id AND q.policy_domain = %(domain)s)"
+)
+_INBOX_POLICIES = (
+    "FROM received_policies p JOIN received_reports r ON r.id = p.received_id "
+    "WHERE p.policy_domain = %(domain)s AND r.range_start >= %(start)s "
+    "AND r.range_start < %(end)s"
+)
+_INBOX_FAILURES = (
+    "FROM received_failures f JOIN received_policies p ON p.id = f.policy_id "
+    "JOIN received_reports r ON r.id = p.received_id "
+    "WHERE p.policy_domain = %(domain)s AND r.range_start >= %(start)s "
+    "AND r.range_start < %(end)s"
+)
 
 
 class PostgresStore:
@@ -521,6 +614,156 @@ class PostgresStore:
         )
         return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
 
+    # --- TLS reports received for domain owners (RFC 8460 §4) ---
+
+    async def add_received(self, record: ReceivedRecord) -> bool:
+        r = check_received(record)
+        rep, dkim = r.report, r.dkim
+        head = (
+            r.dedupe_key, rep.organization_name, rep.report_id, rep.start, rep.end,
+            rep.contact_info, list(rep.notes), r.received_at, r.source.value,
+            None if dkim is None else dkim.ok, None if dkim is None else dkim.domain,
+            None if dkim is None else dkim.selector, None if dkim is None else dkim.detail,
+            r.raw,
+        )  # fmt: skip
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> bool:
+            async with conn.transaction():
+                # Of concurrent inserts of one dedupe_key, one inserts; the others wait for
+                # it to commit, then do nothing and return no row.
+                cur = await conn.execute(
+                    f"INSERT INTO received_reports ({_RECEIVED_COLUMNS}) VALUES "
+                    "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT (dedupe_key) DO NOTHING RETURNING id",
+                    head,
+                )
+                added = await cur.fetchone()
+                if added is None:
+                    return False  # a resent report: stored once
+                for position, p in enumerate(rep.policies):
+                    cur = await conn.execute(
+                        f"INSERT INTO received_policies ({_RECEIVED_POLICY_COLUMNS}) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                        (added[0], position, str(p.policy_type), p.policy_domain,
+                         list(p.policy_strings), list(p.mx_hosts), p.successful, p.failed),
+                    )  # fmt: skip
+                    policy = await cur.fetchone()
+                    if policy is None:  # INSERT … RETURNING always gives the row
+                        raise StoreError("the new received policy got no id")
+                    if p.failure_details:
+                        async with conn.cursor() as many:
+                            await many.executemany(
+                                f"INSERT INTO received_failures ({_RECEIVED_FAILURE_COLUMNS}) "
+                                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                                [
+                                    (policy[0], n, str(d.result_type), d.sending_mta_ip,
+                                     d.receiving_mx_hostname, d.receiving_mx_helo,
+                                     d.receiving_ip, d.failed_session_count,
+                                     d.additional_information, d.failure_reason_code)
+                                    for n, d in enumerate(p.failure_details)
+                                ],
+                            )  # fmt: skip
+            return True
+
+        # Not retried on a broken connection: it may have committed, and a retry would answer
+        # False for a report this call stored (see _run).
+        return await self._run(work, idempotent=False)
+
+    async def received_between(
+        self, domain: str, start: datetime, end: datetime
+    ) -> list[ReceivedRecord]:
+        low, high = check_inbox_range(domain, start, end)
+        params = {"domain": domain, "start": low, "end": high}
+
+        async def work(
+            conn: psycopg.AsyncConnection[Any],
+        ) -> tuple[list[tuple[Any, ...]], ...]:
+            # One snapshot for the three queries.
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                heads = await conn.execute(
+                    f"SELECT id, {_RECEIVED_COLUMNS} FROM received_reports "
+                    f"WHERE id IN ({_INBOX_REPORTS}) ORDER BY range_start, id",
+                    params,
+                )
+                policies = await conn.execute(
+                    f"SELECT id, {_RECEIVED_POLICY_COLUMNS} FROM received_policies "
+                    f"WHERE received_id IN ({_INBOX_REPORTS}) ORDER BY received_id, position",
+                    params,
+                )
+                policy_rows = await policies.fetchall()
+                failures = await conn.execute(
+                    f"SELECT {_RECEIVED_FAILURE_COLUMNS} FROM received_failures WHERE policy_id "
+                    "IN (SELECT id FROM received_policies WHERE received_id IN "
+                    f"({_INBOX_REPORTS})) ORDER BY policy_id, position",
+                    params,
+                )
+                return await heads.fetchall(), policy_rows, await failures.fetchall()
+
+        heads, policies, failures = await self._run(work, idempotent=True)
+        return assemble_received(
+            [_received_from_row(row) for row in heads],
+            [_received_policy_from_row(row) for row in policies],
+            [_received_failure_from_row(row) for row in failures],
+        )
+
+    async def report_totals(
+        self, domain: str, start: datetime, end: datetime, *, top: int = 20
+    ) -> ReportTotals:
+        low, high = check_inbox_range(domain, start, end, top)
+        params = {"domain": domain, "start": low, "end": high, "top": top}
+
+        async def work(
+            conn: psycopg.AsyncConnection[Any],
+        ) -> tuple[list[tuple[Any, ...]], ...]:
+            # sum() of bigint is numeric in PostgreSQL: exact, however large.
+            queries = (
+                "SELECT count(DISTINCT r.id), coalesce(sum(p.successful), 0), "
+                f"coalesce(sum(p.failed), 0) {_INBOX_POLICIES}",
+                "SELECT (r.range_start AT TIME ZONE 'UTC')::date AS day, count(DISTINCT r.id), "
+                f"sum(p.successful), sum(p.failed) {_INBOX_POLICIES} GROUP BY day ORDER BY day",
+                "SELECT r.organization_name, count(DISTINCT r.id), sum(p.successful) AS ok, "
+                f"sum(p.failed) AS bad {_INBOX_POLICIES} GROUP BY r.organization_name "
+                'ORDER BY bad DESC, ok DESC, r.organization_name COLLATE "C" LIMIT %(top)s',
+                "SELECT f.result_type, count(DISTINCT r.id), sum(f.failed_session_count) AS bad "
+                f"{_INBOX_FAILURES} GROUP BY f.result_type "
+                'ORDER BY bad DESC, f.result_type COLLATE "C" LIMIT %(top)s',
+                "SELECT f.receiving_mx_hostname, count(DISTINCT r.id), "
+                f"sum(f.failed_session_count) AS bad {_INBOX_FAILURES} "
+                "GROUP BY f.receiving_mx_hostname ORDER BY bad DESC, "
+                'f.receiving_mx_hostname IS NULL, f.receiving_mx_hostname COLLATE "C" '
+                "LIMIT %(top)s",
+            )
+            out = []
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                for query in queries:
+                    cur = await conn.execute(query, params)
+                    out.append(await cur.fetchall())
+            return tuple(out)
+
+        totals, days, orgs, types, hosts = await self._run(work, idempotent=True)
+        [(reports, ok, bad)] = totals
+        return ReportTotals(
+            domain=domain, start=low, end=high, reports=int(reports), successful=int(ok),
+            failed=int(bad),
+            days=tuple(DayTotals(d, int(n), int(s), int(f)) for d, n, s, f in days),
+            organizations=tuple(OrganizationTotals(o, int(n), int(s), int(f))
+                                for o, n, s, f in orgs),
+            result_types=tuple(Tally(k, int(n), int(f)) for k, n, f in types),
+            mx_hosts=tuple(Tally(k, int(n), int(f)) for k, n, f in hosts),
+        )  # fmt: skip
+
+    async def received_domains(self, start: datetime, end: datetime) -> list[str]:
+        low, high = check_inbox_range(None, start, end)
+        rows = await self._fetch(
+            'SELECT DISTINCT p.policy_domain COLLATE "C" FROM received_policies p '
+            "JOIN received_reports r ON r.id = p.received_id WHERE p.policy_domain IS NOT NULL "
+            "AND r.range_start >= %s AND r.range_start < %s ORDER BY 1",
+            (low, high),
+        )
+        return [str(row[0]) for row in rows]
+
     async def close(self) -> None:
         async with self._lock:
             self._closed = True
@@ -715,4 +958,53 @@ def _check_from_row(row: tuple[Any, ...]) -> CheckRecord:
         policy_digest=digest,
         run=run,
         id=int(id_),
+    )
+
+
+def _received_from_row(row: tuple[Any, ...]) -> ReceivedRecord:
+    (id_, _key, org, report_id, start, end, contact, notes, received_at, source, dkim_ok,
+     dkim_domain, dkim_selector, dkim_detail, raw) = row  # fmt: skip
+    report = ReceivedReport(
+        organization_name=org,
+        start=start.astimezone(UTC),
+        end=end.astimezone(UTC),
+        contact_info=contact,
+        report_id=report_id,
+        policies=(),
+        notes=tuple(notes),
+    )
+    return ReceivedRecord(
+        report=report,
+        raw=bytes(raw),
+        received_at=received_at.astimezone(UTC),
+        source=ReportSource(source),
+        dkim=dkim_from_store(dkim_ok, dkim_domain, dkim_selector, dkim_detail),
+        id=int(id_),
+    )
+
+
+def _received_policy_from_row(row: tuple[Any, ...]) -> tuple[int, int, ReceivedPolicy]:
+    policy_id, received_id, _position, ptype, domain, strings, mx, ok, bad = row
+    policy = ReceivedPolicy(
+        policy_type=known_policy_type(ptype),
+        policy_strings=tuple(strings),
+        policy_domain=domain,
+        mx_hosts=tuple(mx),
+        successful=int(ok),
+        failed=int(bad),
+    )
+    return int(received_id), int(policy_id), policy
+
+
+def _received_failure_from_row(row: tuple[Any, ...]) -> tuple[int, FailureDetail]:
+    policy_id, _position, rtype, sip, mx, helo, rip, count, info, code = row
+    return int(policy_id), FailureDetail(
+        result_type=known_result_type(rtype),
+        sending_mta_ip=sip,
+        receiving_mx_hostname=mx,
+        receiving_ip=rip,
+        receiving_mx_helo=helo,
+        failed_session_count=int(count),
+        additional_information=info,
+        failure_reason_code=code,
     )

@@ -1,5 +1,5 @@
 """The default store: one SQLite file (or `:memory:`), embedded, no server to run. A `Store`:
-all five roles (store/__init__.py), call for call as the PostgreSQL backend does
+all six roles (store/__init__.py), call for call as the PostgreSQL backend does
 (tests/test_store_conformance.py).
 
 Durability (what docs/design.md "State" asks: durable before acknowledged): the database runs in
@@ -29,33 +29,47 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
-from typing import TypeVar
+from datetime import date, datetime, timedelta
+from typing import Any, TypeVar
 
 from mxguard.adapters.store import (
     CachedPolicy,
     CheckRecord,
+    DayTotals,
+    OrganizationTotals,
     PendingReport,
+    ReceivedRecord,
+    ReportSource,
+    ReportTotals,
     ServedPolicy,
     SessionResult,
     StoreError,
+    Tally,
     as_utc,
+    assemble_received,
     check_check,
     check_claim,
     check_domain,
+    check_inbox_range,
     check_policy,
+    check_received,
     check_report,
     check_report_id,
     check_result,
     check_run,
     check_served,
     check_text,
+    dkim_from_store,
     format_time,
+    known_policy_type,
+    known_result_type,
     parse_time,
     policy_from_store,
     readded_report,
     result_type_from_store,
 )
+from mxguard.protocol.tlsrpt_ingest import ReceivedPolicy, ReceivedReport
+from mxguard.protocol.tlsrpt_report import FailureDetail
 
 T = TypeVar("T")
 
@@ -202,6 +216,57 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (run, domain)
         )""",
     ),
+    (
+        # TLS reports received for domain owners (store/__init__.py ReceivedRecord), RFC 8460
+        # §4: one row per report, stored once per dedupe_key, with its raw body; one row per
+        # policy with its counts, one per failure detail. `position` keeps the report's order.
+        # Tuples are JSON arrays; dkim_ok NULL means no signature was checked (not mail).
+        """CREATE TABLE received_reports (
+            id                INTEGER PRIMARY KEY AUTOINCREMENT,
+            dedupe_key        TEXT NOT NULL UNIQUE,
+            organization_name TEXT NOT NULL,
+            report_id         TEXT NOT NULL,
+            range_start       TEXT NOT NULL,
+            range_end         TEXT NOT NULL,
+            contact_info      TEXT,
+            notes             TEXT NOT NULL,
+            received_at       TEXT NOT NULL,
+            source            TEXT NOT NULL,
+            dkim_ok           INTEGER,
+            dkim_domain       TEXT,
+            dkim_selector     TEXT,
+            dkim_detail       TEXT,
+            raw               BLOB NOT NULL
+        )""",
+        "CREATE INDEX received_reports_start ON received_reports (range_start)",
+        """CREATE TABLE received_policies (
+            id             INTEGER PRIMARY KEY AUTOINCREMENT,
+            received_id    INTEGER NOT NULL REFERENCES received_reports (id),
+            position       INTEGER NOT NULL,
+            policy_type    TEXT NOT NULL,
+            policy_domain  TEXT,
+            policy_strings TEXT NOT NULL,
+            mx_hosts       TEXT NOT NULL,
+            successful     INTEGER NOT NULL,
+            failed         INTEGER NOT NULL
+        )""",
+        "CREATE INDEX received_policies_report ON received_policies (received_id)",
+        "CREATE INDEX received_policies_domain ON received_policies (policy_domain)",
+        """CREATE TABLE received_failures (
+            id                     INTEGER PRIMARY KEY AUTOINCREMENT,
+            policy_id              INTEGER NOT NULL REFERENCES received_policies (id),
+            position               INTEGER NOT NULL,
+            result_type            TEXT NOT NULL,
+            sending_mta_ip         TEXT,
+            receiving_mx_hostname  TEXT,
+            receiving_mx_helo      TEXT,
+            receiving_ip           TEXT,
+            failed_session_count   INTEGER NOT NULL,
+            additional_information TEXT,
+            failure_reason_code    TEXT
+        )""",
+        "CREATE INDEX received_failures_policy ON received_failures (policy_id)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -217,6 +282,35 @@ _REPORT_COLUMNS = (
     "next_attempt_at, attempts, last_error, delivered_at, delivered_to, dropped_at"
 )
 _CHECK_COLUMNS = "domain, at, verdict, report, policy_id, policy_digest, run"
+_RECEIVED_COLUMNS = (
+    "dedupe_key, organization_name, report_id, range_start, range_end, contact_info, notes, "
+    "received_at, source, dkim_ok, dkim_domain, dkim_selector, dkim_detail, raw"
+)
+_RECEIVED_POLICY_COLUMNS = (
+    "received_id, position, policy_type, policy_domain, policy_strings, mx_hosts, successful, "
+    "failed"
+)
+_RECEIVED_FAILURE_COLUMNS = (
+    "policy_id, position, result_type, sending_mta_ip, receiving_mx_hostname, "
+    "receiving_mx_helo, receiving_ip, failed_session_count, additional_information, "
+    "failure_reason_code"
+)
+# The reports of a domain whose date range starts in [start, end).
+_INBOX_REPORTS = (
+    "SELECT r.id FROM received_reports r WHERE r.range_start >= :start "
+    "AND r.range_start < :end AND EXISTS (SELECT 1 FROM received_policies q "
+    "WHERE q.received_id = r.id AND q.policy_domain = :domain)"
+)
+# The policies of a domain in the reports whose date range starts in [start, end).
+_INBOX_POLICIES = (
+    "FROM received_policies p JOIN received_reports r ON r.id = p.received_id "
+    "WHERE p.policy_domain = :domain AND r.range_start >= :start AND r.range_start < :end"
+)
+_INBOX_FAILURES = (
+    "FROM received_failures f JOIN received_policies p ON p.id = f.policy_id "
+    "JOIN received_reports r ON r.id = p.received_id "
+    "WHERE p.policy_domain = :domain AND r.range_start >= :start AND r.range_start < :end"
+)
 
 
 class SQLiteStore:
@@ -649,6 +743,156 @@ class SQLiteStore:
 
         return await self._with_reader(work)
 
+    # --- TLS reports received for domain owners (RFC 8460 §4) ---
+
+    async def add_received(self, record: ReceivedRecord) -> bool:
+        r = check_received(record)
+        rep, dkim = r.report, r.dkim
+        head = (
+            r.dedupe_key, rep.organization_name, rep.report_id, format_time(rep.start),
+            format_time(rep.end), rep.contact_info, json.dumps(list(rep.notes)),
+            format_time(r.received_at), r.source.value,
+            None if dkim is None else int(dkim.ok), None if dkim is None else dkim.domain,
+            None if dkim is None else dkim.selector, None if dkim is None else dkim.detail,
+            r.raw,
+        )  # fmt: skip
+
+        def work(conn: sqlite3.Connection) -> bool:
+            with _write(conn):
+                # fetchall: each statement must be finished before the next and before COMMIT.
+                rows = conn.execute(
+                    f"INSERT INTO received_reports ({_RECEIVED_COLUMNS}) VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (dedupe_key) DO NOTHING RETURNING id",
+                    head,
+                ).fetchall()
+                if not rows:
+                    return False  # a resent report: stored once
+                received_id = int(rows[0][0])
+                for position, p in enumerate(rep.policies):
+                    [(policy_id,)] = conn.execute(
+                        f"INSERT INTO received_policies ({_RECEIVED_POLICY_COLUMNS}) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                        (received_id, position, str(p.policy_type), p.policy_domain,
+                         json.dumps(list(p.policy_strings)), json.dumps(list(p.mx_hosts)),
+                         p.successful, p.failed),
+                    ).fetchall()  # fmt: skip
+                    conn.executemany(
+                        f"INSERT INTO received_failures ({_RECEIVED_FAILURE_COLUMNS}) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [
+                            (policy_id, n, str(d.result_type), d.sending_mta_ip,
+                             d.receiving_mx_hostname, d.receiving_mx_helo, d.receiving_ip,
+                             d.failed_session_count, d.additional_information,
+                             d.failure_reason_code)
+                            for n, d in enumerate(p.failure_details)
+                        ],
+                    )  # fmt: skip
+                return True
+
+        return await self._with_conn(work)
+
+    async def received_between(
+        self, domain: str, start: datetime, end: datetime
+    ) -> list[ReceivedRecord]:
+        low, high = check_inbox_range(domain, start, end)
+        params = {"domain": domain, "start": format_time(low), "end": format_time(high)}
+
+        def work(conn: sqlite3.Connection) -> list[ReceivedRecord]:
+            with _read(conn):  # one snapshot for the three queries
+                heads = conn.execute(
+                    f"SELECT id, {_RECEIVED_COLUMNS} FROM received_reports "
+                    f"WHERE id IN ({_INBOX_REPORTS}) ORDER BY range_start, id",
+                    params,
+                ).fetchall()
+                policies = conn.execute(
+                    f"SELECT id, {_RECEIVED_POLICY_COLUMNS} FROM received_policies "
+                    f"WHERE received_id IN ({_INBOX_REPORTS}) ORDER BY received_id, position",
+                    params,
+                ).fetchall()
+                failures = conn.execute(
+                    f"SELECT {_RECEIVED_FAILURE_COLUMNS} FROM received_failures WHERE policy_id "
+                    f"IN (SELECT id FROM received_policies WHERE received_id IN "
+                    f"({_INBOX_REPORTS})) ORDER BY policy_id, position",
+                    params,
+                ).fetchall()
+            return assemble_received(
+                [_received_from_row(row) for row in heads],
+                [_received_policy_from_row(row) for row in policies],
+                [_received_failure_from_row(row) for row in failures],
+            )
+
+        return await self._with_reader(work)
+
+    async def report_totals(
+        self, domain: str, start: datetime, end: datetime, *, top: int = 20
+    ) -> ReportTotals:
+        low, high = check_inbox_range(domain, start, end, top)
+        params = {"domain": domain, "start": format_time(low), "end": format_time(high),
+                  "top": top}  # fmt: skip
+
+        def work(conn: sqlite3.Connection) -> ReportTotals:
+            # exact_sum (see _ExactSum) adds without overflow and gives the sum as fixed-width
+            # text, so that ordering by it is ordering by the number.
+            with _read(conn):
+                [(reports, ok, bad)] = conn.execute(
+                    "SELECT count(DISTINCT r.id), exact_sum(p.successful), exact_sum(p.failed) "
+                    f"{_INBOX_POLICIES}",
+                    params,
+                ).fetchall()
+                days = conn.execute(
+                    "SELECT substr(r.range_start, 1, 10) AS day, count(DISTINCT r.id), "
+                    f"exact_sum(p.successful), exact_sum(p.failed) {_INBOX_POLICIES} "
+                    "GROUP BY day ORDER BY day",
+                    params,
+                ).fetchall()
+                orgs = conn.execute(
+                    "SELECT r.organization_name, count(DISTINCT r.id), "
+                    "exact_sum(p.successful) AS ok, exact_sum(p.failed) AS bad "
+                    f"{_INBOX_POLICIES} GROUP BY r.organization_name "
+                    "ORDER BY bad DESC, ok DESC, r.organization_name LIMIT :top",
+                    params,
+                ).fetchall()
+                types = conn.execute(
+                    "SELECT f.result_type, count(DISTINCT r.id), "
+                    f"exact_sum(f.failed_session_count) AS bad {_INBOX_FAILURES} "
+                    "GROUP BY f.result_type ORDER BY bad DESC, f.result_type LIMIT :top",
+                    params,
+                ).fetchall()
+                hosts = conn.execute(
+                    "SELECT f.receiving_mx_hostname, count(DISTINCT r.id), "
+                    f"exact_sum(f.failed_session_count) AS bad {_INBOX_FAILURES} "
+                    "GROUP BY f.receiving_mx_hostname ORDER BY bad DESC, "
+                    "f.receiving_mx_hostname IS NULL, f.receiving_mx_hostname LIMIT :top",
+                    params,
+                ).fetchall()
+            return ReportTotals(
+                domain=domain, start=low, end=high, reports=int(reports),
+                successful=int(ok or 0), failed=int(bad or 0),  # no rows: NULL
+                days=tuple(DayTotals(date.fromisoformat(str(d)), int(n), int(s), int(f))
+                           for d, n, s, f in days),
+                organizations=tuple(OrganizationTotals(str(o), int(n), int(s), int(f))
+                                    for o, n, s, f in orgs),
+                result_types=tuple(Tally(_opt(k), int(n), int(f)) for k, n, f in types),
+                mx_hosts=tuple(Tally(_opt(k), int(n), int(f)) for k, n, f in hosts),
+            )  # fmt: skip
+
+        return await self._with_reader(work)
+
+    async def received_domains(self, start: datetime, end: datetime) -> list[str]:
+        low, high = check_inbox_range(None, start, end)
+
+        def work(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT DISTINCT p.policy_domain FROM received_policies p "
+                "JOIN received_reports r ON r.id = p.received_id WHERE p.policy_domain "
+                "IS NOT NULL AND r.range_start >= ? AND r.range_start < ? ORDER BY 1",
+                (format_time(low), format_time(high)),
+            ).fetchall()
+            return [str(row[0]) for row in rows]
+
+        return await self._with_reader(work)
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -686,6 +930,7 @@ class SQLiteStore:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
+            conn.create_aggregate("exact_sum", 1, _EXACT_SUM)
             _migrate(conn, self.path)
         except sqlite3.DatabaseError as exc:
             conn.close()
@@ -704,6 +949,7 @@ class SQLiteStore:
         conn = sqlite3.connect(self.path, timeout=READ_BUSY_TIMEOUT, isolation_level=None)
         try:
             conn.execute("PRAGMA query_only=ON")
+            conn.create_aggregate("exact_sum", 1, _EXACT_SUM)
         except BaseException:
             conn.close()
             raise
@@ -790,6 +1036,40 @@ class _write:
             # Some errors (a full disk, say) already rolled back; a second ROLLBACK would fail
             # and hide the first error.
             self.conn.execute("ROLLBACK")
+
+
+class _read:
+    """`with _read(conn):` one read transaction: the statements in it see one snapshot."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        self.conn.execute("BEGIN")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+class _ExactSum:
+    """The SQL aggregate `exact_sum(x)`: the sum of integers as Python adds them (SQLite's sum()
+    fails past 2**63, and a thousand reports at the largest count a report may hold get
+    there), given back as 40-digit text, so that text order is number order."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def step(self, value: object) -> None:
+        if isinstance(value, int):
+            self.total += value
+
+    def finalize(self) -> str:
+        return f"{self.total:040d}"
+
+
+# typeshed expects an aggregate's finalize() to give an int; SQLite takes text as well.
+_EXACT_SUM: Any = _ExactSum
 
 
 def _migrate(conn: sqlite3.Connection, path: str) -> None:
@@ -968,4 +1248,58 @@ def _check_from_row(row: tuple[object, ...]) -> CheckRecord:
         policy_digest=_opt(digest),
         run=_opt(run),
         id=int(str(id_)),
+    )
+
+
+def _received_from_row(row: tuple[object, ...]) -> ReceivedRecord:
+    (id_, _key, org, report_id, start, end, contact, notes, received_at, source, dkim_ok,
+     dkim_domain, dkim_selector, dkim_detail, raw) = row  # fmt: skip
+    report = ReceivedReport(
+        organization_name=str(org),
+        start=parse_time(str(start)),
+        end=parse_time(str(end)),
+        contact_info=_opt(contact),
+        report_id=str(report_id),
+        policies=(),
+        notes=_json_tuple(notes),
+    )
+    return ReceivedRecord(
+        report=report,
+        raw=bytes(raw) if isinstance(raw, bytes | memoryview) else str(raw).encode(),
+        received_at=parse_time(str(received_at)),
+        source=ReportSource(str(source)),
+        dkim=dkim_from_store(
+            None if dkim_ok is None else bool(dkim_ok),
+            _opt(dkim_domain),
+            _opt(dkim_selector),
+            _opt(dkim_detail),
+        ),
+        id=int(str(id_)),
+    )
+
+
+def _received_policy_from_row(row: tuple[object, ...]) -> tuple[int, int, ReceivedPolicy]:
+    policy_id, received_id, _position, ptype, domain, strings, mx, ok, bad = row
+    policy = ReceivedPolicy(
+        policy_type=known_policy_type(str(ptype)),
+        policy_strings=_json_tuple(strings),
+        policy_domain=_opt(domain),
+        mx_hosts=_json_tuple(mx),
+        successful=int(str(ok)),
+        failed=int(str(bad)),
+    )
+    return int(str(received_id)), int(str(policy_id)), policy
+
+
+def _received_failure_from_row(row: tuple[object, ...]) -> tuple[int, FailureDetail]:
+    policy_id, _position, rtype, sip, mx, helo, rip, count, info, code = row
+    return int(str(policy_id)), FailureDetail(
+        result_type=known_result_type(str(rtype)),
+        sending_mta_ip=_opt(sip),
+        receiving_mx_hostname=_opt(mx),
+        receiving_ip=_opt(rip),
+        receiving_mx_helo=_opt(helo),
+        failed_session_count=int(str(count)),
+        additional_information=_opt(info),
+        failure_reason_code=_opt(code),
     )
