@@ -284,6 +284,23 @@ def test_every_libtlsrpt_failure_code(code: int, result_type: ResultType) -> Non
     assert r.result_type is result_type and r.result_text == result_type.value
 
 
+def test_a_dane_certificate_no_tlsa_record_matches_is_a_validation_failure() -> None:
+    # Postfix 3.10 reports it as certificate-not-trusted (203); mxguard's sender and the log
+    # collector call the same session validation-failure, and a report must count it once.
+    tlsa = policy(
+        policy_type=1,
+        policy_domain="mx.example.com",
+        policy_strings=["3 1 1 AB"],
+        failures=[Fail(203, n="mx.example.com", s="192.0.2.1", r="192.0.2.25")],
+    )
+    sts = policy(failures=[Fail(203, n="mx.example.com")])  # fmt: skip
+    dane, pkix = event(build(policies=[tlsa, sts])).results(NOW)
+    assert dane.result_type is ResultType.VALIDATION_FAILURE
+    assert dane.detail == "Postfix TLSRPT; Postfix reported certificate-not-trusted"
+    assert (dane.receiving_mx, dane.receiving_ip) == ("mx.example.com", "192.0.2.25")
+    assert pkix.result_type is ResultType.CERTIFICATE_NOT_TRUSTED  # under sts: as reported
+
+
 @pytest.mark.parametrize("name", ["success", "starttls-not-supported-mx1"])
 def test_without_the_policy_maps_attributes_postfix_reports_no_policy_found(name: str) -> None:
     # mxguard answered `secure match=…` without policy_type=sts: Postfix enforces it but

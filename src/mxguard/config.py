@@ -25,13 +25,20 @@ Config file (all keys optional)::
     submitter = "mail.example.org"      # TLS-Report-Submitter and the §5.1 file name
     sender = "tlsrpt-noreply@example.org"  # MAIL FROM and From: of report e-mails
     delay_window = 14400                # seconds: reports go out at random within this
+    dkim_key = "/etc/mxguard/dkim.pem"  # DKIM-sign report e-mails (RFC 8460 §3): RSA key, PEM
+    dkim_selector = "tlsrpt"            # published at tlsrpt._domainkey.<dkim_domain>
+    dkim_domain = "example.org"         # d=, the reporting domain; default: the submitter
 
     [postfix]                           # `mxguard serve postfix`: keys in docs/postfix.md
     listen = "inet:127.0.0.1:8461"
+
+    [reports]                           # `mxguard serve reports`: keys in docs/reports.md
+    dashboard_listen = "127.0.0.1:8025"
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -57,6 +64,11 @@ class TlsRptSettings:
     submitter: str | None = None
     sender: str | None = None
     delay_window: float = 4 * 3600.0  # RFC 8460 §4.1 asks senders to spread the load
+    # DKIM signatures of report e-mails (RFC 8460 §3): the private key (PEM), the selector,
+    # and the signing domain (None: the submitter); no key, no signature.
+    dkim_key: Path | None = None
+    dkim_selector: str | None = None
+    dkim_domain: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,7 @@ class Settings:
     helo_name: str = field(default_factory=socket.getfqdn)
     fetch_timeout: float = 10.0  # the whole MTA-STS policy fetch, connect to last byte
     postfix: Mapping[str, Any] = field(default_factory=dict)  # checked by mxguard.postfix
+    reports: Mapping[str, Any] = field(default_factory=dict)  # checked by owner.reports_server
     json: bool = False
     tlsrpt: TlsRptSettings = field(default_factory=TlsRptSettings)
     source: str = "defaults"  # where the settings came from, for messages
@@ -79,6 +92,12 @@ class Settings:
     def report_submitter(self) -> str:
         """RFC 8460 §5.3 TLS-Report-Submitter: configured, else the HELO name."""
         return self.tlsrpt.submitter or self.helo_name
+
+    @property
+    def report_dkim_domain(self) -> str:
+        """The d= of report e-mails: the reporting domain (RFC 8460 §3), configured or else
+        the submitter, whose name the reports carry (§5.3 TLS-Report-Submitter)."""
+        return self.tlsrpt.dkim_domain or self.report_submitter
 
     @property
     def report_sender(self) -> str:
@@ -109,9 +128,23 @@ _KEYS = {
     "local_rules": "a table of domain = floor",
     "fetch_timeout": "seconds (a number from 0.1 to 60) for a whole MTA-STS policy fetch",
     "postfix": "a table of `mxguard serve postfix` settings (see docs/postfix.md)",
-    "tlsrpt": "a table with organization_name, contact_info, submitter, sender, delay_window",
+    "reports": "a table of `mxguard serve reports` settings (see docs/reports.md)",
+    "tlsrpt": "a table with organization_name, contact_info, submitter, sender, delay_window, "
+    "dkim_key, dkim_selector, dkim_domain",
 }
-_TLSRPT_KEYS = ("organization_name", "contact_info", "submitter", "sender", "delay_window")
+_TLSRPT_KEYS = (
+    "organization_name",
+    "contact_info",
+    "submitter",
+    "sender",
+    "delay_window",
+    "dkim_key",
+    "dkim_selector",
+    "dkim_domain",
+)
+# RFC 6376 §3.1: a selector is a sub-domain: dot-separated labels.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_SELECTOR = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
 
 
 def tlsrpt_settings(data: Any, where: str) -> TlsRptSettings:
@@ -140,6 +173,32 @@ def tlsrpt_settings(data: Any, where: str) -> TlsRptSettings:
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 86400:
             raise ConfigError(f"{where}.delay_window: expected seconds, a number from 0 to 86400")
         values["delay_window"] = float(value)
+    for key in ("dkim_key", "dkim_selector", "dkim_domain"):
+        if key in data:
+            if not isinstance(data[key], str) or not data[key].strip():
+                raise ConfigError(f"{where}.{key}: expected a non-empty string")
+            values[key] = data[key].strip()
+    if "dkim_key" in values:
+        values["dkim_key"] = Path(values["dkim_key"])
+    if ("dkim_key" in values) != ("dkim_selector" in values):
+        raise ConfigError(
+            f"{where}: dkim_key and dkim_selector go together (the key signs, the selector "
+            "names where its public half is published)"
+        )
+    if "dkim_domain" in values and "dkim_key" not in values:
+        raise ConfigError(f"{where}.dkim_domain: set dkim_key and dkim_selector too")
+    selector = values.get("dkim_selector")
+    if selector is not None and (len(selector) > 200 or not _SELECTOR.match(selector)):
+        raise ConfigError(
+            f"{where}.dkim_selector: {selector!r} is not a DKIM selector (RFC 6376 §3.1: "
+            'labels of letters, digits and "-", separated by dots, e.g. "tlsrpt")'
+        )
+    if "dkim_domain" in values:
+        problem = _helo_name_problem(values["dkim_domain"])
+        if problem:
+            raise ConfigError(
+                f"{where}.dkim_domain: {values['dkim_domain']!r} is not a domain name ({problem})"
+            )
     return TlsRptSettings(**values)
 
 
@@ -228,6 +287,10 @@ def from_mapping(data: Mapping[str, Any], source: str) -> Settings:
         if not isinstance(data["postfix"], Mapping):
             raise ConfigError(f"{source}: postfix: expected {_KEYS['postfix']}")
         values["postfix"] = dict(data["postfix"])
+    if "reports" in data:
+        if not isinstance(data["reports"], Mapping):
+            raise ConfigError(f"{source}: reports: expected {_KEYS['reports']}")
+        values["reports"] = dict(data["reports"])
     return s.with_overrides(**values)
 
 

@@ -107,11 +107,13 @@ from mxguard.cli import send as _send  # noqa: E402
 from mxguard.cli import serve as _serve  # noqa: E402
 from mxguard.cli import sts as _sts  # noqa: E402
 from mxguard.cli import tlsrpt as _tlsrpt  # noqa: E402
+from mxguard.cli import tlsrpt_collect as _tlsrpt_collect  # noqa: E402
 
 main.add_command(_sts.sts)
 main.add_command(_dane.dane)
 main.add_command(_cert.cert)
 main.add_command(_tlsrpt.tlsrpt)
+_tlsrpt.tlsrpt.add_command(_tlsrpt_collect.collect)
 main.add_command(_lab.lab)
 main.add_command(_policy.policy)
 main.add_command(_send.send)

@@ -328,14 +328,12 @@ def _opportunistic_answer(policy: DeliveryPolicy, options: Options) -> Answer:
         if options.strict_testing or attrs:
             return Answer(Kind.OK, level + attrs)
         return NOTFOUND  # Postfix's own default applies (RFC 8461 §5: deliver anyway)
-    if options.tlsrpt_attributes and policy.mta_sts is not None and policy.mta_sts.error:
-        # RFC 8460 §4.3.2: the fetch failed and nothing was cached; tell Postfix, so that
-        # its TLS-RPT report names the failure.
-        failure = policy.mta_sts.error.result_type.value
-        return Answer(
-            Kind.OK,
-            f"may policy_type=sts policy_domain={policy.domain} policy_failure={failure}",
-        )
+    # A failed MTA-STS fetch with nothing cached is no policy (RFC 8461 §5): NOTFOUND, with
+    # TLS-RPT attributes too. Postfix 3.10 would take `may policy_type=sts policy_domain=…
+    # policy_failure=sts-policy-fetch-error`, but it reports such sessions as an `sts` policy
+    # without policy lines that succeeded (it uses policy_failure only to rename a certificate
+    # failure, which `may` never has: tls_verify.c), and smtp(8) before 3.10.6 crashes on an
+    # `sts` answer without policy_string and mx_host_pattern attributes.
     return NOTFOUND
 
 

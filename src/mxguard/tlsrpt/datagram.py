@@ -37,8 +37,12 @@ copied unescaped, so they are UTF-8 only if Postfix's input was. Members:
 A success names no failure details, hence no MX host and no addresses: Postfix does not say
 which MX host a successful session went to, and such a result has `receiving_mx` None.
 Postfix reports nothing for sessions whose TLS was optional and did not happen (STARTTLS
-missing under `may`, or under `dane` for a domain without TLSA records), and nothing at all
-for domains without a TLS-RPT record.
+missing under `may`, or under `dane` for a domain without TLSA records; so an MTA-STS
+`testing` domain whose STARTTLS is stripped is never reported), and nothing at all for
+domains without a TLS-RPT record. A DANE certificate that no TLSA record matches is reported
+by Postfix as certificate-not-trusted (203); it is recorded as validation-failure, the result
+type mxguard's own sender and its log collector give the same session, so that one session
+counts the same whichever of them saw it.
 
 Parsing (`parse_datagram`) is pure and total: a datagram of more than MAX_DATAGRAM bytes, one
 that is not such an object, a member of the wrong type, an unknown code, an invalid domain
@@ -110,6 +114,10 @@ RESULT_TYPES = {
     305: ResultType.DNSSEC_INVALID,
     306: ResultType.DANE_REQUIRED,
 }
+
+
+# Under a `tlsa` policy, what Postfix reports for a certificate that no TLSA record matches.
+_DANE_AS_VALIDATION_FAILURE = frozenset({ResultType.CERTIFICATE_NOT_TRUSTED})
 
 
 class DatagramError(ValueError):
@@ -190,6 +198,13 @@ class Event:
         for p in self.policies:
             first = p.failures[0] if p.failures else None
             detail = ["Postfix TLSRPT"]
+            result_type = first.result_type if first else None
+            if p.policy_type is PolicyType.TLSA and result_type in _DANE_AS_VALIDATION_FAILURE:
+                # A certificate no TLSA record matches: Postfix 3.10 says certificate-not-
+                # trusted; mxguard's own sender and the log collector say validation-failure
+                # (RFC 8460 §4.3.1: DANE has no certificate authority whose trust failed).
+                detail.append(f"Postfix reported {result_type.value}")
+                result_type = ResultType.VALIDATION_FAILURE
             if first is not None:
                 if first.failure_reason_code:
                     detail.append(f"failure reason: {first.failure_reason_code}")
@@ -204,7 +219,7 @@ class Event:
                     at=at,
                     policy_domain=self.domain,
                     policy=ReportedPolicy(p.policy_type, p.policy_strings, p.mx_patterns, self.rua),
-                    result_type=first.result_type if first else None,
+                    result_type=result_type,
                     sending_ip=first.sending_ip if first else None,
                     receiving_mx=first.receiving_mx if first else None,
                     receiving_ip=first.receiving_ip if first else None,

@@ -25,6 +25,10 @@ The work is durable and lives in the store, not in memory:
    undeliverable for `give_up_after`: then it is dropped. A crash between the steps loses
    nothing: the report, or the results it covers, are still in the store.
 4. `run(stop)` does 2 and 3 until `stop` is set.
+
+Report e-mails are DKIM-signed (`DkimSigner`) when `[tlsrpt] dkim_key` and `dkim_selector` are
+configured: RFC 8460 §3 wants "a valid DKIM signature by the reporting domain" and tells
+receivers to ignore reports without one; `d=` is `dkim_domain`, by default the submitter.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import httpx
 from mxguard.adapters import https
 from mxguard.adapters.dns import DnsOutcome, DnsResolver
 from mxguard.adapters.store import PendingReport, SessionResult, Store
-from mxguard.config import Settings
+from mxguard.config import ConfigError, Settings
 from mxguard.engine.context import Engine
 from mxguard.engine.deliver import DeliveryStatus
 from mxguard.protocol import tlsrpt_report
@@ -80,12 +84,95 @@ class MailSender(Protocol):
         ...
 
 
+MIN_DKIM_BITS = 1024  # RFC 8301 §3.2: verifiers must accept 1024 to 4096 bits
+# The header fields a report e-mail's DKIM signature covers, of those it has: RFC 6376 §5.4's
+# usual ones, and RFC 8460 §5.3's, which a receiver files the report by.
+DKIM_HEADERS = (
+    "from",
+    "to",
+    "subject",
+    "date",
+    "message-id",
+    "mime-version",
+    "content-type",
+    "tls-report-domain",
+    "tls-report-submitter",
+    "tls-required",
+    "auto-submitted",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DkimSigner:
+    """DKIM-signs report e-mails (RFC 8460 §3: "a valid DKIM signature by the reporting
+    domain", without `l=`) with `d=domain`, `s=selector`; the public key belongs at
+    `selector._domainkey.domain`, and its record should say `s=tlsrpt`. RSA-SHA256, relaxed
+    canonicalization of header and body (a relay that refolds a line breaks nothing)."""
+
+    domain: str
+    selector: str
+    key: bytes = field(repr=False)  # PEM
+
+    @classmethod
+    def from_file(cls, path: Path, *, selector: str, domain: str) -> DkimSigner:
+        """The signer for the RSA private key in the PEM file `path` (PKCS#8, as `openssl
+        genpkey` writes it, or PKCS#1); ConfigError when it cannot sign."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        where = f"tlsrpt.dkim_key {path}"
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{where}: {exc.strerror}") from None
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{where}: not an unencrypted PEM private key ({exc})") from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ConfigError(f"{where}: not an RSA key (DKIM signs with RSA-SHA256 here)")
+        if key.key_size < MIN_DKIM_BITS:
+            raise ConfigError(
+                f"{where}: {key.key_size}-bit RSA; verifiers refuse keys under "
+                f"{MIN_DKIM_BITS} bits (RFC 8301 §3.2), use 2048"
+            )
+        # dkimpy reads PKCS#1 only.
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        return cls(domain, selector, pem)
+
+    def sign(self, message: bytes) -> bytes:
+        """`message` with its DKIM-Signature header field in front."""
+        import dkim  # type: ignore[import-untyped]
+
+        head = message.split(b"\r\n\r\n", 1)[0]
+        present = {
+            line.split(b":", 1)[0].strip().lower().decode("ascii", "replace")
+            for line in head.split(b"\r\n")
+            if line and line[:1] not in (b" ", b"\t")
+        }
+        header: bytes = dkim.sign(
+            message,
+            self.selector.encode("ascii"),
+            self.domain.encode("ascii"),
+            self.key,
+            canonicalize=(b"relaxed", b"relaxed"),
+            include_headers=[h.encode("ascii") for h in DKIM_HEADERS if h in present],
+            tlsrpt=True,
+        )
+        return header + message
+
+
 @dataclass(frozen=True, slots=True)
 class ReporterConfig:
     organization_name: str
     contact_info: str
     submitter: str  # RFC 8460 §5.3 TLS-Report-Submitter
     sender: str  # MAIL FROM and From: of report e-mails
+    dkim: DkimSigner | None = None  # signs report e-mails (RFC 8460 §3); None: unsigned
     delay_window: float = 4 * 3600.0  # first delivery at random within this after building
     retry_base: float = RETRY_BASE
     retry_max: float = RETRY_MAX
@@ -153,7 +240,7 @@ def build_email(
     date: dt.datetime,
 ) -> bytes:
     unique = pending.filename.rsplit("!", 1)[-1].split(".", 1)[0]
-    return tlsrpt_report.email_message(
+    message = tlsrpt_report.email_message(
         report,
         submitter=config.submitter,
         mail_from=config.sender,
@@ -162,6 +249,7 @@ def build_email(
         date=date,
         message_id=email.utils.make_msgid(domain=config.submitter),
     )
+    return config.dkim.sign(message) if config.dkim is not None else message
 
 
 @dataclass
@@ -485,13 +573,21 @@ class Reporter:
 
 
 def config_from(settings: Settings) -> ReporterConfig:
-    """The reporter's configuration from mxguard's settings (the `[tlsrpt]` table)."""
+    """The reporter's configuration from mxguard's settings (the `[tlsrpt]` table); reads the
+    DKIM key when one is configured (ConfigError when it cannot sign)."""
+    t = settings.tlsrpt
+    dkim = None
+    if t.dkim_key is not None and t.dkim_selector is not None:
+        dkim = DkimSigner.from_file(
+            t.dkim_key, selector=t.dkim_selector, domain=settings.report_dkim_domain
+        )
     return ReporterConfig(
         organization_name=settings.report_organization,
         contact_info=settings.report_contact,
         submitter=settings.report_submitter,
         sender=settings.report_sender,
-        delay_window=settings.tlsrpt.delay_window,
+        dkim=dkim,
+        delay_window=t.delay_window,
     )
 
 
