@@ -10,23 +10,64 @@ beats the file.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from mxguard import __version__
-from mxguard.config import ConfigError, Settings, check_ca_file, load, port, resolvers
+
+if TYPE_CHECKING:
+    from mxguard.config import Settings
+
+# Sub-commands live in their own modules and are imported when they are used, not for every
+# command: `mxguard --version` or `mxguard check` need neither the lab nor the Postfix server
+# (docs/design.md, "Command-line contract"). They are listed here, in one place.
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "cert": ("mxguard.cli.cert", "cert"),
+    "check": ("mxguard.cli.check", "check"),
+    "dane": ("mxguard.cli.dane", "dane"),
+    "demo": ("mxguard.cli.demo", "demo"),
+    "lab": ("mxguard.cli.lab", "lab"),
+    "policy": ("mxguard.cli.policy", "policy"),
+    "send": ("mxguard.cli.send", "send"),
+    "serve": ("mxguard.cli.serve", "serve"),
+    "sts": ("mxguard.cli.sts", "sts"),
+    "tlsrpt": ("mxguard.cli.tlsrpt", "tlsrpt"),
+}
+# Commands of a group that live in another module: (group, module, attribute).
+_SUBCOMMANDS = {"tlsrpt": [("mxguard.cli.tlsrpt_collect", "collect")]}
+
+
+class _LazyGroup(click.Group):
+    """A group whose sub-commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(_COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _COMMANDS and cmd_name not in self.commands:
+            module, attribute = _COMMANDS[cmd_name]
+            command = getattr(importlib.import_module(module), attribute)
+            for sub_module, sub_attribute in _SUBCOMMANDS.get(cmd_name, []):
+                command.add_command(getattr(importlib.import_module(sub_module), sub_attribute))
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
 
 
 def settings(ctx: click.Context) -> Settings:
     """The effective settings of this invocation (set up by the ``main`` group)."""
+    from mxguard.config import Settings
+
     obj = ctx.find_root().obj
     return obj if isinstance(obj, Settings) else Settings()
 
 
 @click.group(
-    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MXGUARD"}
+    cls=_LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "MXGUARD"},
 )
 @click.version_option(__version__, prog_name="mxguard")
 @click.option(
@@ -68,6 +109,8 @@ def main(
     verbose: int,
 ) -> None:
     """Server-to-server e-mail that a STRIPTLS attacker cannot downgrade."""
+    from mxguard.config import ConfigError, Settings, check_ca_file, load, port, resolvers
+
     logging.basicConfig(
         level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
         format="mxguard: %(levelname)s: %(message)s",
@@ -94,29 +137,3 @@ def main(
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     ctx.obj = s
-
-
-# Sub-command groups live in their own modules; they are registered here, in one place.
-from mxguard.cli import cert as _cert  # noqa: E402
-from mxguard.cli import check as _check  # noqa: E402
-from mxguard.cli import dane as _dane  # noqa: E402
-from mxguard.cli import demo as _demo  # noqa: E402
-from mxguard.cli import lab as _lab  # noqa: E402
-from mxguard.cli import policy as _policy  # noqa: E402
-from mxguard.cli import send as _send  # noqa: E402
-from mxguard.cli import serve as _serve  # noqa: E402
-from mxguard.cli import sts as _sts  # noqa: E402
-from mxguard.cli import tlsrpt as _tlsrpt  # noqa: E402
-from mxguard.cli import tlsrpt_collect as _tlsrpt_collect  # noqa: E402
-
-main.add_command(_sts.sts)
-main.add_command(_dane.dane)
-main.add_command(_cert.cert)
-main.add_command(_tlsrpt.tlsrpt)
-_tlsrpt.tlsrpt.add_command(_tlsrpt_collect.collect)
-main.add_command(_lab.lab)
-main.add_command(_policy.policy)
-main.add_command(_send.send)
-main.add_command(_check.check)
-main.add_command(_demo.demo)
-main.add_command(_serve.serve)
