@@ -1,16 +1,20 @@
-"""Throw-away PostgreSQL and Redis servers on loopback, for tests that need the real thing.
+"""Throw-away PostgreSQL, Redis and Dovecot servers on loopback, for tests that need the real
+thing.
 
-Both listen on this suite's own addresses (PostgreSQL on 127.205.0.1, Redis on 127.205.0.2),
-keep all their files in a temporary folder, and are stopped by their own process id at the
-end of the test session. Use them from a test module with
+They listen on this suite's own addresses (PostgreSQL on 127.205.0.1, Redis on 127.205.0.2,
+Dovecot where the test says, 127.74.0.1 by default), keep all their files in a temporary
+folder, and are stopped by their own process id at the end. Use them from a test module with
 
     pytest_plugins = ["servers"]
 
-and the session-scoped fixtures `postgres_server` and `redis_server`. When a server binary is
-missing the fixture skips, naming the Debian packages that provide it.
+and the session-scoped fixtures `postgres_server` and `redis_server`, or `running_dovecot(...)`
+with a certificate of the test's choice. When a server binary is missing the fixture skips,
+naming the Debian packages that provide it.
 
 PostgreSQL refuses to run as root, so when the tests run as root the server runs as the
-`postgres` user (or `nobody`), in a folder that user owns.
+`postgres` user (or `nobody`), in a folder that user owns. Dovecot runs as root (its master
+process binds port 993 and starts its login and mail processes as Debian's `dovenull` and
+`dovecot` users, and the mailbox's as `nobody`).
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 POSTGRES_HOST = "127.205.0.1"
 REDIS_HOST = "127.205.0.2"
 INSTALL_HINT = "apt-get install postgresql redis-server"
+DOVECOT_HOST = "127.74.0.1"
+DOVECOT_INSTALL_HINT = "apt-get install dovecot-imapd"
 START_TIMEOUT = 30.0
 
 _database_numbers = itertools.count(1)
@@ -82,11 +89,15 @@ def find_binary(name: str) -> str | None:
     return shutil.which(name)
 
 
-def free_port(host: str, preferred: int) -> int:
+def free_port(host: str, preferred: int, *, reuse_address: bool = False) -> int:
     """`preferred` if nothing listens on host:preferred, else a free port the kernel picks
-    (another test session on this machine may already run its own server)."""
+    (another test session on this machine may already run its own server). `reuse_address`:
+    probe as a server that sets SO_REUSEADDR does, so that connections of an earlier server
+    still in TIME_WAIT do not count as taking the port."""
     for port in (preferred, 0):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            if reuse_address:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError:
@@ -280,3 +291,210 @@ def postgres_server() -> Iterator[PostgresServer]:
 def redis_server() -> Iterator[RedisServer]:
     with running_redis() as server:
         yield server
+
+
+# --- Dovecot: a real IMAP server with one mailbox ----------------------------------------
+
+
+@dataclass(frozen=True)
+class DovecotServer:
+    """A running Dovecot with one passwd-file user whose mail is the Maildir ``maildir``."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    password_file: Path
+    maildir: Path
+    folder: Path
+    uid: int
+    gid: int
+
+    @property
+    def server(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _dir(self, mailbox: str | None) -> Path:
+        # Maildir++ (Dovecot's default layout for maildir:): INBOX is the root, others ".NAME".
+        return self.maildir if mailbox in (None, "INBOX") else self.maildir / f".{mailbox}"
+
+    def deliver(self, message: bytes, mailbox: str | None = None) -> Path:
+        """Put ``message`` into ``mailbox`` (INBOX by default) as an MDA does: written to tmp/,
+        then renamed into new/, owned by the mailbox's user."""
+        folder = self._dir(mailbox)
+        for sub in ("tmp", "new", "cur"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            os.chown(folder / sub, self.uid, self.gid)
+        os.chown(folder, self.uid, self.gid)
+        name = f"{time.time_ns()}.M{next(_mail_numbers)}P{os.getpid()}.mxguard-test"
+        temporary = folder / "tmp" / name
+        temporary.write_bytes(message)
+        os.chown(temporary, self.uid, self.gid)
+        final = folder / "new" / name
+        temporary.rename(final)
+        return final
+
+    def messages(self, mailbox: str | None = None) -> list[bytes]:
+        """The messages in ``mailbox`` (new/ and cur/), oldest name first."""
+        folder = self._dir(mailbox)
+        files = sorted(
+            (p for sub in ("new", "cur") if (folder / sub).is_dir()
+             for p in (folder / sub).iterdir() if p.is_file()),
+            key=lambda p: p.name,
+        )  # fmt: skip
+        return [p.read_bytes() for p in files]
+
+
+_mail_numbers = itertools.count(1)
+
+
+def issue_server_certificate(
+    issuer_key: Any, issuer_cert: Any, names: list[str], addresses: list[str], folder: Path
+) -> tuple[Path, Path]:
+    """A server certificate for ``names`` and IP ``addresses`` signed by the given CA (e.g. a
+    LabPKI root), written as PEM files: (certificate, key)."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (names or addresses)[0])]))
+        .issuer_name(issuer_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(issuer_key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "server.crt", folder / "server.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_file.chmod(0o600)
+    return cert_file, key_file
+
+
+_DOVECOT_CONF = """\
+# Written by tests/servers.py: one throw-away Dovecot, IMAP over TLS only.
+protocols = imap
+listen = {host}
+instance_name = mxguard-test-{name}
+base_dir = {folder}/run
+state_dir = {folder}/state
+log_path = {folder}/dovecot.log
+default_internal_user = dovecot
+default_internal_group = dovecot
+default_login_user = dovenull
+ssl = required
+ssl_cert = <{cert}
+ssl_key = <{key}
+{dh}
+ssl_min_protocol = TLSv1.2
+auth_mechanisms = plain
+auth_failure_delay = 0  # a refused login answers at once: a test waits for nothing
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {folder}/passwd
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {folder}/passwd
+}}
+mail_location = maildir:~/Maildir
+namespace inbox {{
+  inbox = yes
+}}
+service imap-login {{
+  inet_listener imap {{
+    port = 0
+  }}
+  inet_listener imaps {{
+    port = {port}
+    ssl = yes
+  }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def running_dovecot(
+    cert_file: Path,
+    key_file: Path,
+    *,
+    host: str = DOVECOT_HOST,
+    user: str = "tlsrpt",
+    password: str = "report-inbox-secret",
+) -> Iterator[DovecotServer]:
+    """Start Dovecot on host:993 (or a free port) serving ``cert_file``; stop it and delete
+    its folder afterwards."""
+    binary = shutil.which("dovecot") or shutil.which("dovecot", path="/usr/sbin:/sbin")
+    if binary is None:
+        pytest.skip(f"dovecot not found: {DOVECOT_INSTALL_HINT}")
+    if os.geteuid() != 0:
+        pytest.skip("the Dovecot of these tests runs as root (port 993, its system users)")
+    for account in ("dovecot", "dovenull"):
+        try:
+            pwd.getpwnam(account)
+        except KeyError:
+            pytest.skip(f"Dovecot's user {account!r} is missing: {DOVECOT_INSTALL_HINT}")
+    mail_user = pwd.getpwnam("nobody")
+    folder = Path(tempfile.mkdtemp(prefix="mxguard-dovecot-"))
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        folder.chmod(0o755)  # the mail process (as nobody) walks to the mailbox
+        home = folder / "home" / user
+        maildir = home / "Maildir"
+        for sub in ("tmp", "new", "cur"):
+            (maildir / sub).mkdir(parents=True)
+        for path in (home, maildir, *(maildir / sub for sub in ("tmp", "new", "cur"))):
+            os.chown(path, mail_user.pw_uid, mail_user.pw_gid)
+        (folder / "home").chmod(0o755)
+        password_file = folder / "password"
+        password_file.write_text(password + "\n", encoding="utf-8")
+        password_file.chmod(0o600)
+        (folder / "passwd").write_text(
+            f"{user}:{{PLAIN}}{password}:{mail_user.pw_uid}:{mail_user.pw_gid}::{home}::\n",
+            encoding="utf-8",
+        )
+        port = free_port(host, 993, reuse_address=True)  # Dovecot sets SO_REUSEADDR
+        dh = Path("/usr/share/dovecot/dh.pem")
+        (folder / "dovecot.conf").write_text(
+            _DOVECOT_CONF.format(
+                host=host, port=port, folder=folder, cert=cert_file, key=key_file,
+                name=f"{os.getpid()}-{port}-{host.replace('.', '-')}",
+                dh=f"ssl_dh = <{dh}" if dh.exists() else "",
+            ),
+            encoding="utf-8",
+        )  # fmt: skip
+        log = folder / "dovecot.log"
+        with open(folder / "dovecot.out", "wb") as out:
+            proc = subprocess.Popen(
+                [binary, "-F", "-c", str(folder / "dovecot.conf")],
+                cwd=folder,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        _wait_until_listening(proc, host, port, log)
+        yield DovecotServer(host, port, user, password, password_file, maildir, folder,
+                            mail_user.pw_uid, mail_user.pw_gid)  # fmt: skip
+    finally:
+        if proc is not None:
+            _stop(proc, signal.SIGTERM)
+        shutil.rmtree(folder, ignore_errors=True)

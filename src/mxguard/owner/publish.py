@@ -19,7 +19,8 @@ computes when a withdrawn policy may be removed.
   sender's own lookups, fetch and certificate check); ``enforce_blockers`` turns it into the
   reasons a compliant sender would refuse honest mail under the new policy (§5: ``enforce``
   refuses hosts that are not covered, offer no STARTTLS or fail the WebPKI check, §4.1,
-  §4.2).
+  §4.2), together with what the TLS reports of the last day received in the store's report
+  inbox say senders elsewhere saw (owner/summary.py, ``ReportEvidence``).
 - Removal (§8.3): a ``mode: none`` policy with a new id, kept with its TXT record until every
   policy served before it has expired from senders' caches: the max_age of the policy live
   now (fetched as senders fetch it), counted from when the ``none`` policy goes live.
@@ -39,15 +40,19 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mxguard.adapters import https
 from mxguard.adapters.dns import DnsAnswer, DnsOutcome, DnsResolver, DnssecStatus
+from mxguard.adapters.store import StoreError, default_store_url, open_store
 from mxguard.audit.auditor import Auditor
 from mxguard.audit.model import DomainCheck
 from mxguard.config import Settings
 from mxguard.protocol import mtasts, names, tlsrpt
 from mxguard.protocol.mtasts import Mode, Policy
+
+if TYPE_CHECKING:
+    from mxguard.owner.summary import ReportEvidence
 
 # Default max_age per mode (seconds); docs/publish.md explains the choice.
 # testing: one day. Nothing is enforced, so a long cache protects nothing; a short one means a
@@ -267,9 +272,12 @@ def coverage(policy: Policy, hosts: Iterable[str]) -> tuple[list[str], list[str]
     return uncovered, unused
 
 
-def enforce_blockers(check_result: DomainCheck, new_policy: Policy) -> list[str]:
+def enforce_blockers(
+    check_result: DomainCheck, new_policy: Policy, reports: ReportEvidence | None = None
+) -> list[str]:
     """Why a compliant sender would refuse or defer honest mail if ``new_policy`` were
-    published in ``enforce`` mode now, from a fresh ``mxguard check`` of the domain.
+    published in ``enforce`` mode now, from a fresh ``mxguard check`` of the domain and, when
+    given, the TLS reports received for it (``reports``, owner/summary.py).
 
     Under enforce a sender delivers only to MX hosts a pattern covers, only over STARTTLS, and
     only to a host whose certificate passes WebPKI for the MX host name (RFC 8461 §4.1, §4.2,
@@ -277,8 +285,9 @@ def enforce_blockers(check_result: DomainCheck, new_policy: Policy) -> list[str]
     judged them under the policy live now). Every other audit finding that breaks delivery
     (DNSSEC failures, DANE mismatches, no MX host taking honest mail, ...) blocks as well:
     enforce fixes none of them. An address the audit could not reach blocks too: its
-    certificate is unknown. One sentence per blocker, for people; callers add their own
-    blockers (TLS reports, later) to the list.
+    certificate is unknown. The reports add what senders elsewhere saw under the testing
+    policy: certificate failures, MX hosts the new policy misses, policy fetches that failed
+    (``ReportEvidence.blockers``). One sentence per blocker, for people.
     """
     blockers: list[str] = []
 
@@ -323,6 +332,9 @@ def enforce_blockers(check_result: DomainCheck, new_policy: Policy) -> list[str]
                     f"{a.webpki.detail}): under enforce senders refuse to deliver to it "
                     "(RFC 8461 §4.2)"
                 )
+    if reports is not None:
+        for b in reports.blockers(new_policy):
+            add(b.text)
     return blockers
 
 
@@ -511,7 +523,10 @@ async def publish(
     blockers: tuple[str, ...] | None = None
     if mode is Mode.ENFORCE:
         check = await auditor(settings).check(domain)
-        blockers = tuple(enforce_blockers(check, policy))
+        reports, why = await _received_reports(settings, domain, clock())
+        if reports is None:
+            warnings.append(why)
+        blockers = tuple(enforce_blockers(check, policy, reports))
         if blockers and not request.force:
             return Publication(
                 domain, Status.REFUSED, mode, policy, mx_hosts=mx.hosts, blockers=blockers,
@@ -529,6 +544,35 @@ async def publish(
         domain, Status.WRITTEN, mode, policy, path, mx.hosts, blockers,
         warnings=tuple(warnings), notes=tuple(notes),
     )  # fmt: skip
+
+
+async def _received_reports(
+    settings: Settings, domain: str, now: dt.datetime
+) -> tuple[ReportEvidence | None, str]:
+    """The TLS reports received for ``domain`` over the last day and today, from the store's
+    report inbox (``tlsrpt fetch`` / ``ingest`` keep them there); None and why not, when
+    there are none to judge by. The freshest reports only: failures from before a fix are
+    history here (``tlsrpt summary --days N`` shows the longer view)."""
+    from mxguard.owner import summary  # it builds on this module
+
+    start, end = summary.window(now, summary.ENFORCE_REPORT_DAYS)
+    try:
+        store = await open_store(settings.store or default_store_url())
+        try:
+            evidence = await summary.gather(store, domain, start, end)
+        finally:
+            await store.close()
+    except StoreError as exc:
+        return None, (
+            f"the received TLS reports could not be read ({exc}): only this check was judged"
+        )
+    if evidence.sessions == 0:
+        return None, (
+            f"no TLS report received for {domain} since {start.date().isoformat()} is in the "
+            "store: only this check was judged, not what senders elsewhere see (`mxguard "
+            f"tlsrpt summary {domain}` says when there is enough evidence)"
+        )
+    return evidence, ""
 
 
 def _no_mx_problem(mx: MxSet) -> str | None:
