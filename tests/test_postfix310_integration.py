@@ -4,20 +4,20 @@ Postfix 3.10 (Debian 13's, from the root of `scripts/trixie-root`, tests/postfix
 takes mxguard's `--tlsrpt-attributes` answers (`policy_type=sts policy_domain=…
 mx_host_pattern=… { policy_string = … }`), enforces the MTA-STS MX
 patterns itself (`smtp_tls_enforce_sts_mx_patterns = yes`) and reports every TLS handshake
-over libtlsrpt to `mxguard tlsrpt collect --socket`, run here as the command an operator runs.
-The host's Postfix 3.7 gets the plain answers, and its log goes through the log collector
-(`tlsrpt collect-postfix`'s Collector). Every case below is delivered once by each, with the
-same attacks in front of the same MX hosts:
+over libtlsrpt to `mxguard tlsrpt collect --socket … --log …`, run here as the command an
+operator runs: it records those events, and from Postfix 3.10's log the sessions they leave
+out (plain text under MTA-STS `testing`: smtp_proto.c reports a missing or refused STARTTLS
+only where TLS is required). The host's Postfix 3.7 gets the plain answers, and its log goes
+through the log collector (`tlsrpt collect-postfix`'s Collector). Every case below is
+delivered once by each, with the same attacks in front of the same MX hosts:
 
 - the outcome each Postfix logs, what the receivers got and what the STRIPTLS attacker saw;
 - the MX host an MTA-STS policy does not list: Postfix 3.10 never connects to it, 3.7 does
   (and then refuses its certificate, because mxguard names only the listed hosts in `match=`);
-- the report built from Postfix 3.10's own events counts exactly the TLS sessions Postfix
-  made, per policy and result type, and equals what the log collector counts on 3.7, except
-  where the two Postfix versions do different things: the unlisted MX host (3.7 makes one
-  session more), and an MTA-STS `testing` domain whose STARTTLS was stripped, which
-  Postfix 3.10 does not report at all (smtp_proto.c reports starttls-not-supported only when
-  TLS is required), while the 3.7 log shows the session in plain text.
+- the report built from Postfix 3.10's own events and the log supplement counts exactly the
+  sessions Postfix made, per policy and result type, and equals what the log collector counts
+  on 3.7, except where the two Postfix versions do different things: the unlisted MX host
+  (3.7 makes one session more).
 
 The lab is changed for the module and put back afterwards: `dane-mismatch.test` and
 `sts-404.test` publish a TLS-RPT record (Postfix reports only domains that have one), and
@@ -58,7 +58,7 @@ from mxguard.postfix.options import options_from
 from mxguard.postfix.server import PolicyServer
 from mxguard.protocol import tlsrpt_report
 from mxguard.protocol.tlsrpt_report import PolicyType
-from mxguard.tlsrpt.collector import Collector, EnginePolicies
+from mxguard.tlsrpt.collector import REPORTED_BY_POSTFIX, Collector, EnginePolicies
 
 pytest.register_assert_rewrite("postfix_harness", "postfix310_harness")
 
@@ -88,6 +88,8 @@ CASES = (
     Case("sts-enforce-stripped", "sts-enforce.test", "strip"),
     Case("sts-unlisted-mx", UNLISTED, "pass"),
     Case("sts-testing-stripped", "sts-testing.test", "strip"),
+    # STARTTLS offered, then refused (454): under `testing` both go on in plain text.
+    Case("sts-testing-454", "sts-testing.test", "454"),
     # No policy can be fetched and none is cached: no policy (RFC 8461 §5), NOTFOUND.
     Case("sts-fetch-error", "sts-404.test", "pass"),
     Case("dane-honest", "dane-ee.test", "pass"),
@@ -100,6 +102,7 @@ OUTCOMES = {
     "sts-enforce-stripped": ("deferred", None),
     "sts-unlisted-mx": ("sent", "tls"),
     "sts-testing-stripped": ("sent", "plain"),
+    "sts-testing-454": ("sent", "plain"),
     "sts-fetch-error": ("sent", "tls"),
     "dane-honest": ("sent", "tls"),
     "dane-mismatch": ("deferred", None),
@@ -112,10 +115,16 @@ REPORTED_310 = {
     "sts-enforce-stripped": [("sts", "starttls-not-supported")] * 2,
     "sts-unlisted-mx": [("sts", None)],  # mx2 only: mx1 was never contacted
     "sts-testing-stripped": [],  # TLS was optional and did not happen: nothing is reported
+    "sts-testing-454": [],  # the same: a refused STARTTLS is reported only where TLS is required
     "sts-fetch-error": [("no-policy-found", None)],
     "dane-honest": [("tlsa", None)],
     # Postfix says certificate-not-trusted; recorded as mxguard names it (datagram.py).
     "dane-mismatch": [("tlsa", "validation-failure")],
+}
+# case -> what the log supplement recorded from Postfix 3.10's log: the sessions left out
+LEFT_OUT_310 = {
+    "sts-testing-stripped": [("sts", "starttls-not-supported")],
+    "sts-testing-454": [("sts", "starttls-not-supported")],
 }
 
 
@@ -129,6 +138,7 @@ class Attempt:
     received: tuple[ReceivedMessage, ...]  # messages with the marker, at any MX host
     attacked: tuple[tuple[str, AttackSession], ...]  # (MX host, session) from this Postfix
     datagram_results: tuple[SessionResult, ...] = ()  # what `tlsrpt collect` recorded (3.10)
+    log_results: tuple[SessionResult, ...] = ()  # what its log supplement recorded (3.10)
 
     def attacker_saw(self, data: bytes) -> bool:
         return any(data in s.client_bytes or data in s.server_bytes for _, s in self.attacked)
@@ -144,7 +154,7 @@ class Run:
     pf37: dict[str, Attempt]
     log310: list[str]
     collect_stats: dict[str, Any]  # the final JSON line of `mxguard tlsrpt collect`
-    results310: list[SessionResult]  # everything `tlsrpt collect` stored
+    results310: list[SessionResult]  # everything `tlsrpt collect` stored (events and log)
     results37: list[SessionResult]  # everything the log collector stored from 3.7's log
     answers: dict[str, str]  # domain -> what the attribute-sending policy server answered
     address310: str  # where Postfix 3.10 sends from
@@ -155,10 +165,15 @@ def suite_address_310(lab: Lab, host: int) -> str:
 
 
 class CollectCommand:
-    """`mxguard --store URL tlsrpt collect --socket PATH --group GID --json` as a process."""
+    """`mxguard --config LAB --store URL tlsrpt collect --socket PATH --group GID --log FILE
+    --state FILE --poll 0.2 --json` as a process, on the store of Postfix 3.10's policy server
+    (the log supplement reports under the policy it served)."""
 
-    def __init__(self, socket_path: Path, db: Path, group: int) -> None:
+    def __init__(
+        self, socket_path: Path, db: Path, group: int, *, config: Path, log: Path, state: Path
+    ) -> None:
         self.socket_path, self.db, self.group = socket_path, db, group
+        self.config, self.log, self.state = config, log, state
         self.process: subprocess.Popen[str] | None = None
         self.stats: dict[str, Any] = {}
         self.stderr = ""
@@ -166,9 +181,10 @@ class CollectCommand:
 
     def __enter__(self) -> CollectCommand:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mxguard", "--store", f"sqlite:///{self.db}", "tlsrpt",
-             "collect", "--socket", str(self.socket_path), "--group", str(self.group),
-             "--json"],
+            [sys.executable, "-m", "mxguard", "--config", str(self.config), "--store",
+             f"sqlite:///{self.db}", "tlsrpt", "collect", "--socket", str(self.socket_path),
+             "--group", str(self.group), "--log", str(self.log), "--state", str(self.state),
+             "--poll", "0.2", "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
         )  # fmt: skip
         deadline = time.monotonic() + 20
@@ -230,14 +246,15 @@ def deliver(
         lab.set_attack(host, case.attack)
     before = collector.count() if collector is not None else 0
     submission, outcome = postfix.deliver(f"postmaster@{case.domain}")
-    results: tuple[SessionResult, ...] = ()
+    results: list[SessionResult] = []
     if collector is not None:
-        # Each event Postfix logged is a datagram the collector writes within a second or so.
-        wanted = before + len(tlsrpt_lines(outcome))
+        # Each event Postfix logged is a datagram the collector writes within a second or so;
+        # each session left out, a result of the log supplement within a poll (0.2 s).
+        wanted = before + len(tlsrpt_lines(outcome)) + len(LEFT_OUT_310.get(case.name, []))
         deadline = time.monotonic() + 15
         while collector.count() < wanted and time.monotonic() < deadline:
             time.sleep(0.05)
-        results = tuple(all_results(collector.db)[before:])
+        results = all_results(collector.db)[before:]
     marker = submission.marker.encode()
     return Attempt(
         case=case,
@@ -252,8 +269,14 @@ def deliver(
             for s in lab.attacker(host).sessions
             if s.peer.startswith(postfix.address + ":")
         ),
-        datagram_results=results,
+        datagram_results=tuple(r for r in results if from_datagram(r)),
+        log_results=tuple(r for r in results if not from_datagram(r)),
     )
+
+
+def from_datagram(r: SessionResult) -> bool:
+    """Recorded from one of Postfix's events, not from its log (datagram.py's detail)."""
+    return (r.detail or "").startswith("Postfix TLSRPT")
 
 
 def changed_domains(scenario: Scenario) -> list[Domain]:
@@ -319,6 +342,8 @@ def run(
     work310 = Path(tempfile.mkdtemp(prefix="mxg-pfi310-"))
     work37 = Path(tempfile.mkdtemp(prefix="mxg-pfi37-"))
     socket_path = work310 / "tlsrpt.sock"
+    log310 = work310 / "maillog"  # postfix_harness's maillog_file, there before Postfix starts
+    log310.touch(mode=0o644)
     for d in changed_domains(standard_scenario):
         lab.update_domain(d)
     try:
@@ -331,7 +356,14 @@ def run(
             PolicyServer(
                 plain, listen=f"inet:{postfix_harness.suite_address(lab, 12)}:0"
             ) as server37,
-            CollectCommand(socket_path, state / "tlsrpt.db", postfix_gid(root)) as collector,
+            CollectCommand(
+                socket_path,
+                state / "policy310.db",
+                postfix_gid(root),
+                config=lab.config_file,
+                log=log310,
+                state=state / "log310-state",
+            ) as collector,
         ):
             h310, p310 = server310.socketmap_address
             h37, p37 = server37.socketmap_address
@@ -365,7 +397,8 @@ def run(
                     for host in lab.scenario.hosts():
                         lab.set_attack(host.name, standard_scenario.host(host.name).attack)
                     lab.clear_records()
-                log310 = pf310.log_lines()
+                assert pf310.log_file == log310
+                lines310 = pf310.log_lines()
                 log37 = state / "maillog37"
                 shutil.copyfile(pf37.log_file, log37)
                 answers = {
@@ -373,16 +406,18 @@ def run(
                     for c in CASES
                 }
                 version = mail_version(root)
-            collector.stop()
+                # While Postfix 3.10's folder (socket, log) is still there: its last read.
+                collector.stop()
             assert collector.returncode == 0, collector.stderr
+            assert "warning" not in collector.stderr.lower(), collector.stderr
         results37 = collect_37_log(lab, log37, state / "policy37.db", state)
         yield Run(
             version=version,
             pf310=attempts310,
             pf37=attempts37,
-            log310=log310,
+            log310=lines310,
             collect_stats=collector.stats,
-            results310=all_results(state / "tlsrpt.db"),
+            results310=all_results(state / "policy310.db"),
             results37=results37,
             answers=answers,
             address310=suite_address_310(lab, 11),
@@ -437,6 +472,8 @@ def test_enforce_stripped_tries_both_mx_hosts_and_defers(run: Run) -> None:
 def test_testing_stripped_is_delivered_in_plain_text(run: Run) -> None:
     a = run.pf310["sts-testing-stripped"]
     assert any(s.stripped for _, s in a.attacked) and a.attacker_saw(b"MAIL FROM")
+    b = run.pf310["sts-testing-454"]  # STARTTLS offered, refused: in plain text all the same
+    assert b.attacker_saw(b"STARTTLS") and b.attacker_saw(b"MAIL FROM")
 
 
 def test_postfix_310_never_connects_to_an_mx_host_the_policy_does_not_list(run: Run) -> None:
@@ -475,20 +512,37 @@ def test_each_event_postfix_310_reported_is_recorded_once(run: Run, name: str) -
     assert sorted(got, key=str) == sorted(REPORTED_310[name], key=str), a.outcome.text()
     assert len(tlsrpt_lines(a.outcome)) == len(got)
     assert {r.policy_domain for r in a.datagram_results} <= {a.case.domain}
-    # Every TLS session Postfix made is reported: all but a stripped one under `testing`.
-    sessions = len(a.attacked)
-    assert len(got) == (0 if name == "sts-testing-stripped" else sessions), name
     for r in a.datagram_results:
         if r.result_type is not None:
             assert r.sending_ip == run.address310 and r.receiving_ip, r
             assert r.receiving_mx in a.contacted(), r
 
 
+@pytest.mark.parametrize("name", [c.name for c in CASES])
+def test_the_log_supplies_exactly_the_sessions_postfix_310_left_out(run: Run, name: str) -> None:
+    a = run.pf310[name]
+    got = [(r.policy_type.value, r.result_text) for r in a.log_results]
+    assert got == LEFT_OUT_310.get(name, []), a.outcome.text()
+    # Every session Postfix made is counted once: its own event, or else the log's.
+    assert len(a.datagram_results) + len(a.log_results) == len(a.attacked), name
+    for r in a.log_results:
+        assert r.policy_domain == a.case.domain and r.receiving_mx in a.contacted(), r
+        assert r.receiving_ip == a.outcome.relay.split("[")[1].split("]")[0], r
+
+
 def test_the_collector_counted_what_it_stored(run: Run) -> None:
     stats = run.collect_stats
-    assert stats["events"] == stats["written"] == len(run.results310)
+    assert stats["events"] == stats["written"] == sum(map(from_datagram, run.results310))
     assert stats["malformed"] == {} and stats["dropped"] == 0
-    assert len(run.results310) == sum(len(a.datagram_results) for a in run.pf310.values())
+    assert len(run.results310) == sum(
+        len(a.datagram_results) + len(a.log_results) for a in run.pf310.values()
+    )
+    # The log: every other session was Postfix's own event (it logged each one it reported).
+    log = stats["log"]
+    assert log["sessions"] == sum(len(v) for v in LEFT_OUT_310.values())
+    assert log["dropped"] == {REPORTED_BY_POSTFIX: stats["events"]}
+    assert sum(log["policies"].values()) == log["sessions"]  # served (or, if not yet written,
+    # resolved again: the policy server writes what it served every half second)
 
 
 Summary = dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], tuple[int, Counter[str]]]
@@ -519,12 +573,8 @@ def test_the_report_from_postfix_310s_events_equals_the_log_collectors_on_postfi
     ours = summary(run.results310)
     theirs = summary(run.results37)
     # Where the two Postfix versions really do differ (module docstring): 3.7 connects to the
-    # unlisted mx1 and fails its (expired) certificate; 3.10 does not report a stripped
-    # session under `testing`.
-    expected_only_37 = {
-        (UNLISTED, "certificate-expired"): 1,
-        ("sts-testing.test", "starttls-not-supported"): 1,
-    }
+    # unlisted mx1 and fails its (expired) certificate.
+    expected_only_37 = {(UNLISTED, "certificate-expired"): 1}
     for key in set(ours) | set(theirs):
         domain = key[0]
         ok310, failed310 = ours.get(key, (0, Counter()))
@@ -533,10 +583,13 @@ def test_the_report_from_postfix_310s_events_equals_the_log_collectors_on_postfi
             if d == domain and failed37[result_type] >= n:
                 failed37 = failed37 - Counter({result_type: n})
         assert (ok310, failed310) == (ok37, failed37), (key, ours, theirs)
-    # The same policies, as Postfix 3.10 named them and as mxguard served them to 3.7.
-    assert set(ours) == {k for k in theirs if k[0] != "sts-testing.test"}
-    assert {k[0] for k in ours} == {c.domain for c in CASES} - {"sts-testing.test"}
+    # The same policies, as Postfix 3.10 and mxguard named them and as mxguard served 3.7.
+    assert set(ours) == set(theirs)
+    assert {k[0] for k in ours} == {c.domain for c in CASES}
     assert sum(ok for ok, _ in ours.values()) == 4  # enforce, unlisted, fetch error, DANE
-    assert sum(sum(f.values()) for _, f in ours.values()) == 3  # stripped twice, DANE mismatch
+    # enforce stripped twice, DANE mismatch; testing stripped and 454, from the log
+    assert sum(sum(f.values()) for _, f in ours.values()) == 5
+    testing = [k for k in ours if k[0] == "sts-testing.test"]
+    assert [ours[k] for k in testing] == [(0, Counter({"starttls-not-supported": 2}))]
     tlsa = [k for k in ours if k[1] == PolicyType.TLSA.value]
     assert {k[0] for k in tlsa} == {"dane-ee.test", "dane-mismatch.test"}

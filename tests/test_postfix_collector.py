@@ -9,6 +9,10 @@ every TCP connection it proxies (`Delivery.attacked`, only connections from Post
 address, records cleared before each case). Each such connection is one SMTP session that
 Postfix really made (RFC 8460 §4: sessions are what count). The collector, reading only
 Postfix's log, must find exactly as many sessions per delivery, with the result types below.
+
+Beside Postfix 3.10's own TLSRPT events (`supplement`), the collector records only the
+sessions those events leave out; the lines and datagrams there are as Postfix 3.10.13 wrote
+them in the lab (tests/test_postfix310_integration.py runs the real one).
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +43,9 @@ from mxguard.tlsrpt import collector as module
 from mxguard.tlsrpt.collector import (
     BAD_DOMAIN,
     MX_UNKNOWN,
+    NOT_LEFT_OUT,
     NOT_TO_MX,
+    REPORTED_BY_POSTFIX,
     RESOLVED,
     SERVED,
     Collector,
@@ -48,6 +56,8 @@ from mxguard.tlsrpt.collector import (
     report_policy,
     served_policy,
 )
+from mxguard.tlsrpt.datagram import DatagramError, parse_datagram
+from mxguard.tlsrpt.postfix_log import sessions
 
 pytest.register_assert_rewrite("postfix_harness")
 
@@ -106,9 +116,11 @@ def run(
     runs: int = 1,
     served: Sequence[ServedPolicy] = (),
     store_class: type[SQLiteStore] = SQLiteStore,
+    supplement: bool = False,
 ) -> tuple[list[Counts], list[SessionResult]]:
     """The collector over `lines` (times in UTC), `runs` times, with the `served` records in
     the store; the counts of each run, the stored results."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     log = tmp_path / "mail.log"
     log.write_text("".join(f"{ln}\n" for ln in lines), encoding="utf-8")
 
@@ -119,7 +131,7 @@ def run(
             counts = []
             for _ in range(runs):
                 c = Collector(log, store, policies, state_path=tmp_path / "state",
-                              clock=lambda: NOW, tz=dt.UTC)  # fmt: skip
+                              clock=lambda: NOW, tz=dt.UTC, supplement=supplement)  # fmt: skip
                 counts.append(await c.collect())
             far = dt.timedelta(days=400)
             stored = await store.results_between(NOW - far, NOW + far, unreported_only=False)
@@ -361,6 +373,186 @@ def sts_policy(*mx: tuple[str, bool]) -> DeliveryPolicy:
 def test_a_served_record_names_the_policy_as_resolving_it_would(policy: DeliveryPolicy) -> None:
     record = served_record(policy.domain, policy, Answer(Kind.OK, "dane-only"), T)
     assert served_policy(record) == report_policy(policy)
+
+
+# --- beside Postfix 3.10's own TLSRPT events (no lab) ------------------------------------
+
+TESTING_LINES = ("version: STSv1", "mode: testing", "mx: *.t.test", "max_age: 86400")
+ENFORCE_LINES = ("version: STSv1", "mode: enforce", "mx: *.e.test", "max_age: 86400")
+
+
+def served_sts(domain: str, lines: tuple[str, ...], hosts: dict[str, str]) -> ServedPolicy:
+    level = "may" if "mode: testing" in lines else "secure match=" + ":".join(hosts)
+    return ServedPolicy(
+        domain=domain, at=T, mx_hosts=tuple(hosts), mx_addresses=tuple(hosts.values()),
+        policy=ReportedPolicy(PolicyType.STS, lines, (f"*.{domain}",),
+                              (f"mailto:tlsrpt@{domain}",)),
+        answer=f"OK {level} policy_type=sts policy_domain={domain}",
+    )  # fmt: skip
+
+
+SERVED_310 = [
+    served_sts("t.test", TESTING_LINES, {"mx.t.test": "192.0.2.6"}),
+    served_sts("e.test", ENFORCE_LINES, {"mx1.e.test": "192.0.2.4", "mx2.e.test": "192.0.2.5"}),
+]
+EHLO = "250-{host} at your service\r\n250-STARTTLS\r\n250 SMTPUTF8"
+
+
+def event(domain: str, lines: tuple[str, ...], failure: dict[str, object] | None = None) -> bytes:
+    """A datagram as Postfix 3.10.13 with Debian's libtlsrpt 0.5.0rc1 sends it (no `dpv`)."""
+    policy: dict[str, object] = {
+        "policy-type": 2, "policy-domain": domain, "policy-string": list(lines),
+        "mx-host": [f"*.{domain}"], "t": 0, "f": 0,
+    }  # fmt: skip
+    if failure is not None:
+        host = str(failure["n"])
+        policy.update({"failure-details": [{"s": "192.0.2.200", "h": EHLO.format(host=host),
+                                            **failure}], "t": 1, "f": 1})  # fmt: skip
+    doc = {"d": domain, "pr": f"v=TLSRPTv1; rua=mailto:tlsrpt@{domain}", "policies": [policy]}
+    return json.dumps(doc).encode()
+
+
+def tlsrpt(pid: int, status: str, peer: str, more: str = "") -> str:
+    domain = peer.split("[")[0].split(".", 1)[1]
+    return f"{P.format(pid=pid)}TLSRPT: status={status}, domain={domain}, receiving_mx={peer}{more}"
+
+
+# name -> (the log lines of one delivery, the datagrams Postfix sent for it)
+DELIVERIES_310: dict[str, tuple[list[str], list[bytes]]] = {
+    "testing, honest": (
+        [verified(1, "mx.t.test[192.0.2.6]").replace("Verified", "Trusted"),
+         tlsrpt(1, "success", "mx.t.test[192.0.2.6]"),
+         sent(1, "postmaster@t.test", "mx.t.test[192.0.2.6]:25", qid="T0000000001")],
+        [event("t.test", TESTING_LINES)],
+    ),
+    "testing, STARTTLS stripped (or refused with 454)": (
+        [sent(1, "postmaster@t.test", "mx.t.test[192.0.2.6]:25", qid="T0000000002")], [],
+    ),
+    "testing, TLS handshake failure, then plain text": (
+        [f"{P.format(pid=1)}SSL_connect error to mx.t.test[192.0.2.6]:25: lost connection",
+         tlsrpt(1, "failure", "mx.t.test[192.0.2.6]",
+                ", failure_type=validation_failure, failure_reason=tls-handshake-failure"),
+         f"{P.format(pid=1)}T0000000003: Cannot start TLS: handshake failure",
+         sent(1, "postmaster@t.test", "mx.t.test[192.0.2.6]:25", qid="T0000000003")],
+        [event("t.test", TESTING_LINES, {"c": 205, "n": "mx.t.test", "r": "192.0.2.6",
+                                         "f": "tls-handshake-failure"})],
+    ),
+    "enforce, STARTTLS stripped on mx1, delivered to mx2": (
+        [tlsrpt(1, "failure", "mx1.e.test[192.0.2.4]", ", failure_type=starttls_not_supported"),
+         f"{P.format(pid=1)}E0000000001: TLS is required, but was not offered by host "
+         "mx1.e.test[192.0.2.4]",
+         verified(1, "mx2.e.test[192.0.2.5]"),
+         tlsrpt(1, "success", "mx2.e.test[192.0.2.5]"),
+         sent(1, "postmaster@e.test", "mx2.e.test[192.0.2.5]:25", qid="E0000000001")],
+        [event("e.test", ENFORCE_LINES, {"c": 201, "n": "mx1.e.test", "r": "192.0.2.4"}),
+         event("e.test", ENFORCE_LINES)],
+    ),
+}  # fmt: skip
+# At `may` Postfix does not check the certificate and reports a success; the log shows an
+# untrusted one, which the log collector counts as certificate-not-trusted. Postfix's event
+# stands: the two differ here (docs/postfix.md).
+INTERCEPTED = (
+    [verified(1, "mx.t.test[192.0.2.6]").replace("Verified", "Untrusted"),
+     tlsrpt(1, "success", "mx.t.test[192.0.2.6]"),
+     sent(1, "postmaster@t.test", "mx.t.test[192.0.2.6]:25", qid="T0000000004")],
+    [event("t.test", TESTING_LINES)],
+)  # fmt: skip
+
+
+def report_counts(results: Sequence[SessionResult]) -> Counter[tuple[object, ...]]:
+    """What a report counts: sessions per domain, policy and result type."""
+    return Counter((r.policy_domain, r.policy, r.result_text) for r in results)
+
+
+def combined(tmp_path: Path, lines: list[str], datagrams: list[bytes]) -> list[SessionResult]:
+    """Postfix's events as `tlsrpt collect --socket` records them, and the log supplement."""
+    from_events = []
+    for d in datagrams:
+        e = parse_datagram(d)
+        assert not isinstance(e, DatagramError), e
+        from_events += e.results(NOW)
+    _, from_log = run(tmp_path, lines, served=SERVED_310, supplement=True)
+    return from_events + from_log
+
+
+@pytest.mark.parametrize("name", list(DELIVERIES_310))
+def test_postfixs_events_and_the_log_supplement_count_what_the_log_alone_counts(
+    name: str, tmp_path: Path
+) -> None:
+    lines, datagrams = DELIVERIES_310[name]
+    _, log_only = run(tmp_path / "log-only", lines, served=SERVED_310)
+    both = combined(tmp_path / "both", lines, datagrams)
+    assert report_counts(both) == report_counts(log_only), name
+    assert len(both) == len(log_only) == len(sessions(lines, now=NOW))
+
+
+def test_where_postfix_reports_a_success_its_event_stands(tmp_path: Path) -> None:
+    lines, datagrams = INTERCEPTED
+    _, log_only = run(tmp_path / "log-only", lines, served=SERVED_310)
+    both = combined(tmp_path / "both", lines, datagrams)
+    assert [r.result_text for r in log_only] == ["certificate-not-trusted"]
+    assert [r.result_text for r in both] == [None]  # one session either way, never two
+
+
+def test_beside_postfixs_events_only_what_they_leave_out_is_recorded(tmp_path: Path) -> None:
+    lines = [ln for ls, _ in DELIVERIES_310.values() for ln in ls]
+    lines += INTERCEPTED[0]
+    # A plain-text session to a domain without a report-only policy: not the log's either.
+    lines.append(sent(2, "bob@example.com", "mx.example.com[192.0.2.1]:25", qid="X0000000001"))
+    ((counts,), stored) = run(tmp_path, lines, served=SERVED_310, supplement=True)
+    got = [(r.policy_domain, r.receiving_mx, r.receiving_ip, r.result_text) for r in stored]
+    assert got == [("t.test", "mx.t.test", "192.0.2.6", "starttls-not-supported")] * 2
+    # As served: the policy Postfix's events name too, so that a report groups them together.
+    assert all(r.policy == SERVED_310[0].policy for r in stored)
+    assert all(r.detail == "Postfix: no TLS; delivered" for r in stored)
+    assert counts.sessions == 2 and counts.results == {"starttls-not-supported": 2}
+    # honest, handshake failure, enforce x2, intercepted: Postfix's; example.com: neither.
+    assert counts.dropped == {REPORTED_BY_POSTFIX: 5, NOT_LEFT_OUT: 1}
+    # Sessions Postfix reported are not even looked up.
+    assert counts.to_json()["policies"] == {SERVED: 2, RESOLVED: 1}
+
+
+def test_the_log_alone_still_records_every_session(tmp_path: Path) -> None:
+    lines = [ln for ls, _ in DELIVERIES_310.values() for ln in ls]
+    ((counts,), stored) = run(tmp_path, lines, served=SERVED_310)
+    assert counts.sessions == len(stored) == 6 and counts.dropped == {}
+
+
+def test_following_outlasts_a_log_that_is_not_there_and_reads_a_last_time(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "mail.log"
+    stripped = DELIVERIES_310["testing, STARTTLS stripped (or refused with 454)"][0]
+    later = [ln.replace("T0000000002", "T0000000005") for ln in stripped]
+
+    async def go() -> tuple[Counts, list[Exception], list[SessionResult]]:
+        store = await SQLiteStore.open(str(tmp_path / "s.db"))
+        try:
+            await store.add_served(SERVED_310)
+            c = Collector(log, store, by_hand, state_path=tmp_path / "state", clock=lambda: NOW,
+                          tz=dt.UTC, supplement=True)  # fmt: skip
+            with pytest.raises(module.CollectorError, match="cannot read the Postfix log"):
+                await c.follow(asyncio.Event(), poll=0.05)  # no on_error: the error ends it
+            stop, errors = asyncio.Event(), list[Exception]()
+            task = asyncio.create_task(
+                c.follow(stop, poll=0.05, on_error=errors.append, last_read=True)
+            )
+            await asyncio.sleep(0.2)  # Postfix has not written its log yet: warned, retried
+            log.write_text("".join(f"{ln}\n" for ln in stripped), encoding="utf-8")
+            await asyncio.sleep(0.2)
+            with log.open("a", encoding="utf-8") as f:
+                f.writelines(f"{ln}\n" for ln in later)
+            stop.set()  # right after the line: the last read must still take it
+            total = await task
+            far = dt.timedelta(days=400)
+            return total, errors, await store.results_between(NOW - far, NOW + far)
+        finally:
+            await store.close()
+
+    total, errors, stored = asyncio.run(go())
+    assert errors and all(isinstance(e, module.CollectorError) for e in errors)
+    assert (total.sessions, len(stored)) == (2, 2)
+    assert {r.result_text for r in stored} == {"starttls-not-supported"}
 
 
 # --- a real Postfix (the lab) --------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The lines are written here in the formats Postfix 3.7 really uses with smtp_tls_loglevel = 1
 (checked against the log of the Postfix integration test): the `maillog_file` / traditional
-syslog format and the ISO 8601 timestamps of rsyslog's high-precision format.
+syslog format and the ISO 8601 timestamps of rsyslog's high-precision format. Postfix 3.10's
+`TLSRPT: status=…` lines (the end of the module) are as Postfix 3.10.13 logged them in the lab.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import datetime as dt
 import pytest
 
 from mxguard.protocol.results import ResultType as R
-from mxguard.protocol.tlsrpt_report import PolicyType
+from mxguard.protocol.tlsrpt_report import NO_POLICY_FOUND, PolicyType, ReportedPolicy
 from mxguard.tlsrpt.postfix_log import (
     MAX_LINE,
     Ending,
@@ -20,7 +21,9 @@ from mxguard.tlsrpt.postfix_log import (
     Session,
     certificate_failure,
     host_key,
+    left_out_by_postfix,
     parse_line,
+    report_only,
     result_type,
     sessions,
 )
@@ -534,3 +537,220 @@ def test_a_status_line_names_the_domain_and_mx_host_as_a_labels() -> None:
                     "sent", "250 ok")]  # fmt: skip
     [s] = sessions(lines, now=NOW)
     assert (s.domain, s.mx_host) == ("xn--bcher-kva.example", "mx.xn--bcher-kva.example")
+
+
+# --- Postfix 3.10: the sessions its own TLSRPT events cover, and those they leave out -------
+
+Q = "Dec  2 06:25:13 client310 postfix/smtp[21159]: "
+
+
+def sts(mode: str, *, rua: tuple[str, ...] = ("mailto:tlsrpt@t.test",)) -> ReportedPolicy:
+    return ReportedPolicy(
+        PolicyType.STS,
+        ("version: STSv1", f"mode: {mode}", "mx: *.t.test", "max_age: 86400"),
+        ("*.t.test",),
+        rua,
+    )
+
+
+TESTING, ENFORCE = sts("testing"), sts("enforce")
+TLSA = ReportedPolicy(PolicyType.TLSA, ("3 1 1 " + "ab" * 32,), (), ("mailto:tlsrpt@t.test",))
+
+
+def sent310(qid: str, host: str = "mx.t.test", ip: str = "127.86.1.6") -> str:
+    return (
+        f"{Q}{qid}: to=<postmaster@t.test>, relay={host}[{ip}]:25, delay=0.02, "
+        "delays=0/0/0.01/0, dsn=2.0.0, status=sent (250 2.0.0 Message accepted for delivery)"
+    )
+
+
+def tlsrpt(status: str, host: str = "mx.t.test", ip: str = "127.86.1.6", more: str = "") -> str:
+    return f"{Q}TLSRPT: status={status}, domain=t.test, receiving_mx={host}[{ip}]{more}"
+
+
+TLS13 = ": TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits) key-exchange x25519"
+
+# name -> (Postfix 3.10.13's lines for one delivery, (MX host, TLSRPT status logged, TLS) per
+# session, the sessions left out under the `testing` policy: what only the log can report)
+CASES_310: dict[str, tuple[list[str], list[tuple[str, str | None, str | None]], list[int]]] = {
+    # TLS optional (`may`) and not offered: no TLSRPT event, nothing but the status line.
+    "testing, STARTTLS stripped": (
+        [sent310("2373C22C16F")], [("mx.t.test", None, None)], [0]),
+    # Offered, but answered 454: the same lines (3.10 reports this only where TLS is required).
+    "testing, STARTTLS refused with 454": (
+        [sent310("2373C22C170")], [("mx.t.test", None, None)], [0]),
+    # The handshake failed: reported (validation-failure), then the retry in plain text to the
+    # same host (a message that waited minimal_backoff_time) is not.
+    "testing, TLS handshake failure, then plain text": (
+        [
+            f"{Q}SSL_connect error to mx.t.test[127.86.1.6]:25: lost connection",
+            tlsrpt("failure", more=", failure_type=validation_failure, "
+                   "failure_reason=tls-handshake-failure"),
+            f"{Q}C7FAA220191: Cannot start TLS: handshake failure",
+            sent310("C7FAA220191"),
+        ],
+        [("mx.t.test", "failure", None), ("mx.t.test", None, None)],
+        [1],
+    ),
+    # At `may` the certificate is not checked: Postfix reports a success.
+    "testing, intercepted with a self-signed certificate": (
+        [
+            f"{Q}Untrusted TLS connection established to mx.t.test[127.86.1.6]:25{TLS13}",
+            tlsrpt("success"),
+            sent310("AC1EF22C16F"),
+        ],
+        [("mx.t.test", "success", "Untrusted")],
+        [],
+    ),
+    "enforce, STARTTLS stripped on mx1, delivered to mx2": (
+        [
+            tlsrpt("failure", "mx1.t.test", "127.86.1.4", ", failure_type=starttls_not_supported"),
+            f"{Q}A097122C10E: TLS is required, but was not offered by host mx1.t.test[127.86.1.4]",
+            f"{Q}Verified TLS connection established to mx2.t.test[127.86.1.5]:25{TLS13}",
+            tlsrpt("success", "mx2.t.test", "127.86.1.5"),
+            sent310("A097122C10E", "mx2.t.test", "127.86.1.5"),
+        ],
+        [("mx1.t.test", "failure", None), ("mx2.t.test", "success", "Verified")],
+        [],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CASES_310))
+def test_the_tlsrpt_event_postfix_logged_belongs_to_its_session(name: str) -> None:
+    lines, expected, left_out = CASES_310[name]
+    found = sessions(lines, now=NOW)
+    assert [(s.mx_host, s.tlsrpt, s.tls) for s in found] == expected
+    assert [i for i, s in enumerate(found) if left_out_by_postfix(s, TESTING)] == left_out
+    assert [s.reported_by_postfix for s in found] == [t is not None for _, t, _ in expected]
+    # A session Postfix reported is never left out, whatever the policy.
+    for s in found:
+        if s.reported_by_postfix:
+            assert not any(left_out_by_postfix(s, p) for p in (TESTING, ENFORCE, TLSA))
+
+
+@pytest.mark.parametrize("name", list(CASES_310))
+def test_what_is_left_out_is_what_the_log_alone_would_call_starttls_not_supported(
+    name: str,
+) -> None:
+    # Under `testing`, the log collector (Postfix 3.7) calls each of these sessions
+    # starttls-not-supported; the others are Postfix's own events.
+    lines, _, left_out = CASES_310[name]
+    for i, s in enumerate(sessions(lines, now=NOW)):
+        if i in left_out:
+            assert result_type(s, PolicyType.STS) is R.STARTTLS_NOT_SUPPORTED, name
+
+
+# A plain-text session without a TLSRPT event, under each policy: left out or not.
+PLAIN = sessions([sent310("2373C22C171")], now=NOW)[0]
+LEFT_OUT_POLICIES = [
+    (TESTING, True),
+    (sts("testing", rua=()), False),  # no TLS-RPT record: Postfix reports nothing, nor do we
+    (ENFORCE, False),  # TLS was required: Postfix refused and reported what it could
+    (TLSA, False),
+    (NO_POLICY_FOUND, False),  # nothing a session could fail
+]
+
+
+@pytest.mark.parametrize(("policy", "left_out"), LEFT_OUT_POLICIES)
+def test_only_plain_text_under_a_report_only_policy_with_a_rua_is_left_out(
+    policy: ReportedPolicy, left_out: bool
+) -> None:
+    assert left_out_by_postfix(PLAIN, policy) is left_out
+
+
+def test_a_session_postfix_refused_or_reported_or_with_tls_is_not_left_out() -> None:
+    # Refused by Postfix itself, for a reason it does not report (a local one).
+    local = sent310("D1E2F30001").replace(
+        "dsn=2.0.0, status=sent (250 2.0.0 Message accepted for delivery)",
+        "dsn=4.7.5, status=deferred (TLS is required, but our TLS engine is unavailable)",
+    )
+    [refused] = sessions([local], now=NOW)
+    assert (refused.tls, refused.refused, refused.tlsrpt) == (None, R.STARTTLS_NOT_SUPPORTED, None)
+    assert not left_out_by_postfix(refused, TESTING)
+    # A later Postfix that reports a refused STARTTLS under `may` (3.11) logs an event: then
+    # the same plain-text session is its own, not the log's.
+    reported = sessions(
+        [tlsrpt("failure", more=", failure_type=starttls_not_supported"), sent310("D1E2F30002")],
+        now=NOW,
+    )
+    assert [(s.tls, s.tlsrpt) for s in reported] == [(None, "failure")]
+    assert not left_out_by_postfix(reported[0], TESTING)
+    # TLS without a TLSRPT event (e.g. a resumed handshake Postfix skips): TLS happened.
+    resumed = sessions([f"{Q}Trusted TLS connection established to mx.t.test[127.86.1.6]:25"
+                        f"{TLS13}", sent310("D1E2F30003")], now=NOW)  # fmt: skip
+    assert [(s.tls, s.tlsrpt) for s in resumed] == [("Trusted", None)]
+    assert not left_out_by_postfix(resumed[0], TESTING)
+
+
+def test_a_tlsrpt_line_without_a_usable_peer_still_marks_the_session() -> None:
+    found = sessions(
+        [f"{Q}TLSRPT: status=success, domain=t.test, receiving_mx=(null)[(null)]",
+         sent310("D1E2F30004")], now=NOW,
+    )  # fmt: skip
+    assert [(s.mx_host, s.tlsrpt) for s in found] == [("mx.t.test", "success")]
+
+
+def test_tlsrpt_lines_of_another_process_belong_to_its_sessions() -> None:
+    other = "Dec  2 06:25:13 client310 postfix/smtp[777]: "
+    lines = [
+        f"{other}TLSRPT: status=success, domain=o.test, receiving_mx=mx.o.test[192.0.2.7]",
+        sent310("D1E2F30005"),
+        f"{other}D1E2F30006: to=<x@o.test>, relay=mx.o.test[192.0.2.7]:25, dsn=2.0.0, "
+        "status=sent (ok)",
+    ]
+    assert [(s.queue_id, s.tlsrpt) for s in sessions(lines, now=NOW)] == [
+        ("D1E2F30005", None), ("D1E2F30006", "success")]  # fmt: skip
+
+
+def test_the_tlsrpt_status_survives_a_stop_between_any_two_lines() -> None:
+    lines = CASES_310["testing, TLS handshake failure, then plain text"][0]
+    whole = sessions(lines, now=NOW)
+    for cut in range(len(lines) + 1):
+        j = Joiner()
+        got: list[Session] = []
+        for i, text in enumerate(lines):
+            if i == cut:
+                j = Joiner.from_json(j.to_json())
+            line = parse_line(text, now=NOW)
+            assert line is not None
+            got.extend(j.feed(line))
+        assert got == whole, f"stopped after {cut} lines"
+
+
+def test_state_saved_before_tlsrpt_statuses_resumes() -> None:
+    j = Joiner()
+    for text in CASES_310["testing, TLS handshake failure, then plain text"][0][:3]:
+        line = parse_line(text, now=NOW)
+        assert line is not None
+        assert list(j.feed(line)) == []
+    state = j.to_json()
+    (proc,) = state.values()
+    del proc["pending"]["tlsrpt"], proc["finished"][0]["tlsrpt"]  # as an older release saved
+    last = parse_line(sent310("C7FAA220191"), now=NOW)
+    assert last is not None
+    found = list(Joiner.from_json(state).feed(last))
+    assert [(s.tlsrpt, s.refused) for s in found] == [
+        (None, R.VALIDATION_FAILURE), (None, None)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("strings", "expected"),
+    [
+        (("version: STSv1", "mode: testing", "mx: a.test", "max_age: 1"), True),
+        (("version: STSv1", "mode:testing"), True),
+        (("mode: \ttesting  ",), True),
+        (("version: STSv1", "mode: enforce"), False),
+        (("mode: none",), False),
+        (("Mode: testing",), False),  # RFC 8461 §3.2: field names are case-sensitive
+        (("mode: Testing",), False),  # and so are the modes
+        (("mode: enforce", "mode: testing"), False),  # the first mode counts
+        (("version: STSv1",), False),
+        ((), False),
+    ],
+)
+def test_a_report_only_policy_is_mta_sts_testing(strings: tuple[str, ...], expected: bool) -> None:
+    assert report_only(ReportedPolicy(PolicyType.STS, strings, ("a.test",))) is expected
+    # Only an `sts` policy has a mode.
+    assert not report_only(ReportedPolicy(PolicyType.TLSA, strings))
+    assert not report_only(ReportedPolicy(PolicyType.NO_POLICY_FOUND, strings))

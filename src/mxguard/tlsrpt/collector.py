@@ -42,6 +42,17 @@ recipients such as ``anna@bücher.example``); a session whose domain or result s
 stored is counted and skipped, so that one bad line never fails its batch (which would fail
 again on every run).
 
+Beside Postfix's own events (`supplement=True`: `mxguard tlsrpt collect --socket … --log …`).
+Postfix ≥ 3.10 with TLSRPT on reports most sessions itself, as datagrams another receiver
+records (datagram.py); those events are authoritative for every session that produced one,
+and the log then supplies only the sessions they leave out (`left_out_by_postfix`): sessions
+in plain text under a report-only policy (MTA-STS `testing`), recorded as
+starttls-not-supported under the policy served then. Postfix logs each event it reports
+(``TLSRPT: status=…`` of that smtp process, before the session's status line), so a session
+is matched with its event by the log itself, never by time: a session with such a line is
+Postfix's (counted as REPORTED_BY_POSTFIX, not looked up); every other session that is not
+left out is counted as NOT_LEFT_OUT.
+
 Bounded: lines longer than MAX_LINE are skipped (counted), a batch holds at most BATCH_LINES
 lines, the joiner follows at most MAX_PROCESSES processes, the policy cache holds at most
 MAX_CACHED_POLICIES domains for at most POLICY_TTL (RETRY_TTL for a deferred lookup).
@@ -72,6 +83,7 @@ from mxguard.tlsrpt.postfix_log import (
     Joiner,
     Session,
     host_key,
+    left_out_by_postfix,
     parse_line,
     result_type,
 )
@@ -90,6 +102,10 @@ LOG_PRECISION = dt.timedelta(seconds=1)
 NOT_TO_MX = "not to an MX host"
 MX_UNKNOWN = "MX hosts unknown"
 BAD_DOMAIN = "recipient domain unusable"
+# Only with `supplement`: the session is Postfix's own TLSRPT event's (it logged one) ...
+REPORTED_BY_POSTFIX = "reported by Postfix itself (TLSRPT)"
+# ... or it is none that Postfix's events leave out (`left_out_by_postfix`).
+NOT_LEFT_OUT = "not a plain-text session under a report-only policy"
 
 # Where a session's policy came from (`Counts.policies` keys).
 SERVED = "served"  # the record of what mxguard's policy server served at the session's time
@@ -396,7 +412,10 @@ class Collector:
         sending_ip: str | None = None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now().astimezone(),
         tz: dt.tzinfo | None = None,
+        supplement: bool = False,
     ) -> None:
+        """`supplement`: Postfix reports over TLSRPT and another receiver records its events;
+        record only the sessions they leave out (see the module's docstring)."""
         self.log = log
         self.store = store
         self.policies = policies
@@ -404,6 +423,7 @@ class Collector:
         self.sending_ip = sending_ip
         self.clock = clock
         self.tz = tz
+        self.supplement = supplement
         self._served = True  # ask the store for served records (until it refuses, per run)
 
     async def collect(self) -> Counts:
@@ -543,6 +563,9 @@ class Collector:
         """The results of the sessions to an MX host of their domain that can be stored."""
         out = []
         for s in found:
+            if self.supplement and s.reported_by_postfix:
+                counts.drop(REPORTED_BY_POSTFIX)
+                continue
             try:
                 # RFC 6531 recipients (SMTPUTF8) name U-labels; policies and the store use A-labels.
                 domain = normalise_domain(s.domain)
@@ -552,6 +575,9 @@ class Collector:
             policy = await self._policy(domain, s.at, counts)
             if not policy.is_mx(s.mx_host, s.mx_ip):
                 counts.drop(MX_UNKNOWN if policy.deferred and not policy.mx_hosts else NOT_TO_MX)
+                continue
+            if self.supplement and not left_out_by_postfix(s, policy.policy):
+                counts.drop(NOT_LEFT_OUT)
                 continue
             s = replace(s, domain=domain, mx_host=host_key(s.mx_host))  # A-labels too
             result = to_result(s, policy, sending_ip=self.sending_ip)
@@ -600,12 +626,33 @@ class Collector:
         )
         return sum(1 for r in stored if _key(r) in keys)
 
-    async def follow(self, stop: asyncio.Event, *, poll: float = 1.0) -> Counts:
-        """`collect()` every `poll` seconds until `stop` is set; the totals."""
+    async def follow(
+        self,
+        stop: asyncio.Event,
+        *,
+        poll: float = 1.0,
+        on_error: Callable[[Exception], None] | None = None,
+        last_read: bool = False,
+    ) -> Counts:
+        """`collect()` every `poll` seconds until `stop` is set; the totals.
+
+        `on_error`: a read that fails (CollectorError: the log is missing or unreadable for
+        now; StoreError: the store refused the batch) is passed to it and reading goes on at
+        the next poll, from where the state file says (nothing is lost or read twice);
+        without it the error ends following. `last_read`: read once more after `stop` is set,
+        so that what was logged up to then is recorded now.
+        """
         total = Counts()
         while True:
-            total.add(await self.collect())
+            try:
+                total.add(await self.collect())
+            except (CollectorError, StoreError) as exc:
+                if on_error is None:
+                    raise
+                on_error(exc)
+            if stop.is_set():
+                return total
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), poll)
-            if stop.is_set():
+            if stop.is_set() and not last_read:
                 return total

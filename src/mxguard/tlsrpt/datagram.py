@@ -37,8 +37,9 @@ copied unescaped, so they are UTF-8 only if Postfix's input was. Members:
 A success names no failure details, hence no MX host and no addresses: Postfix does not say
 which MX host a successful session went to, and such a result has `receiving_mx` None.
 Postfix reports nothing for sessions whose TLS was optional and did not happen (STARTTLS
-missing under `may`, or under `dane` for a domain without TLSA records; so an MTA-STS
-`testing` domain whose STARTTLS is stripped is never reported), and nothing at all for
+missing or refused under `may`, or under `dane` for a domain without TLSA records; so an
+MTA-STS `testing` domain whose STARTTLS is stripped is never reported: `tlsrpt collect
+--log` records those sessions from Postfix's log, collector.py), and nothing at all for
 domains without a TLS-RPT record. A DANE certificate that no TLSA record matches is reported
 by Postfix as certificate-not-trusted (203); it is recorded as validation-failure, the result
 type mxguard's own sender and its log collector give the same session, so that one session

@@ -19,7 +19,12 @@ MX host shows up as a few lines of one ``postfix/smtp[pid]`` process:
   connection with H[IP] while receiving the initial server greeting`` or ``... while performing
   the EHLO handshake``, and ``conversation with H[IP] timed out while ...``) is not a TLS
   session: RFC 8460 §4.3.1 starttls-not-supported needs a server that answered EHLO without
-  offering STARTTLS, so such a session is not counted at all.
+  offering STARTTLS, so such a session is not counted at all;
+- Postfix ≥ 3.10 with TLSRPT on (`smtp_tlsrpt_enable`) logs each event it reports, from the
+  smtp process, before the line that ends the session: ``TLSRPT: status=success|failure,
+  domain=D, receiving_mx=HOST[IP]...`` (tlsrpt_wrapper.c logs it whether or not the datagram
+  reached its socket). ``Session.tlsrpt`` keeps that status: which sessions Postfix's own
+  events cover, and which they leave out (``left_out_by_postfix``).
 
 The relay of a status line is whatever Postfix's next hop was: an MX host, but also a content
 filter (``127.0.0.1[127.0.0.1]:10024``), a ``relayhost`` or an internal server of
@@ -51,7 +56,7 @@ from typing import Any
 
 from mxguard.protocol import names
 from mxguard.protocol.results import ResultType
-from mxguard.protocol.tlsrpt_report import PolicyType
+from mxguard.protocol.tlsrpt_report import PolicyType, ReportedPolicy
 
 MAX_LINE = 8192  # bytes; syslog daemons cap lines lower than this, Postfix at ~2 KiB of text
 MAX_PROCESSES = 4096  # smtp processes followed at once; the oldest is forgotten beyond it
@@ -83,6 +88,12 @@ _CERT = re.compile(
 )
 # tls_client.c: "SSL_connect error to %s: ..." (then the queue-id line "Cannot start TLS").
 _SSL_CONNECT = re.compile(rf"^SSL_connect error to {_PEER}:\d{{1,5}}: ")
+# tlsrpt_wrapper.c: "TLSRPT: status=%s, domain=%s, receiving_mx=%s[%s]" (", failure_type=…").
+_TLSRPT = re.compile(
+    r"^TLSRPT: status=(?P<status>success|failure), domain=[^,\s]{0,255}, "
+    r"receiving_mx=(?P<mx>[^,\s]{0,320})(?:,|$)"
+)
+_MX_PEER = re.compile(rf"^{_PEER}$")
 _QUEUED = re.compile(r"^(?P<qid>[0-9A-Za-z]{5,32}): (?P<text>.*)$")
 _STATUS = re.compile(
     r"^to=<(?P<rcpt>[^>]{0,1000})>, (?:orig_to=<[^>]{0,1000}>, )?relay=(?P<relay>[^,\s]+), "
@@ -235,6 +246,14 @@ class Session:
     refused: ResultType | None  # why Postfix itself refused the session (its TLS policy)
     status: str  # "sent" | "deferred" | "bounced" | ... of the delivery, or "next-mx"
     ending: Ending  # how it ended (no text of Postfix's: see Ending)
+    # What Postfix ≥ 3.10 logged having reported over TLSRPT for this session: "success" or
+    # "failure"; None: no TLSRPT event (TLS optional and not used, TLSRPT off, Postfix < 3.10).
+    tlsrpt: str | None = None
+
+    @property
+    def reported_by_postfix(self) -> bool:
+        """Postfix sent a TLSRPT event (a datagram) for this session itself."""
+        return self.tlsrpt is not None
 
 
 def host_key(name: str) -> str:
@@ -276,6 +295,45 @@ def result_type(session: Session, policy_type: PolicyType) -> ResultType | None:
     return None
 
 
+def report_only(policy: ReportedPolicy) -> bool:
+    """Whether `policy` is checked and reported but not enforced (RFC 8461 §5 `testing`): the
+    only such policy with a type a session can fail. (A `testing` entry of mxguard's policy
+    list is reported as no-policy-found, which no session fails.)"""
+    if policy.policy_type is not PolicyType.STS:
+        return False
+    for line in policy.policy_strings:
+        key, colon, value = line.partition(":")
+        if colon and key == "mode":  # RFC 8461 §3.2: the first mode field, case-sensitive
+            return value.strip(" \t") == "testing"
+    return False
+
+
+def left_out_by_postfix(session: Session, policy: ReportedPolicy) -> bool:
+    """Whether `session` is one that Postfix ≥ 3.10's own TLSRPT events leave out although a
+    report counts it: it went on (or ended) in plain text under a report-only policy.
+
+    Postfix 3.10 reports a missing or refused STARTTLS only where TLS is required
+    (smtp_proto.c); under MTA-STS `testing` (answered `may`) it delivers in plain text and
+    reports nothing. Such a session, judged from the log, is starttls-not-supported, as
+    `result_type` says and as the log collector counts it on Postfix 3.7. It is left out when:
+
+    - Postfix logged no TLSRPT event for it (so no datagram covers it: never counted twice,
+      also not with a later Postfix that reports more, e.g. 3.11 reports a refused STARTTLS
+      under `may`);
+    - no TLS was established, and Postfix did not end it for its TLS policy (a refusal is
+      reported where it is reportable, and only where TLS is required);
+    - the domain's policy is report-only (`report_only`), and names a `rua`: Postfix reports
+      nothing for domains without a TLS-RPT record, and nobody could be sent the report.
+    """
+    return (
+        session.tlsrpt is None
+        and session.tls is None
+        and session.refused is None
+        and report_only(policy)
+        and bool(policy.rua)
+    )
+
+
 @dataclass(slots=True)
 class _Pending:
     """What one smtp process logged about its current session so far."""
@@ -285,6 +343,7 @@ class _Pending:
     tls: str | None = None
     reused: bool = False
     certificate_failure: str | None = None  # ResultType value
+    tlsrpt: str | None = None  # "success" | "failure": the TLSRPT event Postfix logged
 
 
 @dataclass(slots=True)
@@ -299,6 +358,7 @@ class _Finished:
     certificate_failure: str | None
     refused: str | None
     detail: str  # an Ending value (older state files: the text that ended the session)
+    tlsrpt: str | None = None  # as _Pending.tlsrpt (older state files: none)
 
 
 @dataclass(slots=True)
@@ -340,6 +400,13 @@ class Joiner:
             proc.pending.tls = m["trust"]
             proc.pending.reused = m["how"] == "reused"
             return
+        if (m := _TLSRPT.match(msg)) is not None:
+            if (peer := _MX_PEER.match(m["mx"])) is not None:
+                self._touch(proc, peer["host"], peer["ip"])
+            else:
+                proc.active = True  # Postfix knew no name or address: the current session
+            proc.pending.tlsrpt = m["status"]
+            return
         q = _QUEUED.match(msg)
         if q is None:
             return
@@ -367,6 +434,7 @@ class Joiner:
                     p.certificate_failure,
                     refused.value if refused else None,
                     ending(text).value,
+                    p.tlsrpt,
                 )
             )
             del proc.finished[:-MAX_SESSIONS_PER_PROCESS]
@@ -397,6 +465,7 @@ class Joiner:
                     p.certificate_failure,
                     refused.value if refused else None,
                     ending(reason, s["status"]).value,
+                    p.tlsrpt,
                 )
             )
         # relay=none: no session took place at the end (lookup failure, connections refused).
@@ -417,6 +486,7 @@ class Joiner:
                 refused=ResultType(f.refused) if f.refused else None,
                 status=s["status"] if f is last else "next-mx",
                 ending=_saved_ending(f.detail),
+                tlsrpt=f.tlsrpt,
             )
         proc.finished.clear()
         proc.pending, proc.active, proc.last_end = _Pending(), False, (qid, relay)
@@ -517,7 +587,9 @@ __all__ = [
     "certificate_failure",
     "ending",
     "host_key",
+    "left_out_by_postfix",
     "parse_line",
+    "report_only",
     "result_type",
     "sessions",
 ]
