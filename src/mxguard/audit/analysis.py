@@ -355,7 +355,7 @@ def _fetch(o: Observations, found: _Findings) -> None:
     if f is not None and f.ok and error is not None:
         found.add(
             "sts-policy-invalid", Severity.ERROR, error.detail, _NO_POLICY_SENDER,
-            "correct the policy (mxguard sts lint-policy FILE)", result_type=error.result_type,
+            "correct the policy (mxguard sts check-policy FILE)", result_type=error.result_type,
         )  # fmt: skip
         return
     if f is None or f.ok:
@@ -376,7 +376,7 @@ def _fetch(o: Observations, found: _Findings) -> None:
             ),
         )
     elif rt is ResultType.STS_POLICY_INVALID:
-        code, fix = "sts-policy-invalid", "correct the policy (mxguard sts lint-policy FILE)"
+        code, fix = "sts-policy-invalid", "correct the policy (mxguard sts check-policy FILE)"
     elif f.status is not None and 300 <= f.status < 400:
         code, fix = "sts-policy-redirect", f"serve the policy at {url} itself (RFC 8461 §3.3)"
     elif f.status is not None and f.status != 200:
@@ -404,7 +404,7 @@ def _policy_text(o: Observations, found: _Findings) -> None:
     for w in [*errors, *warnings]:
         found.add(
             "sts-policy-warning", Severity.WARNING, f"policy: {w}", "senders accept the policy",
-            "correct the policy (mxguard sts lint-policy FILE)",
+            "correct the policy (mxguard sts check-policy FILE)",
         )  # fmt: skip
     bare = text.replace("\r\n", "")
     if "\n" in bare:
