@@ -383,8 +383,9 @@ class Listen:
         return f"{host}:{self.port}"
 
 
-def parse_listen(spec: str, *, required: bool = True) -> Listen:
-    """``ADDRESS[:PORT]`` or ``[IPV6][:PORT]``; the port is 443 unless given."""
+def parse_listen(spec: str, *, required: bool = True, default_port: int = DEFAULT_PORT) -> Listen:
+    """``ADDRESS[:PORT]`` or ``[IPV6][:PORT]``; the port is ``default_port`` (443) unless
+    given."""
     text = spec.strip()
     port_text = ""
     if text.startswith("["):
@@ -398,7 +399,7 @@ def parse_listen(spec: str, *, required: bool = True) -> Listen:
         host = text
     try:
         ipaddress.ip_address(host)
-        port = int(port_text) if port_text else DEFAULT_PORT
+        port = int(port_text) if port_text else default_port
         if not 0 <= port < 65536:
             raise ValueError
     except ValueError:
