@@ -37,6 +37,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -58,6 +59,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPETITOR_VENV = ROOT / "bench" / ".venv-competitor"
 MAX_REPLY = 4096  # a socketmap reply longer than this is a broken server (Postfix: 100000)
 REQUEST_TIMEOUT = 30.0  # no single lookup may take longer; both servers give up well before
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of utime and stime in /proc/PID/stat
+EVENT_LOOPS = ("asyncio", "uvloop")
 
 MX_DOMAIN = "benchmx.test"
 MX_HOST = f"mx.{MX_DOMAIN}"
@@ -122,18 +125,20 @@ class ProtocolError(RuntimeError):
 class SocketmapClient:
     """One connection, one request in flight (as Postfix's smtp processes do)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, map_name: str
+    ) -> None:
+        self.reader, self.writer, self.map_name = reader, writer, map_name
 
     @classmethod
-    async def connect(cls, address: tuple[str, int]) -> SocketmapClient:
+    async def connect(cls, address: tuple[str, int], map_name: str = "postfix") -> SocketmapClient:
         async with asyncio.timeout(10):
             reader, writer = await asyncio.open_connection(*address)
-        return cls(reader, writer)
+        return cls(reader, writer, map_name)
 
-    async def ask(self, key: str, map_name: str = "postfix") -> tuple[str, float]:
-        """The reply to ``map_name key`` and how long it took (seconds)."""
-        payload = f"{map_name} {key}".encode()
+    async def ask(self, key: str) -> tuple[str, float]:
+        """The reply to ``<map name> key`` and how long it took (seconds)."""
+        payload = f"{self.map_name} {key}".encode()
         started = time.perf_counter()
         self.writer.write(b"%d:%s," % (len(payload), payload))
         async with asyncio.timeout(REQUEST_TIMEOUT):
@@ -194,11 +199,15 @@ def _kind(reply: str) -> str:
 
 
 async def lookups(
-    address: tuple[str, int], keys: Sequence[str], connections: int, time_limit: float
+    address: tuple[str, int],
+    keys: Sequence[str],
+    connections: int,
+    time_limit: float,
+    map_name: str = "postfix",
 ) -> Samples:
     """Look up ``keys`` (in order, shared by all connections) with ``connections`` clients."""
     samples = Samples()
-    clients = [await SocketmapClient.connect(address) for _ in range(connections)]
+    clients = [await SocketmapClient.connect(address, map_name) for _ in range(connections)]
     position = 0
     deadline = time.monotonic() + time_limit
 
@@ -222,6 +231,326 @@ async def lookups(
     return samples
 
 
+# --- warm load from several processes --------------------------------------------------------
+#
+# A warm hit costs a server tens of microseconds, about what an asyncio client spends on it,
+# so one client process would measure itself. The warm runs start ``load_processes`` worker
+# processes (this file with ``--load-worker``), each with its share of the connections; each
+# connects, says "ready", waits for "go" on stdin, runs until its lookups or the time are
+# used up and prints its samples as JSON. The server's CPU time is read from /proc between
+# "go" and the last worker's answer.
+
+
+class _WorkerConnection(asyncio.Protocol):
+    """One connection of a load worker: one request in flight, the next sent on the reply."""
+
+    def __init__(self, keys: Sequence[bytes], start: int, budget: int, out: dict[str, Any]):
+        self.keys, self.position, self.left, self.out = keys, start, budget, out
+        self.buffer = b""
+        self.sent_at = 0.0
+        self.deadline = float("inf")
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def go(self, deadline: float) -> None:
+        self.deadline = deadline
+        self._send()
+
+    def _send(self) -> None:
+        assert self.transport is not None
+        if self.left <= 0 or time.monotonic() >= self.deadline:
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        self.left -= 1
+        key = self.keys[self.position % len(self.keys)]
+        self.position += 1
+        self.sent_at = time.perf_counter()
+        self.transport.write(key)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        head, colon, rest = self.buffer.partition(b":")
+        if not colon:
+            return
+        size = int(head)
+        if size > MAX_REPLY:
+            self._fail(ProtocolError(f"reply of {size} bytes is longer than {MAX_REPLY}"))
+            return
+        if len(rest) < size + 1:
+            return
+        reply, self.buffer = rest[:size], rest[size + 1 :]
+        self.out["latencies"].append(time.perf_counter() - self.sent_at)
+        replies: Counter[bytes] = self.out["replies"]
+        replies[reply] += 1
+        self._send()
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionError(f"closed by the server ({exc})"))
+
+
+async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    host, port = spec["address"]
+    keys = [encode_request(k, spec["map_name"]) for k in spec["keys"]]
+    out: dict[str, Any] = {"latencies": [], "replies": Counter()}
+    conns: list[_WorkerConnection] = []
+    for i, budget in enumerate(spec["budgets"]):
+        start = spec["offset"] + i * 7  # connections do not ask for the same key in step
+        async with asyncio.timeout(10):
+            _, proto = await loop.create_connection(
+                lambda b=budget, s=start: _WorkerConnection(keys, s, b, out), host, port
+            )
+        conns.append(proto)
+    print("ready", flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)  # "go"
+    started = time.perf_counter()
+    deadline = time.monotonic() + spec["seconds"]
+    for c in conns:
+        c.go(deadline)
+    async with asyncio.timeout(spec["seconds"] + REQUEST_TIMEOUT):
+        await asyncio.gather(*(c.done for c in conns))
+    elapsed = time.perf_counter() - started
+    for c in conns:
+        if c.transport is not None:
+            c.transport.close()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "latencies": out["latencies"],
+        "replies": {k.decode(errors="replace"): v for k, v in out["replies"].items()},
+        "elapsed": elapsed,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+    }
+
+
+def encode_request(key: str, map_name: str = "postfix") -> bytes:
+    payload = f"{map_name} {key}".encode()
+    return b"%d:%s," % (len(payload), payload)
+
+
+def load_worker_main(spec_json: str) -> int:
+    """``--load-worker SPEC``: one load worker process (see above)."""
+    result = asyncio.run(_worker(json.loads(spec_json)))
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+def spread(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` nearly equal non-negative integers."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def multi_process_lookups(
+    server: Server,
+    keys: Sequence[str],
+    connections: int,
+    processes: int,
+    seconds: float,
+    max_lookups: int,
+) -> tuple[Samples, dict[str, Any]]:
+    """Warm load from ``processes`` worker processes; the samples and the CPU figures."""
+    processes = max(1, min(processes, connections))
+    per_process = spread(connections, processes)
+    lookups_per_conn = spread(max_lookups, connections)
+    workers: list[subprocess.Popen[str]] = []
+    samples = Samples()
+    at = 0
+    try:
+        for n in per_process:
+            spec = {
+                "address": list(server.address),
+                "keys": list(keys),
+                "budgets": lookups_per_conn[at : at + n],
+                "offset": at * 13,
+                "seconds": seconds,
+                "map_name": server.map_name,
+            }
+            at += n
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--load-worker", json.dumps(spec)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        for w in workers:
+            assert w.stdout is not None
+            line = w.stdout.readline()
+            if line.strip() != "ready":
+                raise RuntimeError(f"a load worker did not start: {line!r}")
+        cpu_before = server.cpu_seconds()
+        started = time.perf_counter()
+        for w in workers:
+            assert w.stdin is not None
+            w.stdin.write("go\n")
+            w.stdin.flush()
+        results = []
+        for w in workers:
+            out, _ = w.communicate(timeout=seconds + 2 * REQUEST_TIMEOUT)
+            if w.returncode != 0:
+                raise RuntimeError(f"a load worker failed with {w.returncode}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        samples.elapsed = time.perf_counter() - started
+        cpu_after = server.cpu_seconds()
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()  # only the workers this function started
+                w.wait(timeout=5)
+    for r in results:
+        samples.latencies.extend(r["latencies"])
+        for reply, count in r["replies"].items():
+            samples.replies[_kind(reply)] += count
+    n = len(samples.latencies)
+    server_cpu = (
+        cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
+    )
+    cpu = {
+        "processes": processes,
+        "server_cpu_s": round(server_cpu, 3) if server_cpu is not None else None,
+        "server_cpu_us_per_lookup": round(server_cpu / n * 1e6, 2) if server_cpu and n else None,
+        "load_cpu_s": round(sum(r["cpu_s"] for r in results), 3),
+    }
+    return samples, cpu
+
+
+# --- memory with many cached policies --------------------------------------------------------
+#
+# A lab of 100,000 policy hosts (certificates, listeners) is beyond this machine, so the
+# "memory" measurement fills a real server's caches the way its resolutions would: a child
+# process (``--memory-child N``) starts ``mxguard.postfix.server.PolicyServer`` with the lab
+# config and a fresh SQLite store, and for N synthetic domains puts into it what one cold
+# lookup leaves behind: the DNS answers (MX, _mta-sts TXT, _smtp._tls TXT, the policy host's
+# A record) through the resolver's own cache code, the policy in the store (put_policy, as
+# the MTA-STS layer writes it), the answer in the answer cache (``_store``) and the served
+# policy in the recorder (``offer``). The policy objects are those of one real resolution
+# of a lab domain, copied per domain. It then asks the listening server for a sample of the
+# domains (each must be a hit) and reports its RSS.
+
+
+async def _memory_fill(config: Path, store: Path, address: tuple[str, int], n: int) -> dict:
+    import dataclasses as dc
+    import datetime as dtm
+
+    import dns.rdata
+    import dns.rdataclass
+    import dns.rdatatype
+
+    from mxguard.adapters.dns import DnsAnswer, DnsOutcome, DnssecStatus
+    from mxguard.adapters.store import CachedPolicy
+    from mxguard.config import load as load_settings
+    from mxguard.postfix.served import served_record
+    from mxguard.postfix.server import PolicyServer
+
+    settings = load_settings(config).with_overrides(store=f"sqlite:///{store}")
+    server = PolicyServer(settings, listen=f"inet:{address[0]}:{address[1]}")
+    await server.start()
+    try:
+        e = server.engine
+        first = sts_domain(0)
+        template = await e.resolver.resolve(first)  # one real resolution, against the lab
+        answer = await server.lookup(first)
+        sts_text = (await e.store.get_policy(first)).policy_text  # type: ignore[union-attr]
+        rss_before = _own_rss_kib()
+        now = dtm.datetime.now(dtm.UTC)
+
+        def rd(rdtype: str, text: str) -> Any:
+            return dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype), text)
+
+        def fake(name: str, rdtype: str) -> DnsAnswer:
+            records: tuple[Any, ...] = {
+                "MX": lambda: (rd("MX", f"10 {MX_HOST}."),),
+                "TXT": lambda: (rd("TXT", f'"v=STSv1; id={name[-12:]}"'),),
+                "A": lambda: (rd("A", "127.221.0.9"),),
+            }[rdtype]()
+            return DnsAnswer(
+                name, rdtype, DnsOutcome.OK, DnssecStatus.INSECURE, records, name, (), 300
+            )
+
+        async def answer_for(name: str, rdtype: str) -> DnsAnswer:
+            return fake(name, rdtype)
+
+        e.dns._query = answer_for  # type: ignore[method-assign]  # the cache code stays real
+        started = time.perf_counter()
+        for i in range(n):
+            d = f"mem{i:06d}.test"
+            for name, rdtype in (
+                (d, "MX"), (f"_mta-sts.{d}", "TXT"), (f"_smtp._tls.{d}", "TXT"),
+                (f"mta-sts.{d}", "A"),
+            ):  # fmt: skip
+                await e.dns.query(name, rdtype)
+            await e.store.put_policy(
+                CachedPolicy(d, f"id{i}", sts_text, now, now + dtm.timedelta(days=7))
+            )
+            policy = dc.replace(template, domain=d)
+            server._store(d, dc.replace(answer, text=answer.text), policy)
+            server.recorder.offer(served_record(d, policy, answer, now))
+        fill_s = time.perf_counter() - started
+        await server.recorder.flush()
+        sample = [f"mem{i:06d}.test" for i in range(0, n, max(1, n // 100))]
+        got = await lookups(address, sample, 4, 60.0)
+        import gc
+
+        gc.collect()
+        return {
+            "policies": n,
+            "fill_seconds": round(fill_s, 1),
+            "rss_before_kib": rss_before,
+            "rss_kib": _own_rss_kib(),
+            "hwm_kib": _own_rss_kib("VmHWM"),
+            "answer_cache": len(server._cache),
+            "dns_cache": len(e.dns.cache or {}),
+            "sample": got.summary(),
+            "hits": server.metrics.cache_hits,
+        }
+    finally:
+        await server.stop()
+
+
+def _own_rss_kib(field: str = "VmRSS") -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    return 0
+
+
+def memory_child_main(spec_json: str) -> int:
+    """``--memory-child SPEC``: fill a policy server's caches and report (see above)."""
+    spec = json.loads(spec_json)
+    result = asyncio.run(
+        _memory_fill(Path(spec["config"]), Path(spec["store"]), tuple(spec["address"]), spec["n"])
+    )
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+def memory(lab: Lab, workdir: Path, address: tuple[str, int], n: int) -> dict[str, Any]:
+    """RSS of a policy server process holding ``n`` cached policies."""
+    mx = Mxguard(lab, workdir, address, 4.0)
+    spec = {
+        "config": str(mx.config),
+        "store": str(workdir / "memory.db"),
+        "address": list(address),
+        "n": n,
+    }
+    done = subprocess.run(
+        [sys.executable, __file__, "--memory-child", json.dumps(spec)],
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"the memory child failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 # --- the servers under test ------------------------------------------------------------------
 
 
@@ -229,11 +558,13 @@ class Server:
     """A policy server as a separate process, started fresh with an empty cache file."""
 
     name = ""
+    slug = ""  # for file names
+    map_name = "postfix"  # the socketmap name in its requests
 
     def __init__(self, lab: Lab, workdir: Path, address: tuple[str, int]) -> None:
         self.lab, self.workdir, self.address = lab, workdir, address
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log = workdir / f"{self.name}.log"
+        self.log = workdir / f"{self.slug}.log"
         self.runs = 0
 
     def command(self, cache: Path) -> tuple[list[str], dict[str, str]]:
@@ -244,7 +575,7 @@ class Server:
 
     def start(self) -> None:
         self.runs += 1
-        cache = self.workdir / f"{self.name}-cache-{self.runs}.db"
+        cache = self.workdir / f"{self.slug}-cache-{self.runs}.db"
         cmd, env = self.command(cache)
         with self.log.open("ab") as log:
             log.write(f"--- run {self.runs}: {' '.join(cmd)}\n".encode())
@@ -263,6 +594,17 @@ class Server:
                 self.stop()
                 raise RuntimeError(f"{self.name} did not listen on {self.address} within 30 s")
             time.sleep(0.05)
+
+    def cpu_seconds(self) -> float | None:
+        """User plus system CPU time of the server process so far, all its threads
+        (``/proc/PID/stat`` fields 14 and 15, in clock ticks)."""
+        if self.proc is None:
+            return None
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+            return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return None
 
     def rss_kib(self) -> int | None:
         """Resident set size of the server process (VmRSS, KiB)."""
@@ -296,12 +638,18 @@ class Server:
 
 
 class Mxguard(Server):
-    name = "mxguard"
+    name = slug = "mxguard"
 
     def __init__(
-        self, lab: Lab, workdir: Path, address: tuple[str, int], fetch_timeout: float
+        self,
+        lab: Lab,
+        workdir: Path,
+        address: tuple[str, int],
+        fetch_timeout: float,
+        event_loop: str = "asyncio",
     ) -> None:
         super().__init__(lab, workdir, address)
+        self.event_loop = event_loop
         # The lab's client config, with the same policy fetch timeout as the competitor's.
         text = lab.config_file.read_text(encoding="utf-8")
         lines = [ln for ln in text.splitlines() if not ln.startswith("fetch_timeout")]
@@ -312,21 +660,56 @@ class Mxguard(Server):
 
     def command(self, cache: Path) -> tuple[list[str], dict[str, str]]:
         host, port = self.address
-        cmd = [
-            sys.executable, "-m", "mxguard", "--config", str(self.config),
-            "--store", f"sqlite:///{cache}", "serve", "postfix",
+        args = [
+            "--config", str(self.config), "--store", f"sqlite:///{cache}", "serve", "postfix",
             "--listen", f"inet:{host}:{port}",
         ]  # fmt: skip
+        if self.event_loop == "asyncio":
+            cmd = [sys.executable, "-m", "mxguard", *args]
+        else:
+            # The CLI has no --event-loop option (yet): the policy server's own switch,
+            # set before the CLI's asyncio.run() makes its loop.
+            code = (
+                "import sys; from mxguard.postfix.server import use_event_loop; "
+                f"use_event_loop({self.event_loop!r}); "
+                "from mxguard.cli import main; sys.argv[0] = 'mxguard'; main()"
+            )
+            cmd = [sys.executable, "-c", code, *args]
         return cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def version(self) -> str:
         return metadata.version("mxguard")
 
 
-class Competitor(Server):
-    """postfix-mta-sts-resolver's ``mta-sts-daemon`` (sqlite cache, default settings)."""
+class MxguardBefore(Mxguard):
+    """mxguard's server from another tree (``--mxguard-before SRC``), for before/after."""
 
-    name = "postfix-mta-sts-resolver"
+    name = "mxguard (before)"
+    slug = "mxguard-before"
+
+    def __init__(self, *args: Any, pythonpath: Path, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pythonpath = pythonpath.resolve()
+
+    def command(self, cache: Path) -> tuple[list[str], dict[str, str]]:
+        cmd, env = super().command(cache)
+        return cmd, {**env, "PYTHONPATH": str(self.pythonpath)}
+
+    def version(self) -> str:
+        return f"{metadata.version('mxguard')} from {self.pythonpath}"
+
+
+def _competitor_has_uvloop(venv: Path) -> bool:
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import uvloop"], capture_output=True, timeout=60
+    )
+    return done.returncode == 0
+
+
+class Competitor(Server):
+    """postfix-mta-sts-resolver's ``mta-sts-daemon``: its default configuration (the
+    in-memory cache, ``CACHE_BACKEND = "internal"`` in its defaults.py) or, with
+    ``cache="sqlite"``, its SQLite cache; otherwise its defaults."""
 
     def __init__(
         self,
@@ -335,53 +718,47 @@ class Competitor(Server):
         address: tuple[str, int],
         fetch_timeout: float,
         venv: Path = COMPETITOR_VENV,
+        cache: str = "internal",
+        event_loop: str = "asyncio",
     ) -> None:
+        self.name = "postfix-mta-sts-resolver" + ("" if cache == "internal" else f" ({cache})")
+        self.slug = "competitor" + ("" if cache == "internal" else f"-{cache}")
         super().__init__(lab, workdir, address)
         self.venv = venv
+        self.cache = cache
+        self.event_loop = event_loop
         self.fetch_timeout = fetch_timeout
-        self.resolv_conf = workdir / "resolv.conf"
-        self.resolv_conf.write_text(
-            f"# the lab's validating resolver, for {self.name} only\n"
-            f"nameserver {lab.resolver_address}\noptions trust-ad\n"
-        )
-        self.ca_bundle = workdir / "ca-bundle.pem"
-        system = Path("/etc/ssl/certs/ca-certificates.crt")
-        bundle = system.read_text() if system.exists() else ""
-        self.ca_bundle.write_text(bundle + lab.ca_file.read_text())
+        self.resolv_conf, self.ca_bundle = _private_resolver_and_ca(lab, workdir)
 
     @staticmethod
-    def available(venv: Path = COMPETITOR_VENV) -> str | None:
+    def available(venv: Path = COMPETITOR_VENV, event_loop: str = "asyncio") -> str | None:
         """None if the competitor can run here, else why not."""
         if not (venv / "bin" / "mta-sts-daemon").exists():
             return f"{venv}/bin/mta-sts-daemon is missing: run bench/run (it installs it)"
         if os.geteuid() != 0 or shutil.which("unshare") is None:
             return "the competitor needs root and unshare(1) for its private resolv.conf"
+        if event_loop == "uvloop" and not _competitor_has_uvloop(venv):
+            return f"uvloop is not installed in {venv}: bench/run --event-loop uvloop installs it"
         return None
 
     def command(self, cache: Path) -> tuple[list[str], dict[str, str]]:
         host, port = self.address
-        cfg = self.workdir / f"competitor-{self.runs}.yml"
-        cfg.write_text(
-            json.dumps(  # JSON is YAML
-                {
-                    "host": host,
-                    "port": port,
-                    "reuse_port": True,  # False crashes 1.5.1 at start (opts unset)
-                    "cache": {"type": "sqlite", "options": {"filename": str(cache)}},
-                    "default_zone": {"strict_testing": False, "timeout": self.fetch_timeout},
-                },
-                indent=2,
-            )
-        )
+        cfg = self.workdir / f"{self.slug}-{self.runs}.yml"
+        config: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "reuse_port": True,  # False crashes 1.5.1 at start (opts unset)
+            "default_zone": {"strict_testing": False, "timeout": self.fetch_timeout},
+        }
+        if self.cache != "internal":  # else its default: the in-memory cache
+            config["cache"] = {"type": self.cache, "options": {"filename": str(cache)}}
+        cfg.write_text(json.dumps(config, indent=2))  # JSON is YAML
         if self.lab.ports.dns != 53:
             raise RuntimeError("the competitor can only reach a lab resolver on port 53 (root)")
-        script = 'mount --bind "$1" /etc/resolv.conf && exec "$2" -c "$3" -v warn'
-        daemon = str(self.venv / "bin" / "mta-sts-daemon")
-        cmd = ["unshare", "-m", "sh", "-c", script, "sh", str(self.resolv_conf), daemon, str(cfg)]
-        env = {
-            k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "PYTHONPATH"
-        }
-        return cmd, {**env, "SSL_CERT_FILE": str(self.ca_bundle), "PYTHONUNBUFFERED": "1"}
+        daemon = [str(self.venv / "bin" / "mta-sts-daemon"), "-c", str(cfg), "-v", "warn"]
+        if self.event_loop == "asyncio":
+            daemon.append("--disable-uvloop")  # it switches uvloop on whenever it can import it
+        return _in_private_namespace(self.resolv_conf, daemon, self.ca_bundle)
 
     def version(self) -> str:
         out = subprocess.run(
@@ -392,6 +769,79 @@ class Competitor(Server):
         return out.stdout.strip()
 
 
+class Tlspol(Server):
+    """postfix-tlspol (Go), a binary given with ``--tlspol``: its default configuration
+    (configs/config.default.yaml: prefetch on, its cache file) with the lab's resolver."""
+
+    name = "postfix-tlspol"
+    slug = "tlspol"
+    map_name = "QUERY"  # its README's smtp_tls_policy_maps (QUERYwithTLSRPT: with attributes)
+
+    def __init__(self, lab: Lab, workdir: Path, address: tuple[str, int], binary: Path) -> None:
+        super().__init__(lab, workdir, address)
+        self.binary = binary
+        self.resolv_conf, self.ca_bundle = _private_resolver_and_ca(lab, workdir)
+
+    @staticmethod
+    def available(binary: Path) -> str | None:
+        if not os.access(binary, os.X_OK):
+            return f"{binary} is not an executable"
+        if os.geteuid() != 0 or shutil.which("unshare") is None:
+            return "postfix-tlspol needs root and unshare(1) for its private resolv.conf"
+        return None
+
+    def command(self, cache: Path) -> tuple[list[str], dict[str, str]]:
+        host, port = self.address
+        cfg = self.workdir / f"{self.slug}-{self.runs}.yaml"
+        config = {
+            "server": {
+                "address": f"{host}:{port}",
+                "log-level": "warn",
+                "prefetch": True,
+                "cache-file": str(cache),
+            },
+            "dns": {"address": f"{self.lab.resolver_address}:{self.lab.ports.dns}"},
+        }
+        cfg.write_text(json.dumps(config, indent=2))
+        return _in_private_namespace(
+            self.resolv_conf, [str(self.binary), "-config", str(cfg)], self.ca_bundle
+        )
+
+    def version(self) -> str:
+        out = subprocess.run(
+            [str(self.binary), "-version"], capture_output=True, text=True, timeout=30
+        )
+        text = (out.stdout or out.stderr).strip()
+        return text.splitlines()[0] if text else ""
+
+
+def _private_resolver_and_ca(lab: Lab, workdir: Path) -> tuple[Path, Path]:
+    """A resolv.conf naming the lab's Unbound and a CA bundle (system CAs + the lab CA)."""
+    resolv_conf = workdir / "resolv.conf"
+    resolv_conf.write_text(
+        "# the lab's validating resolver, for the competitors only\n"
+        f"nameserver {lab.resolver_address}\noptions trust-ad\n"
+    )
+    ca_bundle = workdir / "ca-bundle.pem"
+    system = Path("/etc/ssl/certs/ca-certificates.crt")
+    bundle = system.read_text() if system.exists() else ""
+    ca_bundle.write_text(bundle + lab.ca_file.read_text())
+    return resolv_conf, ca_bundle
+
+
+def _in_private_namespace(
+    resolv_conf: Path, command: list[str], ca_bundle: Path
+) -> tuple[list[str], dict[str, str]]:
+    """``command`` in a private mount namespace whose /etc/resolv.conf is ``resolv_conf``.
+
+    ``unshare`` (without --fork) and ``sh -c 'exec …'`` replace themselves, so the process
+    started is the server itself (its PID is the one whose CPU and RSS are read)."""
+    script = 'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"'
+    cmd = ["unshare", "-m", "sh", "-c", script, "sh", str(resolv_conf), *command]
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "PYTHONPATH"}
+    return cmd, {**env, "SSL_CERT_FILE": str(ca_bundle), "PYTHONUNBUFFERED": "1"}
+
+
 # --- the measurements ------------------------------------------------------------------------
 
 
@@ -399,9 +849,10 @@ class Competitor(Server):
 class Config:
     domains: int = 500  # cold lookups
     warm_domains: int = 50  # the warm set cycled through
-    warm_lookups: int = 20000  # per connection count, at most
+    warm_lookups: int = 1_000_000  # per connection count, at most
     warm_seconds: float = 5.0  # per connection count, at most
     connections: tuple[int, ...] = (1, 32)
+    load_processes: int = 4  # warm load: worker processes, at most one per connection
     cold_connections: int = 32
     herd: int = 50
     fail_lookups: int = 200
@@ -416,13 +867,20 @@ def _fetches(lab: Lab, domains: Sequence[str]) -> int:
     return sum(lab.policy_host(d).fetches for d in domains)
 
 
+def _per_lookup_us(cpu: float | None, n: int) -> float | None:
+    return round(cpu / n * 1e6, 2) if cpu is not None and n else None
+
+
 async def warm(server: Server, cfg: Config) -> dict[str, Any]:
     keys = [sts_domain(i) for i in range(min(cfg.warm_domains, cfg.domains))]
-    primed = await lookups(server.address, keys, 8, cfg.cold_seconds)
+    primed = await lookups(server.address, keys, 8, cfg.cold_seconds, server.map_name)
     out: dict[str, Any] = {"prime": primed.summary()}
     for n in cfg.connections:
-        cycle = [keys[i % len(keys)] for i in range(cfg.warm_lookups)]
-        out[f"c{n}"] = (await lookups(server.address, cycle, n, cfg.warm_seconds)).summary()
+        samples, cpu = await asyncio.to_thread(
+            multi_process_lookups,
+            server, keys, n, cfg.load_processes, cfg.warm_seconds, cfg.warm_lookups,
+        )  # fmt: skip
+        out[f"c{n}"] = {**samples.summary(), **cpu}
     out["rss_kib"] = server.rss_kib()
     return out
 
@@ -430,10 +888,15 @@ async def warm(server: Server, cfg: Config) -> dict[str, Any]:
 async def cold(server: Server, cfg: Config) -> dict[str, Any]:
     keys = [sts_domain(i) for i in range(cfg.domains)]
     before = _fetches(server.lab, keys)
-    s = await lookups(server.address, keys, cfg.cold_connections, cfg.cold_seconds)
+    cpu_before = server.cpu_seconds()
+    s = await lookups(server.address, keys, cfg.cold_connections, cfg.cold_seconds, server.map_name)
+    cpu_after = server.cpu_seconds()
+    cpu = cpu_after - cpu_before if cpu_after is not None and cpu_before is not None else None
     return {
         **s.summary(),
         "fetches": _fetches(server.lab, keys) - before,
+        "server_cpu_s": round(cpu, 3) if cpu is not None else None,
+        "server_cpu_us_per_lookup": _per_lookup_us(cpu, len(s.latencies)),
         "rss_kib": server.rss_kib(),
     }
 
@@ -441,7 +904,9 @@ async def cold(server: Server, cfg: Config) -> dict[str, Any]:
 async def herd(server: Server, cfg: Config) -> dict[str, Any]:
     host = server.lab.policy_host(HERD_DOMAIN)
     before = host.fetches
-    clients = [await SocketmapClient.connect(server.address) for _ in range(cfg.herd)]
+    clients = [
+        await SocketmapClient.connect(server.address, server.map_name) for _ in range(cfg.herd)
+    ]
     samples = Samples()
     go = asyncio.Event()
 
@@ -471,7 +936,7 @@ async def failing(server: Server, cfg: Config) -> dict[str, Any]:
     samples = Samples()
 
     async def worker() -> None:
-        client = await SocketmapClient.connect(server.address)
+        client = await SocketmapClient.connect(server.address, server.map_name)
         try:
             for _ in range(per_conn):
                 started = time.monotonic()
@@ -492,8 +957,11 @@ async def stalled(server: Server, cfg: Config) -> dict[str, Any]:
     """A policy host that never answers: its first lookup, its retry, and everyone else."""
     host = server.lab.policy_host(STALL_DOMAIN)
     before = host.fetches
-    first = await SocketmapClient.connect(server.address)
-    others = [await SocketmapClient.connect(server.address) for _ in range(cfg.stall_others)]
+    first = await SocketmapClient.connect(server.address, server.map_name)
+    others = [
+        await SocketmapClient.connect(server.address, server.map_name)
+        for _ in range(cfg.stall_others)
+    ]
     other_samples = Samples()
     try:
         async with asyncio.timeout(3 * REQUEST_TIMEOUT):
@@ -608,11 +1076,16 @@ def markdown(results: dict[str, Any]) -> str:
         row(f"warm lookups/s, {c} connection(s)", ("warm", f"c{c}", "per_second"), "higher")
         row(f"warm p50 ms, {c} connection(s)", ("warm", f"c{c}", "p50_ms"), "lower", "{:.3f}")
         row(f"warm p99 ms, {c} connection(s)", ("warm", f"c{c}", "p99_ms"), "lower", "{:.3f}")
+        row(
+            f"warm server CPU µs per lookup, {c} connection(s)",
+            ("warm", f"c{c}", "server_cpu_us_per_lookup"), "lower",
+        )  # fmt: skip
     row("RSS after the warm run, MiB", ("warm", "rss_kib"), "lower")
     row(f"cold: {cfg['domains']} domains, seconds", ("cold", "seconds"), "lower", "{:.2f}")
     row("cold: lookups/s", ("cold", "per_second"), "higher")
     row("cold: p50 ms", ("cold", "p50_ms"), "lower")
     row("cold: p99 ms", ("cold", "p99_ms"), "lower")
+    row("cold: server CPU ms per lookup", ("cold", "server_cpu_us_per_lookup"), "lower", "{:.2f}")
     row("cold: policy fetches", ("cold", "fetches"), "lower", "{}")
     row("RSS after the cold run, MiB", ("cold", "rss_kib"), "lower")
     row(f"herd: fetches for {cfg['herd']} concurrent lookups", ("herd", "fetches"), "lower", "{}")
@@ -636,18 +1109,27 @@ def markdown(results: dict[str, Any]) -> str:
     )  # fmt: skip
     row("stalled host: fetches", ("stalled", "fetches"), "lower", "{}")
 
-    def mib(label: str, values: list[Any]) -> list[Any]:
-        return [v / 1024 if ("MiB" in label and v is not None) else v for v in values]
+    def scaled(label: str, values: list[Any]) -> list[Any]:
+        if "MiB" in label:
+            return [v / 1024 if v is not None else None for v in values]
+        if "CPU ms" in label:  # recorded in µs
+            return [v / 1000 if v is not None else None for v in values]
+        return values
 
-    head = "| measurement | " + " | ".join(names) + " | ratio |\n"
-    head += "|---|" + "---:|" * len(names) + "---:|\n"
+    # mxguard first, then each other server with the ratio mxguard ÷ that server.
+    others = names[1:]
+    head = f"| measurement | {names[0]} | " + "".join(f"{o} | ratio | " for o in others)
+    head = head.rstrip() + "\n|---|---:|" + "---:|---:|" * len(others) + "\n"
     lines = []
     for (label, shown, better), (_, values) in zip(rows, raw_rows, strict=True):
-        values = mib(label, values)
-        if "MiB" in label:
-            shown = [f"{v:.1f}" if v is not None else "–" for v in values]
-        ratio = _ratio(values[0], values[1]) if len(values) == 2 else "–"
-        lines.append(f"| {label} ({better} is better) | " + " | ".join(shown) + f" | {ratio} |")
+        values = scaled(label, values)
+        if "MiB" in label or "CPU ms" in label:
+            fmt = "{:.1f}" if "MiB" in label else "{:.2f}"
+            shown = [fmt.format(v) if v is not None else "–" for v in values]
+        cells = [shown[0]]
+        for i in range(1, len(names)):
+            cells += [shown[i], _ratio(values[0], values[i])]
+        lines.append(f"| {label} ({better} is better) | " + " | ".join(cells) + " |")
     replies = []
     for n in names:
         for m in ("cold", "herd", "failing"):
@@ -659,28 +1141,76 @@ def markdown(results: dict[str, Any]) -> str:
             replies.append(
                 f"- {n}, stalled: first `{st['first_reply']}`, retry `{st['retry_reply']}`"
             )
-    return head + "\n".join(lines) + "\n\nReplies:\n\n" + "\n".join(replies) + "\n"
+    out = head + "\n".join(lines) + "\n\nReplies:\n\n" + "\n".join(replies) + "\n"
+    mem = results.get("memory")
+    if mem:
+        out += (
+            f"\nmxguard holding {mem['policies']} cached policies: RSS "
+            f"{mem['rss_kib'] / 1024:.1f} MiB (peak {mem['hwm_kib'] / 1024:.1f} MiB; "
+            f"{mem['rss_before_kib'] / 1024:.1f} MiB before filling); answer cache "
+            f"{mem['answer_cache']} entries, DNS cache {mem['dns_cache']}; a sample of "
+            f"{mem['sample']['lookups']} of them answered {mem['sample']['replies']}.\n"
+        )
+    return out
+
+
+def load() -> dict[str, Any]:
+    """The machine's load averages (1, 5, 15 min), to say how quiet it was."""
+    one, five, fifteen = os.getloadavg()
+    return {"1m": round(one, 2), "5m": round(five, 2), "15m": round(fifteen, 2)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--domains", type=int, default=500, help="cold lookups (default 500)")
     p.add_argument("--warm-seconds", type=float, default=5.0)
+    p.add_argument(
+        "--load-processes", type=int, default=4, help="warm load: worker processes (default 4)"
+    )
     p.add_argument("--lab-net", default="127.221", help="the lab's 127.N network")
-    p.add_argument("--listen", default="127.211.0", help="servers listen on PREFIX.1 and .2")
+    p.add_argument(
+        "--listen", default="127.211.0", help="servers listen on PREFIX.1, .2, ... (one each)"
+    )
     p.add_argument("--only", nargs="*", choices=list(MEASUREMENTS), default=list(MEASUREMENTS))
     p.add_argument("--without-competitor", action="store_true")
+    p.add_argument(
+        "--without-sqlite", action="store_true", help="not the competitor's SQLite column"
+    )
+    p.add_argument(
+        "--event-loop", choices=EVENT_LOOPS, default="asyncio",
+        help="the event loop of both Python servers (default asyncio: the competitor's venv "
+        "has no uvloop unless bench/run --event-loop uvloop installed it)",
+    )  # fmt: skip
+    p.add_argument("--tlspol", type=Path, help="also measure this postfix-tlspol binary")
+    p.add_argument(
+        "--mxguard-before", type=Path, metavar="SRC",
+        help="also measure the mxguard server of another tree (its src/ folder)",
+    )  # fmt: skip
     p.add_argument("--json", type=Path, help="also write the raw results here")
     p.add_argument("--markdown", type=Path, help="also write the table here")
     p.add_argument("--render", type=Path, help="only print the table of a --json results file")
+    p.add_argument(
+        "--memory", type=int, default=0, metavar="N",
+        help="also measure mxguard's RSS holding N cached policies (e.g. 100000)",
+    )  # fmt: skip
+    p.add_argument("--load-worker", metavar="SPEC", help=argparse.SUPPRESS)
+    p.add_argument("--memory-child", metavar="SPEC", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.load_worker:
+        return load_worker_main(args.load_worker)
+    if args.memory_child:
+        return memory_child_main(args.memory_child)
     if args.render:
         print(markdown(json.loads(args.render.read_text())))
         return 0
     if not 1 <= args.domains <= 2000:
         p.error("--domains: expected 1 to 2000")
-    cfg = Config(domains=args.domains, warm_seconds=args.warm_seconds)
-    why = None if args.without_competitor else Competitor.available()
+    cfg = Config(
+        domains=args.domains, warm_seconds=args.warm_seconds, load_processes=args.load_processes
+    )
+    why = None if args.without_competitor else Competitor.available(event_loop=args.event_loop)
+    if not why and args.tlspol:
+        why = Tlspol.available(args.tlspol)
     if why:
         p.error(why)
 
@@ -688,19 +1218,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
+    load_before = load()
     with tempfile.TemporaryDirectory(prefix="mxguard-bench-") as tmp:
         workdir = Path(tmp)
         progress(f"starting the lab ({cfg.domains} + {cfg.stall_others + 3} domains)")
         with Lab(scenario(cfg.domains, cfg.stall_others), net=args.lab_net) as lab:
             progress(f"lab ready after {time.perf_counter() - started:.1f} s")
+            addresses = ((f"{args.listen}.{i}", 8461) for i in range(1, 10))
+            timeout = cfg.fetch_timeout
             servers: list[Server] = [
-                Mxguard(lab, workdir, (f"{args.listen}.1", 8461), cfg.fetch_timeout)
+                Mxguard(lab, workdir, next(addresses), timeout, args.event_loop)
             ]
             if not args.without_competitor:
                 servers.append(
-                    Competitor(lab, workdir, (f"{args.listen}.2", 8461), cfg.fetch_timeout)
+                    Competitor(lab, workdir, next(addresses), timeout, event_loop=args.event_loop)
                 )
+                if not args.without_sqlite:
+                    sqlite = Competitor(
+                        lab, workdir, next(addresses), timeout, cache="sqlite",
+                        event_loop=args.event_loop,
+                    )  # fmt: skip
+                    servers.append(sqlite)
+            if args.tlspol:
+                servers.append(Tlspol(lab, workdir, next(addresses), args.tlspol))
+            if args.mxguard_before:
+                before = MxguardBefore(
+                    lab, workdir, next(addresses), timeout, args.event_loop,
+                    pythonpath=args.mxguard_before,
+                )  # fmt: skip
+                servers.append(before)
             results = run(lab, servers, cfg, args.only, progress)
+            if args.memory:
+                progress(f"memory: mxguard with {args.memory} cached policies")
+                lab.flush_resolver()
+                results["memory"] = memory(lab, workdir, (f"{args.listen}.9", 8461), args.memory)
+    results["event_loop"] = args.event_loop
+    results["load"] = {"before": load_before, "after": load()}
     results["machine"] = machine()
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["command"] = "bench/run " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from mxguard.adapters import https
 from mxguard.adapters.https import (
     FetchAbort,
     FetchResult,
@@ -145,21 +146,24 @@ def test_redirect_target_is_not_fetched(pki: LabPKI) -> None:
 def test_oversize_body_is_abandoned_after_the_limit(
     pki: LabPKI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Count what the fetch pulls from the connection: it must stop right after 64 KiB, not
+    # Count what the fetch takes from the connection: it must stop right after 64 KiB, not
     # read the whole 100 KiB the host sends (without a Content-Length to refuse it by).
-    pulled: list[int] = []
-    original = httpx.Response.aiter_raw
+    # Reading pauses after each piece the TLS connection hands over until the fetch has
+    # taken it, and the body is capped piece by piece.
+    received: list[int] = []
+    original = https._Exchange.data_received
 
-    async def counting(self: httpx.Response, chunk_size: int | None = None) -> AsyncIterator[bytes]:
-        async for chunk in original(self, chunk_size):
-            pulled.append(len(chunk))
-            yield chunk
+    def counting(self: https._Exchange, data: bytes) -> None:
+        received.append(len(data))
+        original(self, data)
 
-    monkeypatch.setattr(httpx.Response, "aiter_raw", counting)
+    monkeypatch.setattr(https._Exchange, "data_received", counting)
     result, _ = fetch_once(pki, MtaSts(behaviour=PolicyBehaviour.OVERSIZE))
     assert result.result_type is FETCH_ERROR
-    # It stopped at the first chunk (a TLS record, at most 16 KiB) that crossed the limit.
-    assert sum(pulled[:-1]) <= 65536 < sum(pulled) < OVERSIZE_BODY
+    assert "larger than the limit" in result.detail
+    # It stopped at the first piece that crossed the limit (the response head is in there).
+    assert sum(received[:-1]) <= 65536 + 512, received
+    assert 65536 < sum(received) < OVERSIZE_BODY, received
 
 
 def test_stalling_host_fails_within_the_deadline(pki: LabPKI) -> None:

@@ -540,3 +540,19 @@ def test_the_connections_benchmark_runs(lab: Lab, tmp_path: Path) -> None:
     assert [r["query"]["answered"] for r in results["repeated"]["rounds"]] == [1, 1]
     assert "| silent, 40 |" in bench.markdown(results)
     assert server.proc is None  # every server process was stopped
+
+
+def test_a_request_answered_at_once_is_received_and_answered_in_one_step() -> None:
+    t = table(10)
+    t.admit("new", 0)
+    t.answered_at_once("new", 1)  # waiting -> idle since 1
+    t.admit("other", 2)
+    t.received("other")
+    t.answered_at_once("other", 3)  # a request is still in flight on it: nothing changes
+    assert (t.waiting, t.busy, t.idle) == (0, 1, 1)
+    t.answered("other", 4)
+    t.answered_at_once("new", 5)  # idle again, now since 5: the most recent
+    assert t.expired(64) == [("other", IDLE)]
+    assert t.expired(65) == [("new", IDLE)]
+    t.answered_at_once("gone", 6)  # not (or no longer) in the table: ignored
+    assert len(t) == 0

@@ -142,3 +142,24 @@ def test_percent_encoding_of_tcp_table(plain: bytes, encoded: bytes) -> None:
 def test_percent_without_two_hex_digits_is_an_error(bad: bytes) -> None:
     with pytest.raises(PercentError):
         pct_decode(bad)
+
+
+netstring_parts = st.one_of(
+    st.binary(max_size=40).map(encode),  # whole netstrings: the decoder's fast path
+    st.binary(max_size=12),  # anything: framing errors, split lengths, stray commas
+    st.sampled_from([b"0:,", b"12345678901:x,", b"5:abc", b",", b":", b"4097:"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(netstring_parts, max_size=12), st.integers(min_value=1, max_value=7))
+def test_the_whole_netstring_fast_path_decodes_like_the_byte_by_byte_states(
+    parts: list[bytes], step: int
+) -> None:
+    # feed() takes whole netstrings in one slice; anything else goes byte by byte through
+    # the states. Fed at once or in small pieces, the events must be the same.
+    stream = b"".join(parts)
+    whole = NetstringDecoder(max_request=30).feed(stream)
+    decoder = NetstringDecoder(max_request=30)
+    pieces = [e for i in range(0, len(stream), step) for e in decoder.feed(stream[i : i + step])]
+    assert pieces == whole

@@ -17,6 +17,15 @@ can act on ("DNS timeout looking up MX for example.com (no answer from 127.0.0.1
 it is not a TLS failure, and RFC 8460 §4.3 has no result type for it. TXT records are
 joined without separators (RFC 8461 §3.1, RFC 8460 §3): presentation format would add quotes
 and spaces.
+
+Queries to a resolver on loopback share one connected UDP socket per resolver and event loop
+(``_UdpChannel``) instead of a socket each: a socket per query cost a policy server about a
+tenth of a cold lookup. The kernel delivers only datagrams from the resolver's address and
+port to a connected socket, and on loopback nobody can send from port 53 of the resolver's
+address without privileges; each query still has a random ID, an answer must repeat its
+question, and the socket is replaced after ``CHANNEL_QUERIES`` queries. Resolvers elsewhere
+get a new socket (a new random source port) per query, as before, since off-path spoofing
+is possible there. Truncated answers are asked again over TCP either way.
 """
 
 from __future__ import annotations
@@ -25,6 +34,9 @@ import asyncio
 import enum
 import ipaddress
 import logging
+import secrets
+import socket
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,13 +49,19 @@ import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
+import dns.wire
 
 from mxguard.protocol import names
 
 log = logging.getLogger(__name__)
+
+CHANNEL_QUERIES = 10_000  # queries over one shared UDP socket before it is replaced
+EDNS_PAYLOAD = 1232  # the UDP payload size offered (the DNS flag day 2020 value)
+_RD_AD = 0x0120  # header flags of a query: recursion desired, authentic data (RFC 6840 §5.7)
 
 # RFC 8914 §4: the Extended DNS Error codes that mean "DNSSEC validation failed".
 _DNSSEC_EDE = frozenset(range(1, 13)) - {3, 4}  # 3 stale answer, 4 forged answer: not DNSSEC
@@ -154,7 +172,8 @@ class DnsResolver:
     """Queries the configured resolvers in order; the first one that answers decides.
 
     With ``cache=True`` answers are kept for their DNS TTL (negative answers for the SOA's
-    negative TTL, RFC 2308 §5), capped at ``max_ttl``; failures are never cached. Long-running
+    negative TTL, RFC 2308 §5), capped at ``max_ttl``, at most ``max_entries`` of them
+    (the oldest go first); failures are never cached. Long-running
     servers use it so that DANE data follows the zone's TTLs without a query per lookup.
     """
 
@@ -165,6 +184,7 @@ class DnsResolver:
         timeout: float = 5.0,
         cache: bool = False,
         max_ttl: int = 3600,
+        max_entries: int = 10_000,
     ) -> None:
         if not servers:
             servers = [(str(ns), 53) for ns in dns.resolver.Resolver().nameservers]
@@ -173,7 +193,12 @@ class DnsResolver:
         self.trusted = all(is_loopback(addr) for addr, _ in self.servers)
         self.cache: dict[tuple[str, str], tuple[float, DnsAnswer]] | None = {} if cache else None
         self.max_ttl = max_ttl
+        # Bounded: a long-running server sees ever new names. The oldest answers go first
+        # (a policy server's own answer cache holds what it needs; this one serves its
+        # resolutions: the MX hosts many domains share, the refreshes).
+        self.max_entries = max_entries
         self.queries = 0  # queries sent (cache hits do not count)
+        self._channels: dict[tuple[str, int], _UdpChannel] = {}
         if not self.trusted:
             log.warning(
                 "resolver %s is not on loopback: its AD bit cannot be trusted, so no answer "
@@ -194,8 +219,9 @@ class DnsResolver:
             return hit[1]
         answer = await self._query(name, rdtype)
         if not answer.failed and answer.ttl > 0:
-            if len(self.cache) > 100_000:  # bound the memory a flood of names can take
-                self.cache.clear()
+            self.cache.pop(key, None)  # an answer put again is the newest
+            while len(self.cache) >= self.max_entries:
+                del self.cache[next(iter(self.cache))]
             self.cache[key] = (now + min(answer.ttl, self.max_ttl), answer)
         return answer
 
@@ -214,13 +240,17 @@ class DnsResolver:
             # It happens for real when a long domain gets "_mta-sts." or "_25._tcp." in front.
             return self._impossible(text, rdtype, exc)
         text = _text(qname)
-        query = dns.message.make_query(qname, rdtype, use_edns=0, payload=1232)
-        # AD in a query asks a validating resolver to report the validation (RFC 6840 §5.7).
-        query.flags |= dns.flags.AD
+        wanted = dns.rdatatype.from_text(rdtype)
         problems: list[tuple[str, Exception]] = []
+        query: dns.message.Message | None = None
         for addr, port in self.servers:
             try:
-                response = await self._exchange(query, addr, port)
+                if is_loopback(addr):
+                    response = await self._shared_exchange(qname, wanted, addr, port)
+                else:
+                    if query is None:
+                        query = _make_query(qname, wanted)
+                    response = await self._exchange(query, addr, port)
             except (OSError, dns.exception.DNSException, EOFError) as exc:
                 problems.append((server_text(addr, port), exc))
                 continue
@@ -258,11 +288,41 @@ class DnsResolver:
             )
             return response
 
+    async def _shared_exchange(
+        self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, addr: str, port: int
+    ) -> Any:
+        """One query over the shared UDP socket to a loopback resolver (TCP if truncated)."""
+        loop = asyncio.get_running_loop()
+        channel = self._channels.get((addr, port))
+        if channel is None or channel.loop is not loop or channel.retired:
+            if channel is not None:
+                channel.retire()
+            channel = self._channels[(addr, port)] = _UdpChannel(loop, addr, port)
+        name = qname.to_wire()
+        assert name is not None  # to_wire() returns the bytes when given no file
+        wire = await channel.exchange(
+            name, struct.pack("!HH", rdtype, dns.rdataclass.IN), self.timeout
+        )
+        response = _read_response(wire)
+        if response.flags & dns.flags.TC:
+            # RFC 7766: a truncated answer is asked again over TCP.
+            async with asyncio.timeout(self.timeout):
+                response = await dns.asyncquery.tcp(
+                    _make_query(qname, rdtype), addr, port=port, timeout=self.timeout
+                )
+        return response
+
+    def close(self) -> None:
+        """Close the shared UDP sockets (a new query opens them again)."""
+        for channel in self._channels.values():
+            channel.retire()
+        self._channels.clear()
+
     async def _interpret(
         self,
         text: str,
         rdtype: str,
-        query: dns.message.Message,
+        query: dns.message.Message | None,
         response: dns.message.Message,
         addr: str,
         port: int,
@@ -330,7 +390,7 @@ class DnsResolver:
         self,
         text: str,
         rdtype: str,
-        query: dns.message.Message,
+        query: dns.message.Message | None,
         response: dns.message.Message,
         addr: str,
         port: int,
@@ -343,7 +403,8 @@ class DnsResolver:
         if not ede:
             # No Extended DNS Error: ask again with validation off (CD, RFC 4035 §3.2.2).
             # An answer then means the data exists but failed validation.
-            checking = dns.message.make_query(query.question[0].name, rdtype, use_edns=0)
+            name = query.question[0].name if query is not None else dns.name.from_text(text)
+            checking = dns.message.make_query(name, rdtype, use_edns=0)
             checking.flags |= dns.flags.CD
             try:
                 unchecked = await self._exchange(checking, addr, port)
@@ -367,3 +428,185 @@ class DnsResolver:
             f"DNS error looking up {rdtype} for {text}: {server_text(addr, port)} answered "
             f"SERVFAIL ({why})",
         )
+
+
+def _make_query(qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> dns.message.Message:
+    """The query as a message (for TCP and for resolvers not on loopback)."""
+    query = dns.message.make_query(qname, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
+    # AD in a query asks a validating resolver to report the validation (RFC 6840 §5.7).
+    query.flags |= dns.flags.AD
+    return query
+
+
+class _UdpChannel:
+    """One connected UDP socket to one resolver, shared by the queries of one event loop.
+
+    A query is the header (random ID, RD and AD set, one question, one additional record),
+    the question, and an EDNS0 OPT record offering ``EDNS_PAYLOAD`` bytes, as
+    ``dns.message.make_query(..., use_edns=0)`` writes it. An answer is taken for the query
+    whose ID it carries only if it is a response (QR) and repeats that query's question;
+    anything else is dropped. ``retire()`` closes the socket once no query waits on it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, addr: str, port: int) -> None:
+        self.loop = loop
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock.setblocking(False)
+            self.sock.connect((addr, port))
+            loop.add_reader(self.sock.fileno(), self._readable)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sent = 0
+        self.retired = False
+        self._waiting: dict[int, tuple[bytes, bytes, asyncio.Future[bytes]]] = {}
+
+    async def exchange(self, name: bytes, kind: bytes, timeout: float) -> bytes:  # noqa: ASYNC109
+        """The answer (wire format) to the question of ``name`` (wire format) and ``kind``
+        (type and class, wire format)."""
+        question = name + kind
+        qid = secrets.randbits(16)
+        while qid in self._waiting:
+            qid = secrets.randbits(16)
+        future: asyncio.Future[bytes] = self.loop.create_future()
+        self._waiting[qid] = (name, kind, future)
+        self.sent += 1
+        if self.sent >= CHANNEL_QUERIES:
+            self.retired = True  # the next query opens a new socket; this one closes later
+        header = struct.pack("!HHHHHH", qid, _RD_AD, 1, 0, 0, 1)
+        opt = struct.pack("!BHHIH", 0, dns.rdatatype.OPT, EDNS_PAYLOAD, 0, 0)
+        timer = self.loop.call_later(timeout, _expire, future, timeout)
+        try:
+            self.sock.send(header + question + opt)
+            return await future
+        finally:
+            timer.cancel()
+            self._waiting.pop(qid, None)
+            if self.retired and not self._waiting:
+                self._close()
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # An ICMP error for some query (port unreachable: ConnectionRefusedError):
+                # on a shared socket it cannot be told which; it is every waiting query's.
+                for _, _, future in list(self._waiting.values()):
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            if len(data) < 12 or not data[2] & 0x80:  # no header, or not a response (QR)
+                continue
+            waiting = self._waiting.get(int.from_bytes(data[:2], "big"))
+            if waiting is None:
+                continue  # late (timed out) or not ours
+            name, kind, future = waiting
+            end = 12 + len(name)
+            echoed = data[12:end]
+            if data[end : end + 4] != kind or (echoed != name and echoed.lower() != name.lower()):
+                continue  # another question with the same ID: not the answer
+            if not future.done():
+                future.set_result(data)
+
+    def retire(self) -> None:
+        self.retired = True
+        if not self._waiting:
+            self._close()
+
+    def _close(self) -> None:
+        if self.sock.fileno() >= 0:
+            if not self.loop.is_closed():
+                self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
+def _expire(future: asyncio.Future[bytes], timeout: float) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError(f"no answer within {timeout:g} s"))
+
+
+class _RRs(list[Any]):
+    """One RRset of a response read by ``_read_response``: its records, and what
+    ``DnsResolver._interpret`` reads of a ``dns.rrset.RRset`` (name, type, class, TTL)."""
+
+    def __init__(
+        self, name: dns.name.Name, rdtype: int, rdclass: int, ttl: int, first: Any
+    ) -> None:
+        super().__init__((first,))
+        self.name, self.rdtype, self.rdclass, self.ttl = name, rdtype, rdclass, ttl
+
+
+class _Response:
+    """A response as ``DnsResolver._interpret`` reads a ``dns.message.Message``: flags,
+    rcode, answer and authority sections, ``get_rrset``."""
+
+    def __init__(self, flags: int, rcode: int, answer: list[_RRs], authority: list[_RRs]):
+        self.flags, self._rcode, self.answer, self.authority = flags, rcode, answer, authority
+        self.options: list[Any] = []
+
+    def rcode(self) -> int:
+        return self._rcode
+
+    def get_rrset(
+        self, section: list[_RRs], name: dns.name.Name, rdclass: int, rdtype: int
+    ) -> _RRs | None:
+        for rrs in section:
+            if rrs.rdtype == rdtype and rrs.rdclass == rdclass and rrs.name == name:
+                return rrs
+        return None
+
+
+def _read_response(wire: bytes) -> Any:
+    """A response to one of our queries, read for what a lookup needs.
+
+    ``dns.message.from_wire`` builds a whole message (about 140 µs for a one-record answer
+    here, most of a cold policy lookup's DNS time); this reads the header, skips the one
+    question, and reads the answer and authority records with dnspython's own record
+    parsers (the additional section holds only the OPT record we asked for). Anything but
+    a plain NOERROR or NXDOMAIN answer (SERVFAIL and its Extended DNS Errors, other
+    rcodes, truncation, extended rcodes) is read by dnspython's ``from_wire`` instead.
+    """
+    _qid, flags, qdcount, ancount, nscount, arcount = struct.unpack_from("!HHHHHH", wire)
+    rcode = flags & 0x000F
+    if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) or flags & dns.flags.TC:
+        return dns.message.from_wire(wire)
+    try:
+        parser = dns.wire.Parser(wire, 12)
+        for _ in range(qdcount):
+            parser.get_name(decompress=True)
+            parser.get_struct("!HH")
+        sections: list[list[_RRs]] = [[], []]
+        for index, count in enumerate((ancount, nscount)):
+            section = sections[index]
+            for _ in range(count):
+                name = parser.get_name(decompress=True)
+                rdtype, rdclass, ttl, rdlen = parser.get_struct("!HHIH")
+                with parser.restrict_to(rdlen):
+                    rdata = dns.rdata.from_wire_parser(rdclass, rdtype, parser)
+                same = next(
+                    (r for r in section if r.rdtype == rdtype and r.rdclass == rdclass
+                     and r.name == name), None,
+                )  # fmt: skip
+                if same is None:
+                    section.append(_RRs(name, rdtype, rdclass, ttl, rdata))
+                elif rdata not in same:
+                    same.append(rdata)
+                    same.ttl = min(same.ttl, ttl)  # an RRset's TTL is its lowest (RFC 2181 §5.2)
+        for _ in range(arcount):
+            parser.get_name(decompress=True)
+            rdtype, _, _, rdlen = parser.get_struct("!HHIH")
+            if rdtype == dns.rdatatype.OPT:
+                high = wire[parser.current - 6]  # the OPT TTL's first byte: extended rcode
+                if high:
+                    return dns.message.from_wire(wire)
+            parser.seek(parser.current + rdlen)
+        if parser.remaining():
+            raise ValueError("trailing bytes after the records")
+    except (struct.error, ValueError, dns.exception.DNSException):
+        return dns.message.from_wire(wire)  # says what is wrong with it, or reads it anyway
+    return _Response(flags, rcode, sections[0], sections[1])

@@ -144,6 +144,14 @@ class ConnectionTable(Generic[C]):
             del self._busy[conn]
             self._idle[conn] = now
 
+    def answered_at_once(self, conn: C, now: float) -> None:
+        """A request arrived on ``conn`` and was answered at once (a cache hit), with nothing
+        else in flight on it: ``received`` then ``answered``, in one step."""
+        if conn in self._busy:
+            return  # requests are in flight: idleness starts with their replies
+        if self._waiting.pop(conn, None) is not None or self._idle.pop(conn, None) is not None:
+            self._idle[conn] = now
+
     def remove(self, conn: C) -> None:
         """``conn`` is closed."""
         self._waiting.pop(conn, None)

@@ -42,7 +42,13 @@ class Metrics:
         self._count = 0
 
     def answer(self, answer: Answer, seconds: float) -> None:
-        self.answers[answer.label] = self.answers.get(answer.label, 0) + 1
+        self.count(answer.label, seconds)
+
+    def count(self, label: str, seconds: float) -> None:
+        """One answer with metrics label ``label`` (``Answer.label``), ``seconds`` after its
+        request (a cache hit passes its entry's label, made once)."""
+        answers = self.answers
+        answers[label] = answers.get(label, 0) + 1
         self._buckets[bisect.bisect_left(_BUCKETS, seconds)] += 1
         self._sum += seconds
         self._count += 1

@@ -100,7 +100,19 @@ class NetstringDecoder:
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
         i, n = 0, len(data)
+        length_state, digits = self._LENGTH, self.max_digits
         while i < n and self._state != self._DEAD:
+            if self._state == length_state and not self._digits:
+                # The common case, a whole netstring at ``i``: taken in one slice. Anything
+                # else (split, too long, malformed) goes through the states below, byte by
+                # byte, which give the same events for whole netstrings.
+                colon = data.find(b":", i, i + digits + 1)
+                if colon > i and data[i:colon].isdigit():
+                    end = colon + 1 + int(data[i:colon])
+                    if end - colon - 1 <= self.max_request and end < n and data[end] == 0x2C:
+                        events.append(Request(bytes(data[colon + 1 : end])))
+                        i = end + 1
+                        continue
             # Each step consumes at least one byte and may change the state.
             i = self._steps[self._state](data, i, events)
         return events

@@ -13,9 +13,12 @@ this server's first duty is **never to stall Postfix**:
   fetch, with back-off after failures);
 - a refresher re-resolves domains used within ``hot_window`` before their answer expires,
   so hot domains never miss;
-- per connection: bounded buffers (see ``netstring``; at most ``READ_LIMIT`` and
-  ``WRITE_HIGH`` bytes more in the streams), pipelined requests answered in order (resolved
-  concurrently), a defined reply to every request, malformed ones included;
+- per connection (an asyncio protocol, ``_Connection``): a cache hit is answered inside the
+  read callback, from reply bytes made when the answer was cached — no task, no timer, no
+  stream, no parsing of a request seen before; a miss becomes a task. Bounded buffers (see
+  ``netstring``; one read of the transport, ``WRITE_HIGH`` bytes of replies not yet taken),
+  pipelined requests answered in order (at most ``max_pipeline`` resolving at once), a
+  defined reply to every request, malformed ones included;
 - connections that do not ask cannot keep out one that does (``connections.py``): past
   ``max_connections`` a new connection evicts the oldest connection without a request, else
   the one idle longest; deadlines for the first request, for idleness after the last reply
@@ -53,8 +56,8 @@ import logging
 import os
 import resource
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from mxguard.adapters.store import StoreError
@@ -88,10 +91,9 @@ log = logging.getLogger(__name__)
 
 IN_PROGRESS = "policy lookup in progress"
 
-# Per connection, bytes buffered at most: what the StreamReader holds before it stops reading
-# from the socket (twice this, plus one read of the transport), and what the transport may
-# hold of replies not yet taken by the client before the sender waits (``drain``).
-READ_LIMIT = MAX_REQUEST
+# Per connection, bytes of replies the transport may hold that the client has not taken yet;
+# past it the connection reads no more and send_timeout runs. What it may hold of requests:
+# one read of the transport (decoded MAX_REQUEST bytes at a time, as the pipeline allows).
 WRITE_HIGH = 16384
 # A burst of connections waits in the kernel's listen queue (up to LISTEN_QUEUE; the kernel
 # caps it at net.core.somaxconn) rather than being dropped, which would cost each dropped
@@ -100,16 +102,217 @@ WRITE_HIGH = 16384
 LISTEN_QUEUE = 4096
 ACCEPT_BATCH = 128
 FD_RESERVE = 256  # descriptors beside the connections: store, DNS, policy fetches, listeners
+RECORDER_KNOWN = 20_000
 
 
-@dataclass(slots=True, eq=False)  # identity-hashed: kept in the connection table
-class _Connection:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+# What a protocol's "answer now" function gives for a request: the reply bytes, or the
+# coroutine that will give them (a resolution).
+Later = Coroutine[Any, Any, bytes]
+SOCKETMAP_FAILED = encode(answers.temp("internal error").socketmap())
+TCP_TABLE_FAILED = answers.temp("internal error").tcp_table()
+
+
+class _Connection(asyncio.Protocol):
+    """One socketmap or tcp_table connection, as an asyncio protocol.
+
+    A request that can be answered at once (a cache hit, a malformed request, a key that
+    needs no policy) is answered inside ``data_received``: no task, no timer, no stream. A
+    request that needs a resolution becomes a task. Replies leave in request order: while
+    one is outstanding, later ones wait in ``_pending`` behind it. Bounded: at most
+    ``max_pipeline`` requests outstanding (then reading pauses and the rest of what was read
+    waits, undecoded or decoded, until replies have left), and nothing more is read while
+    the client does not take its replies (the transport's write buffer is over
+    ``WRITE_HIGH``; ``send_timeout`` then runs, in the server's one sweeper).
+    """
+
+    def __init__(
+        self,
+        server: PolicyServer,
+        decoder: NetstringDecoder | LineDecoder,
+        now: Callable[[Request | Malformed, float], bytes | Later],
+        failed: bytes,
+    ) -> None:
+        self.server = server
+        self.table = server._connections
+        self.decoder = decoder
+        self.answer_now = now
+        self.failed = failed
+        self.transport: asyncio.Transport | None = None
+        # Replies in request order: bytes ready to go, or the task that will make them.
+        self._pending: deque[bytes | asyncio.Task[bytes]] = deque()
+        self._events: deque[Request | Malformed] = deque()  # decoded, not yet started
+        self._unread = b""  # received, not yet decoded (reading is paused meanwhile)
+        self._paused = False  # reading paused by us
+        self._blocked = False  # writing paused by the transport: the client is slow
+        self._finishing = False  # EOF, lost framing or stop: close once everything is out
+        self._lost = False
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if not self.server._admit(self):
+            return
+        transport.set_write_buffer_limits(high=WRITE_HIGH)
+
+    def data_received(self, data: bytes) -> None:
+        if self._finishing or self._lost:
+            return
+        if self._unread or self._events or self._paused:
+            self._unread += data  # cannot happen while paused; kept in order if it does
+            return
+        self._take(data)
+
+    def eof_received(self) -> bool:
+        # Answer what was asked, then close (a client may half-close after its requests).
+        self._finishing = True
+        self._close_when_done()
+        return True
+
+    def pause_writing(self) -> None:
+        self._blocked = True
+        self.server._send_blocked(self, True)
+        self._pause()
+
+    def resume_writing(self) -> None:
+        self._blocked = False
+        self.server._send_blocked(self, False)
+        self._more()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        for item in self._pending:
+            if isinstance(item, asyncio.Task):
+                item.cancel()  # a shared resolution is shielded: only this wait ends
+        self._pending.clear()
+        self._events.clear()
+        self._unread = b""
+        self.server._closed(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # --- the server's side --------------------------------------------------------------
 
     def abort(self) -> None:
         """Close at once, dropping unsent replies (the client is not taking them anyway)."""
-        self.writer.transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def finish(self) -> None:
+        """Read no more; close once what was received is answered (the server stops)."""
+        self._finishing = True
+        self._pause()
+        self._close_when_done()
+
+    # --- inside ---------------------------------------------------------------------------
+
+    def _take(self, data: bytes) -> None:
+        """Decode and answer ``data``, a slice at a time, while the limits allow."""
+        at = 0
+        while at < len(data):
+            if self._full():
+                self._unread = data[at:]
+                self._pause()
+                return
+            chunk = data[at : at + MAX_REQUEST] if len(data) - at > MAX_REQUEST else data[at:]
+            at += len(chunk)
+            self._events.extend(self.decoder.feed(chunk))
+            self._start()
+            if self.decoder.dead:
+                self._finishing = True
+                self._pause()
+                self._close_when_done()
+                return
+
+    def _full(self) -> bool:
+        return self._blocked or len(self._pending) >= self.server.max_pipeline
+
+    def _start(self) -> None:
+        """Answer or start the decoded requests, in order, while the limits allow."""
+        events, pending, table, transport = self._events, self._pending, self.table, self.transport
+        assert transport is not None
+        now = time.monotonic()
+        while events and not self._full():
+            event = events.popleft()
+            got = self.answer_now(event, now)
+            if isinstance(got, bytes):
+                if not pending:
+                    transport.write(got)  # the hot path: a hit with nothing before it
+                    table.answered_at_once(self, now)
+                    continue
+                table.received(self)
+                pending.append(got)
+                continue
+            table.received(self)
+            task = asyncio.create_task(got)
+            self.server._tasks.add(task)
+            task.add_done_callback(self._done)
+            pending.append(task)
+        if events:
+            self._pause()
+
+    def _done(self, task: asyncio.Task[bytes]) -> None:
+        self.server._tasks.discard(task)
+        if self._lost:
+            return
+        self._flush()
+        self._more()
+
+    def _flush(self) -> None:
+        """Write the replies at the head of the queue that are ready."""
+        pending, transport = self._pending, self.transport
+        assert transport is not None
+        now = None
+        while pending:
+            head = pending[0]
+            if isinstance(head, asyncio.Task):
+                if not head.done():
+                    break
+                try:
+                    data = head.result()
+                except asyncio.CancelledError:
+                    data = b""  # cancelled at the end of stop()'s grace: nothing to send
+                except Exception:
+                    log.exception("answering a request failed")
+                    data = self.failed
+            else:
+                data = head
+            pending.popleft()
+            if data and not transport.is_closing():
+                transport.write(data)
+            now = time.monotonic() if now is None else now
+            self.table.answered(self, now)
+
+    def _more(self) -> None:
+        """Go on with what waits (decoded requests, unread bytes), then read again."""
+        if self._lost:
+            return
+        if self._events and not self._full():
+            self._start()
+        if self._unread and not self._events and not self._full() and not self._finishing:
+            data, self._unread = self._unread, b""
+            self._take(data)
+        if self._finishing:
+            self._close_when_done()
+        elif self._paused and not self._full() and not self._events and not self._unread:
+            self._paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _close_when_done(self) -> None:
+        if self._lost or self.transport is None:
+            return
+        if self._events and not self._full():
+            self._start()
+        if not self._pending and not self._events:
+            self.transport.close()
 
 
 class PolicyServer(ThreadHarness):
@@ -165,7 +368,12 @@ class PolicyServer(ThreadHarness):
         self.metrics = Metrics()
         # Kept across reloads: every engine this server opens reports its store faults here.
         self.store_faults = StoreFaults()
-        self.recorder = ServedRecorder(lambda: self.engine.store, self.metrics)
+        # The recorder remembers what it last wrote for at most RECORDER_KNOWN domains (a
+        # domain it forgot is compared with the store instead): 100,000 cached answers then
+        # fit in 150 MB (bench/README.md).
+        self.recorder = ServedRecorder(
+            lambda: self.engine.store, self.metrics, max_known=RECORDER_KNOWN
+        )
         self._settings = source if isinstance(source, Settings) else None
         self._engine: Engine | None = source if isinstance(source, Engine) else None
         self._owned: contextlib.AsyncExitStack | None = None
@@ -178,7 +386,9 @@ class PolicyServer(ThreadHarness):
             first_request_timeout=first_request_timeout,
             idle_timeout=idle_timeout,
         )
-        self._handlers: set[asyncio.Task[Any]] = set()
+        self._open: set[_Connection] = set()  # socketmap and tcp_table connections
+        self._send_deadlines: dict[_Connection, float] = {}  # clients not taking replies
+        self._keys: dict[bytes, str] = {}  # socketmap request payload -> its domain
         self._refresher: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._recording: asyncio.Task[None] | None = None
@@ -220,7 +430,7 @@ class PolicyServer(ThreadHarness):
                 server = await self._listen(self.tcp_table, self._tcp_table_client)
                 self.tcp_table_address = bound(server, self.tcp_table)
             if self.metrics_listen is not None:
-                server = await self._listen(self.metrics_listen, self._http_client, limit=None)
+                server = await self._listen(self.metrics_listen, self._http_protocol)
                 self.metrics_address = bound(server, self.metrics_listen)
         except BaseException:
             await self.stop()
@@ -235,19 +445,19 @@ class PolicyServer(ThreadHarness):
         )
 
     async def _listen(
-        self, where: Listen, handler: Callable[..., Any], limit: int | None = READ_LIMIT
+        self, where: Listen, factory: Callable[[], asyncio.Protocol]
     ) -> asyncio.Server:
-        extra: dict[str, Any] = {"backlog": ACCEPT_BATCH}
-        if limit is not None:
-            extra["limit"] = limit
+        loop = asyncio.get_running_loop()
         if where.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 if where.path.is_socket():
                     where.path.unlink()  # a stale socket from a previous run
-            server = await asyncio.start_unix_server(handler, path=str(where.path), **extra)
+            server = await loop.create_unix_server(
+                factory, path=str(where.path), backlog=ACCEPT_BATCH
+            )
             os.chmod(where.path, 0o666)  # Postfix's smtp processes run as another user
         else:
-            server = await asyncio.start_server(handler, where.host, where.port, **extra)
+            server = await loop.create_server(factory, where.host, where.port, backlog=ACCEPT_BATCH)
         self._servers.append(server)
         for sock in server.sockets:
             # asyncio listens with the accept batch as the backlog; a second listen() only
@@ -261,16 +471,17 @@ class PolicyServer(ThreadHarness):
         self._stopping = True
         for server in self._servers:
             server.close()
-        for conn in list(self._connections):
-            # Let each connection read what is already buffered, answer it, and end.
-            transport = conn.writer.transport
-            if isinstance(transport, asyncio.ReadTransport):
-                transport.pause_reading()
-            conn.reader.feed_eof()
-        if self._handlers:
-            _, late = await asyncio.wait(self._handlers, timeout=self.grace)
-            for task in late:
-                task.cancel()
+        # Each connection answers what it has received, then closes; it reads no more.
+        for conn in list(self._open):
+            conn.finish()
+        waiting = [conn.closed for conn in self._open if not conn.closed.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=self.grace)
+        for conn in list(self._open):
+            conn.abort()  # past the grace: its replies are dropped, its requests cancelled
+        late = [conn.closed for conn in self._open if not conn.closed.done()]
+        if late:
+            await asyncio.wait(late, timeout=1)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1)
@@ -298,6 +509,8 @@ class PolicyServer(ThreadHarness):
                 with contextlib.suppress(OSError):
                     where.path.unlink()
         if self._owned is not None:
+            if self._engine is not None:
+                self._engine.dns.close()  # its shared UDP sockets
             await self._owned.aclose()
             self._owned = None
             self._engine = None
@@ -312,16 +525,20 @@ class PolicyServer(ThreadHarness):
             raise
         await self.recorder.flush()  # into the store it was served from
         old_stack, self._owned = self._owned, stack
+        old_engine = self._engine
         self._adopt(new)
         self._engine, self._settings = new, settings
         if options is not None:
             self.options = options
+        self._keys.clear()  # parsed under the old options (map names)
         # The refresher re-resolves hot domains under the new config.
         self._cache.refresh_all(time.monotonic())
         if old_stack is not None:
             pending = list(self._resolving.values())
             if pending:
                 await asyncio.wait(pending, timeout=self.grace)
+            if old_engine is not None:
+                old_engine.dns.close()
             await old_stack.aclose()
         log.info("configuration reloaded from %s", settings.source)
 
@@ -357,6 +574,10 @@ class PolicyServer(ThreadHarness):
         if hit is not None:
             self.metrics.cache_hits += 1
             return hit
+        return await self._miss(domain)
+
+    async def _miss(self, domain: str) -> Answer:
+        """The answer for a domain that was not in the cache: resolved within budget."""
         self.metrics.cache_misses += 1
         task = self._resolve(domain)
         try:
@@ -441,25 +662,48 @@ class PolicyServer(ThreadHarness):
 
     # --- protocols ----------------------------------------------------------------------
 
-    async def _socketmap_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await self._serve(reader, writer, NetstringDecoder(), self._socketmap_reply)
-
-    async def _tcp_table_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await self._serve(reader, writer, LineDecoder(), self._tcp_table_reply)
-
-    async def _socketmap_reply(self, event: Request | Malformed) -> bytes:
+    def _socketmap_now(self, event: Request | Malformed, now: float) -> bytes | Later:
+        """The socketmap reply to ``event`` if it can be given at once (a cache hit, a key
+        that needs no resolution, a malformed request), else the coroutine that gives it."""
+        started = time.perf_counter()
         if isinstance(event, Malformed):
             self.metrics.malformed += 1
             answer = answers.perm(event.reason)
             self.metrics.answer(answer, 0.0)
             return encode(answer.socketmap())
-        return encode((await self.answer_socketmap(event.payload)).socketmap())
+        domain = self._keys.get(event.payload)
+        if domain is None:
+            parsed = answers.parse_request(event.payload, self.options)
+            if isinstance(parsed, Answer):
+                self.metrics.malformed += 1
+                self.metrics.answer(parsed, time.perf_counter() - started)
+                return encode(parsed.socketmap())
+            immediate = answers.key_answer(parsed, self.engine.resolver.local_rules)
+            if immediate is not None:
+                self.metrics.answer(immediate, time.perf_counter() - started)
+                return encode(immediate.socketmap())
+            domain = parsed.name
+            # Only keys that are domains, whose answer is the domain's: the same request
+            # then needs no parsing again (forgotten on reload, and when it grows too big).
+            if len(self._keys) >= self._cache.max_entries:
+                self._keys.clear()
+            self._keys[event.payload] = domain
+        entry = self._cache.hit_entry(domain, now)
+        if entry is None:
+            return self._socketmap_later(domain)
+        self.metrics.cache_hits += 1
+        self.metrics.count(entry.label, time.perf_counter() - started)
+        return entry.socketmap
 
-    async def _tcp_table_reply(self, event: Request | Malformed) -> bytes:
+    async def _socketmap_later(self, domain: str) -> bytes:
+        started = time.perf_counter()
+        answer = await self._miss(domain)
+        self.metrics.answer(answer, time.perf_counter() - started)
+        return encode(answer.socketmap())
+
+    def _tcp_table_now(self, event: Request | Malformed, now: float) -> bytes | Later:
+        """The tcp_table reply to ``event`` if it is malformed, else the coroutine that
+        gives it (tcp_table is rare: no fast path; a hit is answered there)."""
         if isinstance(event, Malformed):
             self.metrics.malformed += 1
             return answers.perm(event.reason).tcp_table()
@@ -472,101 +716,74 @@ class PolicyServer(ThreadHarness):
         except PercentError as exc:
             self.metrics.malformed += 1
             return answers.perm(f"invalid key encoding: {exc}").tcp_table()
+        return self._tcp_table_later(raw)
+
+    async def _tcp_table_later(self, raw: bytes) -> bytes:
         return (await self.answer_key(raw)).tcp_table()
 
-    async def _serve(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        decoder: NetstringDecoder | LineDecoder,
-        reply: Callable[[Request | Malformed], Coroutine[Any, Any, bytes]],
-    ) -> None:
-        conn = _Connection(reader, writer)
-        admission = self._connections.admit(conn, time.monotonic()) if not self._stopping else None
-        if admission is None or not admission.admitted:
-            if admission is not None:
-                self.metrics.refused_connections += 1
+    def _socketmap_client(self) -> _Connection:
+        return _Connection(self, NetstringDecoder(), self._socketmap_now, SOCKETMAP_FAILED)
+
+    def _tcp_table_client(self) -> _Connection:
+        return _Connection(self, LineDecoder(), self._tcp_table_now, TCP_TABLE_FAILED)
+
+    def _admit(self, conn: _Connection) -> bool:
+        """Take a new connection into the table; False if it was closed instead."""
+        if self._stopping:
             conn.abort()
-            return
+            return False
+        admission = self._connections.admit(conn, time.monotonic())
+        if not admission.admitted:
+            self.metrics.refused_connections += 1
+            conn.abort()
+            return False
         if admission.evicted is not None:
             self.metrics.evicted_connections += 1
             admission.evicted.abort()
-        writer.transport.set_write_buffer_limits(high=WRITE_HIGH)
-        handler = asyncio.current_task()
-        if handler is not None:
-            self._handlers.add(handler)
-        # Replies leave in request order; requests are answered concurrently, at most
-        # max_pipeline at a time per connection (reading pauses while the queue is full).
-        # The queue and its sender exist from the first request on: a connection that never
-        # sends one costs no more than its socket, its streams and this task.
-        queue: asyncio.Queue[asyncio.Task[bytes] | None] | None = None
-        sender: asyncio.Task[None] | None = None
-        try:
-            while not decoder.dead:
-                try:
-                    data = await reader.read(MAX_REQUEST)
-                except ConnectionError:
-                    break
-                if not data:
-                    break
-                for event in decoder.feed(data):
-                    if queue is None:
-                        queue = asyncio.Queue(self.max_pipeline)
-                        sender = asyncio.create_task(self._send_replies(conn, queue))
-                    self._connections.received(conn)
-                    await queue.put(asyncio.create_task(reply(event)))
-        finally:
-            if queue is not None and sender is not None:
-                await queue.put(None)
-                with contextlib.suppress(Exception):
-                    await sender
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-            self._connections.remove(conn)
-            if handler is not None:
-                self._handlers.discard(handler)
+        self._open.add(conn)
+        return True
 
-    async def _send_replies(
-        self, conn: _Connection, queue: asyncio.Queue[asyncio.Task[bytes] | None]
-    ) -> None:
-        writer = conn.writer
-        broken = False
-        while (task := await queue.get()) is not None:
-            try:
-                data = await task
-            except Exception:
-                log.exception("answering a request failed")
-                data = encode(answers.temp("internal error").socketmap())
-            if not broken:
-                try:
-                    writer.write(data)
-                    if writer.transport.get_write_buffer_size():
-                        # The client is slow to take its replies: give it send_timeout.
-                        async with asyncio.timeout(self.send_timeout):
-                            await writer.drain()
-                except ConnectionError:
-                    broken = True  # keep draining the queue so that no task is left behind
-                except TimeoutError:
-                    broken = True
-                    self.metrics.connection_timeouts["send"] += 1
-                    conn.abort()
-            self._connections.answered(conn, time.monotonic())
+    def _send_blocked(self, conn: _Connection, blocked: bool) -> None:
+        """The client stopped (or resumed) taking its replies: send_timeout runs meanwhile."""
+        if blocked:
+            self._send_deadlines[conn] = time.monotonic() + self.send_timeout
+        else:
+            self._send_deadlines.pop(conn, None)
+
+    def _closed(self, conn: _Connection) -> None:
+        self._connections.remove(conn)
+        self._send_deadlines.pop(conn, None)
+        self._open.discard(conn)
 
     async def _sweep_loop(self) -> None:
-        """Close the connections whose deadline passed (``ConnectionTable.expired``)."""
+        """Close the connections whose deadline passed (``ConnectionTable.expired``, and
+        the send deadlines of clients that do not take their replies): one timer for all
+        connections, none per request or read."""
         # Never sleep longer than the shortest timeout: a connection admitted meanwhile
         # cannot be due before that.
-        longest = min(1.0, self.first_request_timeout, self.idle_timeout)
+        longest = min(1.0, self.first_request_timeout, self.idle_timeout, self.send_timeout)
         while True:
             now = time.monotonic()
             for conn, reason in self._connections.expired(now):
                 self.metrics.connection_timeouts[reason] += 1
                 conn.abort()
+            for conn, deadline in list(self._send_deadlines.items()):
+                if deadline <= now:
+                    del self._send_deadlines[conn]
+                    self._connections.remove(conn)
+                    self.metrics.connection_timeouts["send"] += 1
+                    conn.abort()
             due = self._connections.next_deadline()
+            if self._send_deadlines:
+                first = min(self._send_deadlines.values())
+                due = first if due is None else min(due, first)
             await asyncio.sleep(longest if due is None else min(longest, max(due - now, 0.001)))
 
     # --- health and metrics -------------------------------------------------------------
+
+    def _http_protocol(self) -> asyncio.Protocol:
+        """The HTTP endpoint's connections: streams (rare, and http.py reads them so)."""
+        return asyncio.StreamReaderProtocol(asyncio.StreamReader(), self._http_client)
 
     async def _http_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -594,6 +811,31 @@ class PolicyServer(ThreadHarness):
             gauges["mxguard_sts_fetches_total"] = self._engine.sts.fetches
             gauges["mxguard_dns_queries_total"] = self._engine.dns.queries
         return self.metrics.render(gauges, self.store_faults.counts)
+
+
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+
+
+def use_event_loop(choice: str = "auto") -> str:
+    """Make the event loops created from now on (``asyncio.run``) ``choice``'s; the one used.
+
+    ``uvloop`` (the optional extra ``mxguard[fast]``) costs a cache hit less CPU than
+    asyncio's loop (bench/README.md); ``auto`` takes it when installed, else asyncio's.
+    Call it before the loop is made: the CLI's ``serve postfix`` would, given an
+    ``--event-loop`` option."""
+    if choice not in EVENT_LOOPS:
+        raise ValueError(f"event loop {choice!r}: expected one of {', '.join(EVENT_LOOPS)}")
+    if choice == "asyncio":
+        asyncio.set_event_loop_policy(None)
+        return "asyncio"
+    try:
+        import uvloop  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        if choice == "uvloop":
+            raise ValueError("uvloop is not installed: pip install 'mxguard[fast]'") from None
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
 
 
 def _store_error(exc: BaseException) -> StoreError | None:
@@ -641,6 +883,7 @@ def _descriptors_for(max_connections: int) -> int:
 
 
 __all__ = [
+    "EVENT_LOOPS",
     "IN_PROGRESS",
     "Listen",
     "ListenError",
@@ -650,4 +893,5 @@ __all__ = [
     "options_from",
     "query",
     "served_record",
+    "use_event_loop",
 ]

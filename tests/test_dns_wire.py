@@ -1,0 +1,142 @@
+"""Loopback resolvers share one UDP socket; answers are read without building whole messages.
+
+``DnsResolver`` sends the queries to a resolver on loopback over one connected UDP socket
+(``_UdpChannel``) and reads plain answers with ``_read_response``. Both must take exactly
+what a fresh socket per query and ``dns.message.from_wire`` took: the same ``DnsAnswer``
+for every kind of answer, nothing that does not answer the question asked, TCP when the
+answer is truncated. No lab: a scripted resolver on this suite's own loopback address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rrset
+import pytest
+
+from mxguard.adapters.dns import DnsOutcome, DnsResolver, _read_response
+
+HOST = "127.72.53.1"  # this suite's own address for its scripted resolver
+
+
+def response(
+    name: str, rdtype: str, *records: str, rcode: int = 0, ad: bool = False
+) -> dns.message.Message:
+    query = dns.message.make_query(name, rdtype, use_edns=0, payload=1232)
+    r = dns.message.make_response(query)
+    r.set_rcode(rcode)
+    if ad:
+        r.flags |= dns.flags.AD
+    for text in records:
+        owner, ttl, kind, data = text.split(" ", 3)
+        section = r.authority if kind == "SOA" or rcode == dns.rcode.NXDOMAIN else r.answer
+        section.append(dns.rrset.from_text(owner, int(ttl), "IN", kind, data))
+    return r
+
+
+CASES = [
+    response("a.test", "MX", "a.test. 300 MX 10 mx.b.test.", "a.test. 200 MX 20 mx2.b.test."),
+    response("a.test", "A", "a.test. 60 CNAME b.test.", "b.test. 30 A 192.0.2.1", ad=True),
+    response("_mta-sts.a.test", "TXT", '_mta-sts.a.test. 300 TXT "v=STSv1; " "id=7"'),
+    response("nx.test", "A", "test. 3600 SOA ns.test. h.test. 1 2 3 4 300", rcode=3),
+    response("a.test", "AAAA", "a.test. 3600 SOA ns.test. h.test. 1 2 3 4 30"),
+    response("a.test", "TLSA"),
+    response("sf.test", "A", rcode=dns.rcode.SERVFAIL),
+]
+
+
+@pytest.mark.parametrize("msg", CASES, ids=[str(c.question[0]) for c in CASES])
+def test_an_answer_read_lean_means_what_dnspython_reads(msg: dns.message.Message) -> None:
+    resolver = DnsResolver([("127.0.0.1", 53)])
+    q = msg.question[0]
+    name, kind = q.name.to_text(omit_final_dot=True), dns.rdatatype.to_text(q.rdtype)
+    wire = msg.to_wire()
+
+    def interpret(r: object) -> object:
+        return asyncio.run(resolver._interpret(name, kind, None, r, "127.0.0.1", 53))  # type: ignore[arg-type]
+
+    assert interpret(_read_response(wire)) == interpret(dns.message.from_wire(wire))
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[[Callable[[dns.message.Message], list[bytes]]], int]]:
+    """A UDP resolver on HOST answering each query with what a script returns for it."""
+    socks: list[socket.socket] = []
+    threads: list[threading.Thread] = []
+    stop = threading.Event()
+
+    def start(script: Callable[[dns.message.Message], list[bytes]]) -> int:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((HOST, 0))
+        sock.settimeout(0.1)
+        socks.append(sock)
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    data, peer = sock.recvfrom(4096)
+                except TimeoutError:
+                    continue
+                for out in script(dns.message.from_wire(data)):
+                    sock.sendto(out, peer)
+
+        threads.append(threading.Thread(target=serve, daemon=True))
+        threads[-1].start()
+        port: int = sock.getsockname()[1]
+        return port
+
+    yield start
+    stop.set()
+    for t in threads:
+        t.join(timeout=5)
+    for s in socks:
+        s.close()
+
+
+def answer_to(query: dns.message.Message, address: str) -> dns.message.Message:
+    r = dns.message.make_response(query)
+    r.answer.append(dns.rrset.from_text(query.question[0].name, 60, "IN", "A", address))
+    return r
+
+
+def test_queries_share_one_socket_and_only_the_real_answer_is_taken(scripted) -> None:  # type: ignore[no-untyped-def]
+    peers: set[tuple[str, int]] = set()
+
+    def script(query: dns.message.Message) -> list[bytes]:
+        wrong_id = answer_to(query, "192.0.2.66")
+        wrong_id.id = (query.id + 1) % 65536
+        other = dns.message.make_query("other.test", "A")
+        other.id = query.id
+        other_question = answer_to(other, "192.0.2.67")
+        # Before the answer: one for another ID, one with this ID for another question.
+        return [
+            wrong_id.to_wire(),
+            other_question.to_wire(),
+            answer_to(query, "192.0.2.1").to_wire(),
+        ]
+
+    port = scripted(script)
+    resolver = DnsResolver([(HOST, port)], timeout=2)
+
+    async def many() -> list[object]:
+        got = await asyncio.gather(*(resolver.query(f"h{i}.test", "A") for i in range(20)))
+        peers.update(c.sock.getsockname() for c in resolver._channels.values())
+        resolver.close()
+        return list(got)
+
+    for answer in asyncio.run(many()):
+        assert answer.outcome is DnsOutcome.OK  # type: ignore[attr-defined]
+        assert [str(r.address) for r in answer.records] == ["192.0.2.1"]  # type: ignore[attr-defined]
+    assert len(peers) == 1  # twenty queries, one socket
+
+
+def test_no_answer_is_a_timeout(scripted) -> None:  # type: ignore[no-untyped-def]
+    port = scripted(lambda q: [])
+    answer = asyncio.run(DnsResolver([(HOST, port)], timeout=0.3).query("quiet.test", "A"))
+    assert answer.outcome is DnsOutcome.ERROR and "DNS timeout" in answer.detail
