@@ -1,6 +1,8 @@
 """From MTA-STS testing to enforce on evidence, end to end in a lab of its own (net 127.75).
 
-`rollout.test` publishes a `testing` policy and a TLS-RPT record whose `rua` is an https
+`rollout.test` publishes a `testing` policy with `mxguard sts publish`, served by a real
+`mxguard serve mta-sts` on 127.74.0.4:443 (the lab's DNS pointing `mta-sts.rollout.test` and
+`_mta-sts.rollout.test` at it), and a TLS-RPT record whose `rua` is an https
 endpoint (`mxguard serve reports`) and, after it, a real IMAP mailbox (Dovecot on
 127.74.0.2:993, `imap.reports.test`): report mail goes to the lab MX of `reports.test`, and
 this test puts what that MX received into the mailbox, as its MDA would. mxguard senders
@@ -10,7 +12,7 @@ another name; the next day's reports are built and sent (`tlsrpt report --day`, 
 them, and `tlsrpt summary` lists the blocker: the wrong-name certificate, with its sessions,
 sender and fix, the stripping as a signal. After the fix (a valid certificate) a day of clean
 reports arrives over https, `summary` says ready, `sts publish --mode enforce` is accepted and
-served, and a STRIPTLS attack is then refused by an mxguard sender.
+served by the same `serve mta-sts`, and a STRIPTLS attack is then refused by an mxguard sender.
 
 The sessions happen on the two days before today (the sender's clock is set back), so that
 `--days 1` is the day after the fix; the lab CA is made three days back for it.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -41,9 +44,10 @@ from mxguard.config import load
 from mxguard.engine.context import engine
 from mxguard.lab.lab import Lab
 from mxguard.lab.pki import LabPKI
-from mxguard.lab.scenario import AttackMode, CertKind, Dnssec, Domain, Host, MtaSts, Scenario
+from mxguard.lab.scenario import AttackMode, CertKind, Dnssec, Domain, Host, Scenario
 
 pytest.register_assert_rewrite("servers")
+from mta_sts_serving import ServeProcess, http_request, serving  # noqa: E402
 from servers import DovecotServer, running_dovecot  # noqa: E402
 
 pytestmark = pytest.mark.lab
@@ -51,6 +55,7 @@ pytestmark = pytest.mark.lab
 NET = "127.75"
 IMAP_ADDRESS = "127.74.0.2"
 REPORTS_ADDRESS = "127.74.0.3"  # serve reports
+STS_ADDRESS = "127.74.0.4"  # serve mta-sts, for the policies sts publish writes
 DOMAIN = "rollout.test"
 MX = "mx1.rollout.test"
 RUA_HTTPS = "https://reports.reports.test/tlsrpt"
@@ -58,7 +63,14 @@ RUA_MAIL = "mailto:tlsrpt@reports.test"
 SENDER_ORG = "Sender Test Org"
 
 
-def scenario(cert: CertKind, dkim_record: str) -> Scenario:
+def policy_records(txt_record: str | None) -> tuple[str, ...]:
+    """The records that point senders at `serve mta-sts`: none before the first publish."""
+    if txt_record is None:
+        return ()
+    return (f"mta-sts A {STS_ADDRESS}", f'_mta-sts TXT "{txt_record}"')
+
+
+def scenario(cert: CertKind, dkim_record: str, sts_txt: str | None = None) -> Scenario:
     chunks = " ".join(f'"{dkim_record[i : i + 200]}"' for i in range(0, len(dkim_record), 200))
     return Scenario(
         name="rollout",
@@ -66,8 +78,8 @@ def scenario(cert: CertKind, dkim_record: str) -> Scenario:
         domains=(
             Domain(
                 DOMAIN, dnssec=Dnssec.UNSIGNED, mx=(f"10 {MX}",), hosts=(Host(MX, cert=cert),),
-                mta_sts=MtaSts(mode="testing", txt=("v=STSv1; id=testing1;",)),
                 tlsrpt=(f"v=TLSRPTv1; rua={RUA_HTTPS},{RUA_MAIL}",),
+                extra=policy_records(sts_txt),
             ),
             Domain(
                 "reports.test", dnssec=Dnssec.UNSIGNED, mx=("10 mx.reports.test",),
@@ -109,6 +121,28 @@ def mailbox(lab: Lab) -> Iterator[DovecotServer]:
     identity = lab.pki.issue("imap.reports.test")
     with running_dovecot(identity.cert_file, identity.key_file, host=IMAP_ADDRESS) as server:
         yield server
+
+
+@pytest.fixture
+def stack() -> Iterator[contextlib.ExitStack]:
+    """Context managers the test enters as it goes, left in reverse order at its end."""
+    with contextlib.ExitStack() as s:
+        yield s
+
+
+def announce(lab: Lab, txt_record: str) -> None:
+    """Point `mta-sts.rollout.test` at `serve mta-sts` and publish the policy's id."""
+    d = lab.scenario.domain(DOMAIN)
+    lab.update_domain(dataclasses.replace(d, extra=policy_records(txt_record)))
+
+
+def served_policy(lab: Lab) -> str:
+    """What `serve mta-sts` answers for rollout.test, fetched as a sender does (verified)."""
+    status, headers, body = http_request(
+        STS_ADDRESS, 443, host=f"mta-sts.{DOMAIN}", ca_file=lab.ca_file
+    )
+    assert status == 200 and headers["content-type"].startswith("text/plain"), headers
+    return body.decode()
 
 
 def write_config(lab: Lab, tmp: Path, key: rsa.RSAPrivateKey) -> Path:
@@ -210,7 +244,11 @@ def start_reports_server(lab: Lab, owner_store: str, tmp: Path) -> ReportsServer
 
 
 def test_a_domain_goes_from_testing_to_enforce_on_the_evidence_of_its_reports(
-    lab: Lab, mailbox: DovecotServer, dkim_key: rsa.RSAPrivateKey, tmp_path: Path
+    lab: Lab,
+    mailbox: DovecotServer,
+    dkim_key: rsa.RSAPrivateKey,
+    tmp_path: Path,
+    stack: contextlib.ExitStack,
 ) -> None:
     started = time.monotonic()
     config = write_config(lab, tmp_path, dkim_key)
@@ -221,6 +259,20 @@ def test_a_domain_goes_from_testing_to_enforce_on_the_evidence_of_its_reports(
 
     def at(day: dt.date, hour: int) -> dt.datetime:
         return dt.datetime.combine(day, dt.time(hour), tzinfo=dt.UTC)
+
+    # The owner publishes testing: sts publish writes the policy, serve mta-sts serves it
+    # with a certificate for mta-sts.rollout.test, and the lab's DNS points senders at it.
+    root = tmp_path / "mta-sts"
+    status, testing = cli(*owner, "sts", "publish", DOMAIN, "--mode", "testing", "--out",
+                          str(root))  # fmt: skip
+    assert status == 0 and testing["mode"] == "testing", testing
+    identity = lab.pki.issue(f"mta-sts.{DOMAIN}")
+    policy_host: ServeProcess = stack.enter_context(serving(
+        root, [(identity.cert_file, identity.key_file)], f"{STS_ADDRESS}:443",
+        tmp_path / "serve-mta-sts.log",
+    ))  # fmt: skip
+    announce(lab, testing["txt_record"])
+    assert served_policy(lab) == testing["policy"]
 
     # Day 1, testing: a STRIPTLS attacker in front of the MX, then the honest path to a host
     # whose certificate names another host. Testing delivers anyway, and records both.
@@ -268,16 +320,15 @@ def test_a_domain_goes_from_testing_to_enforce_on_the_evidence_of_its_reports(
     assert any("certificate-host-mismatch" in b["what"] for b in checked), checked
     assert not any(b["result_type"] == "starttls-not-supported" for b in before["blockers"])
     assert any("STRIPTLS" in s for s in before["signals"])
-    # sts publish refuses enforce as well.
-    root = tmp_path / "mta-sts"
+    # sts publish refuses enforce as well, and leaves the served testing policy alone.
     status, refused = cli(*owner, "sts", "publish", DOMAIN, "--mode", "enforce", "--out",
                           str(root))  # fmt: skip
     assert status == 1 and refused["status"] == "refused", refused
-    assert not (root / DOMAIN).exists()
+    assert served_policy(lab) == testing["policy"]
 
     # The fix: a certificate for the MX host's own name. Day 2 is clean, and its report goes
     # over https now that serve reports is up; the mailbox gets nothing new.
-    lab.apply(scenario(CertKind.VALID, key_record(dkim_key)))
+    lab.apply(scenario(CertKind.VALID, key_record(dkim_key), testing["txt_record"]))
     server = start_reports_server(lab, owner_store, tmp_path)
     try:
         for hour in (9, 10):
@@ -301,14 +352,14 @@ def test_a_domain_goes_from_testing_to_enforce_on_the_evidence_of_its_reports(
     status, longer = cli(*owner, "tlsrpt", "summary", DOMAIN, "--days", "7")
     assert status == 1 and longer["total_failure"] == 3
 
-    # Enforce is accepted, and the lab serves what sts publish wrote.
+    # Enforce is accepted: sts publish rewrites the file under the running serve mta-sts,
+    # which serves it as it is, and the record's new id announces it.
     status, published = cli(*owner, "sts", "publish", DOMAIN, "--mode", "enforce", "--out",
                             str(root))  # fmt: skip
     assert status == 0 and published["blockers"] == [], published
-    d = lab.scenario.domain(DOMAIN)
-    lab.update_domain(dataclasses.replace(
-        d, mta_sts=MtaSts(policy=published["policy"], txt=(published["txt_record"],))
-    ))  # fmt: skip
+    assert published["id"] != testing["id"]
+    assert served_policy(lab) == published["policy"]
+    announce(lab, published["txt_record"])
 
     # The sender that cached the testing policy sees the new id, fetches enforce, and refuses
     # to hand the message to a STRIPTLS attacker.
@@ -318,4 +369,14 @@ def test_a_domain_goes_from_testing_to_enforce_on_the_evidence_of_its_reports(
     assert refused_mail["result_type"] == "starttls-not-supported"
     assert refused_mail["policy"] == {"source": "mta-sts", "mode": "enforce"}
     assert len(lab.receiver(MX).messages) == before_attack
+    # Both policies reached the sender from serve mta-sts: its log has more fetches of each
+    # than this test's own looks (three at testing, one at enforce).
+    log = policy_host.log_text()
+
+    def fetches(policy: str) -> int:
+        size = len(policy.encode())
+        return log.count(f"GET mta-sts.{DOMAIN} /.well-known/mta-sts.txt 200 {size} bytes")
+
+    assert len(testing["policy"].encode()) != len(published["policy"].encode())
+    assert fetches(testing["policy"]) > 3 and fetches(published["policy"]) > 1, log
     assert time.monotonic() - started < 60

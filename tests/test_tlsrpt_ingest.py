@@ -144,6 +144,10 @@ SENDERS = [
      ("example.com",), 53, 4, (), [(51, 0), (0, 4), (2, 0)], ()),
     ("rfc-example-like.json", "Example Mail Provider", "9f6c1b2e-4d3a-4c5b-8e7f-0a1b2c3d4e5f",
      ("mail.example.com",), 0, 118, ("*.mail.example.com",), [(0, 118)], ()),
+    ("sorted-members.json", "Webmail Example",
+     "3c9e7a41-5b2d-4f08-9e6a-7d1c2b4a8f60@webmail.example", ("example.com",), 9, 2, (),
+     [(0, 2), (9, 0)], ("failure-details count 3 failed sessions, more than its "
+                        "total-failure-session-count 2",)),
 ]  # fmt: skip
 
 
@@ -203,6 +207,18 @@ def test_what_each_sender_spells_its_own_way_reads_as_the_rfc_means_it() -> None
     # A date range given with an offset is the same instant in UTC.
     assert rfc.start == dt.datetime(2026, 4, 29, 22, tzinfo=dt.UTC)
     assert rfc.end == dt.datetime(2026, 4, 30, 22, tzinfo=dt.UTC)
+    sorted_members = read(fixture("sorted-members.json"))
+    fetch, none = sorted_members.policies
+    # Members in any order; an STS policy with no policy-string or mx-host has neither; the
+    # summary's total stands even when the details add up to more (said in a note).
+    assert (fetch.policy_type, fetch.policy_strings, fetch.mx_hosts) == (PolicyType.STS, (), ())
+    assert [(d.result_type, d.failed_session_count) for d in fetch.failure_details] == [
+        (ResultType.STS_POLICY_FETCH_ERROR, 2), (ResultType.STS_POLICY_FETCH_ERROR, 1),
+    ]  # fmt: skip
+    assert fetch.failure_details[0].failure_reason_code == "https status 503 from policy host"
+    # A policy without a failure-details member has none.
+    assert none.policy_type is PolicyType.NO_POLICY_FOUND and none.failure_details == ()
+    assert sorted_members.end == dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
 
 
 @pytest.mark.parametrize("name", [s[0] for s in SENDERS])
