@@ -42,7 +42,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import dns.asyncquery
 import dns.edns
 import dns.exception
 import dns.flags
@@ -52,7 +51,6 @@ import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
-import dns.resolver
 import dns.wire
 
 from mxguard.protocol import names
@@ -187,7 +185,9 @@ class DnsResolver:
         max_entries: int = 10_000,
     ) -> None:
         if not servers:
-            servers = [(str(ns), 53) for ns in dns.resolver.Resolver().nameservers]
+            from dns import resolver  # only here: it brings dnspython's query machinery
+
+            servers = [(str(ns), 53) for ns in resolver.Resolver().nameservers]
         self.servers = list(servers)
         self.timeout = timeout
         self.trusted = all(is_loopback(addr) for addr, _ in self.servers)
@@ -283,7 +283,9 @@ class DnsResolver:
 
     async def _exchange(self, query: dns.message.Message, addr: str, port: int) -> Any:
         async with asyncio.timeout(self.timeout):
-            response, _ = await dns.asyncquery.udp_with_fallback(
+            from dns import asyncquery  # the general path only (not loopback): when used
+
+            response, _ = await asyncquery.udp_with_fallback(
                 query, addr, port=port, timeout=self.timeout
             )
             return response
@@ -307,7 +309,9 @@ class DnsResolver:
         if response.flags & dns.flags.TC:
             # RFC 7766: a truncated answer is asked again over TCP.
             async with asyncio.timeout(self.timeout):
-                response = await dns.asyncquery.tcp(
+                from dns import asyncquery
+
+                response = await asyncquery.tcp(
                     _make_query(qname, rdtype), addr, port=port, timeout=self.timeout
                 )
         return response
