@@ -35,16 +35,19 @@ import ipaddress
 import os
 import socket
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import h11
-import httpx
 
 from mxguard.protocol import names, pkix
+
+if TYPE_CHECKING:
+    import httpx
 from mxguard.protocol.results import ResultType
 
 POLICY_PATH = "/.well-known/mta-sts.txt"  # RFC 8461 §3.3
@@ -331,6 +334,8 @@ def strict_client(
     """The HTTPS client of every fetch and post mxguard makes: verification by ``ctx``, no
     redirects followed (RFC 8461 §3.3), nothing taken from the environment (proxies, CA
     overrides), HTTP/1.1."""
+    import httpx  # only for the clients that use it: the policy fetch does not
+
     return httpx.AsyncClient(
         verify=ctx,
         follow_redirects=False,
@@ -350,7 +355,8 @@ def _failure(exc: BaseException, request: _Request, timeout: float) -> tuple[Res
             ResultType.STS_POLICY_FETCH_ERROR,
             f"no complete answer from {url} within {timeout:g} s",
         )
-    if isinstance(exc, httpx.TimeoutException):
+    httpx = sys.modules.get("httpx")  # an httpx error can only come from a loaded httpx
+    if httpx is not None and isinstance(exc, httpx.TimeoutException):
         return ResultType.STS_POLICY_FETCH_ERROR, f"timed out fetching {url} (limit {timeout:g} s)"
     cert_error = _certificate_error(exc)
     if cert_error is not None:
@@ -399,8 +405,7 @@ async def fetch_policy(
     try:
         async with asyncio.timeout(timeout):
             body = await _get(request, ctx, timeout, max_size)
-    except (FetchAbort, TimeoutError, httpx.HTTPError, OSError) as exc:
-        # OSError: anything httpx did not wrap
+    except (FetchAbort, TimeoutError, h11.ProtocolError, OSError) as exc:
         result_type, detail = _failure(exc, request, timeout)
         if result_type is ResultType.STS_WEBPKI_INVALID:
             request.status = request.content_type = None  # no response: the handshake failed
