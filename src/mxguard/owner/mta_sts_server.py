@@ -410,6 +410,29 @@ def parse_listen(spec: str, *, required: bool = True, default_port: int = DEFAUL
     return Listen(host, port, required)
 
 
+def bind_all(listens: Sequence[Listen], backlog: int) -> list[socket.socket]:
+    """A listening socket for each of ``listens``; one that is not ``required`` is skipped when
+    the system cannot have that address (no IPv6). OSError names the address that failed, and
+    when none could be used; nothing stays open after an error."""
+    sockets: list[socket.socket] = []
+    try:
+        for listen in listens:
+            try:
+                sockets.append(_bind(listen, backlog))
+            except OSError as exc:
+                unavailable = exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
+                if listen.required or not unavailable:
+                    raise OSError(exc.errno, f"{listen}: {exc.strerror or exc}") from None
+                log.info("not listening on %s: %s", listen, exc.strerror or exc)
+    except BaseException:
+        for s in sockets:
+            s.close()
+        raise
+    if not sockets:
+        raise OSError(errno.EADDRNOTAVAIL, "no listen address could be used")
+    return sockets
+
+
 def _bind(listen: Listen, backlog: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -462,7 +485,9 @@ def _bounded_protocol(lifetime: float) -> type[H11Protocol]:
     return Bounded
 
 
-class _Uvicorn(uvicorn.Server):
+class QuietUvicorn(uvicorn.Server):
+    """uvicorn without its signal handlers: the commands install their own."""
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         # The command installs its own handlers (SIGTERM, SIGINT: stop; SIGHUP: reload);
@@ -486,27 +511,12 @@ class Server:
         self.listen = list(listen)
         self.limits = limits or Limits()
         self.addresses: list[str] = []
-        self._server: _Uvicorn | None = None
+        self._server: QuietUvicorn | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Bind every address and serve; OSError when a required address cannot be bound."""
-        sockets = []
-        try:
-            for listen in self.listen:
-                try:
-                    sockets.append(_bind(listen, self.limits.backlog))
-                except OSError as exc:
-                    unavailable = exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
-                    if listen.required or not unavailable:
-                        raise OSError(exc.errno, f"{listen}: {exc.strerror or exc}") from None
-                    log.info("not listening on %s: %s", listen, exc.strerror or exc)
-        except BaseException:
-            for s in sockets:
-                s.close()
-            raise
-        if not sockets:
-            raise OSError(errno.EADDRNOTAVAIL, "no listen address could be used")
+        sockets = bind_all(self.listen, self.limits.backlog)
         limits = self.limits
         config = uvicorn.Config(
             create_app(self.files),
@@ -529,7 +539,7 @@ class Server:
         config.ssl = self.certificates.listener_context
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
             logging.getLogger("uvicorn").setLevel(logging.WARNING)
-        self._server = _Uvicorn(config)
+        self._server = QuietUvicorn(config)
         self.addresses = [_address(s) for s in sockets]
         self._task = asyncio.create_task(self._server.serve(sockets=sockets))
         while not self._server.started:

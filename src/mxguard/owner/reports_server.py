@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import errno
 import ipaddress
 import json
 import logging
@@ -53,7 +52,7 @@ import math
 import resource
 import socket
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -77,6 +76,8 @@ from mxguard.owner.mta_sts_server import (
     Certificates,
     Listen,
     ListenError,
+    QuietUvicorn,
+    bind_all,
     parse_listen,
 )
 from mxguard.owner.web_guard import (
@@ -1020,49 +1021,6 @@ def _utc(day: dt.date) -> dt.datetime:
 # --------------------------------------------------------------------------- the server
 
 
-class _Uvicorn(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # The command installs its own handlers; uvicorn's would turn a clean stop into a kill.
-        yield
-
-
-def _bind(listen: Listen, backlog: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((listen.host, listen.port))
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _bind_all(listens: Sequence[Listen], backlog: int) -> list[socket.socket]:
-    sockets: list[socket.socket] = []
-    try:
-        for listen in listens:
-            try:
-                sockets.append(_bind(listen, backlog))
-            except OSError as exc:
-                unavailable = exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
-                if listen.required or not unavailable:
-                    raise OSError(exc.errno, f"{listen}: {exc.strerror or exc}") from None
-                log.info("not listening on %s: %s", listen, exc.strerror or exc)
-    except BaseException:
-        for s in sockets:
-            s.close()
-        raise
-    if not sockets:
-        raise OSError(errno.EADDRNOTAVAIL, "no listen address could be used")
-    return sockets
-
-
 def raise_open_files(needed: int) -> int:
     """Raise the soft RLIMIT_NOFILE to `needed` (within the hard limit); the soft limit now.
     systemd starts services with a soft limit of 1024, too few for thousands of connections,
@@ -1116,7 +1074,7 @@ class Server:
         )  # fmt: skip
         self.addresses: list[str] = []
         self.dashboard_addresses: list[str] = []
-        self._servers: list[tuple[_Uvicorn, asyncio.Task[None]]] = []
+        self._servers: list[tuple[QuietUvicorn, asyncio.Task[None]]] = []
 
     def _tls(self) -> Any:
         assert self.certificates is not None
@@ -1152,10 +1110,10 @@ class Server:
         """Bind every address and serve; OSError when a required address cannot be bound."""
         limits = self.config.limits
         raise_open_files(limits.max_connections + limits.dashboard_connections + 256)
-        report_sockets = _bind_all(self.config.listen, 1024)
+        report_sockets = bind_all(self.config.listen, 1024)
         try:
             dash_sockets = (
-                _bind_all(self.config.dashboard_listen, 128) if self.config.dashboard_listen else []
+                bind_all(self.config.dashboard_listen, 128) if self.config.dashboard_listen else []
             )
         except BaseException:
             for s in report_sockets:
@@ -1188,7 +1146,7 @@ class Server:
                 timeout_graceful_shutdown=5,
             )
             config.load()
-            server = _Uvicorn(config)
+            server = QuietUvicorn(config)
             task = asyncio.create_task(server.serve(sockets=sockets))
             self._servers.append((server, task))
         for server, task in self._servers:
