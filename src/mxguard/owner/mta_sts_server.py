@@ -540,7 +540,7 @@ class Server:
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
             logging.getLogger("uvicorn").setLevel(logging.WARNING)
         self._server = QuietUvicorn(config)
-        self.addresses = [_address(s) for s in sockets]
+        self.addresses = [socket_address(s) for s in sockets]
         self._task = asyncio.create_task(self._server.serve(sockets=sockets))
         while not self._server.started:
             if self._task.done():
@@ -583,7 +583,8 @@ class Server:
             self.files.get(domain)  # logs a file that does not parse
 
 
-def _address(sock: socket.socket) -> str:
+def socket_address(sock: socket.socket) -> str:
+    """``HOST:PORT`` (``[V6]:PORT``) that ``sock`` listens on."""
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -600,11 +601,14 @@ __all__ = [
     "ListenError",
     "LoadedCertificate",
     "PolicyFiles",
+    "QuietUvicorn",
     "Served",
     "Server",
+    "bind_all",
     "create_app",
     "domain_of",
     "load_certificate",
     "parse_listen",
+    "socket_address",
     "with_crlf",
 ]

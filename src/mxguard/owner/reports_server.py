@@ -79,6 +79,7 @@ from mxguard.owner.mta_sts_server import (
     QuietUvicorn,
     bind_all,
     parse_listen,
+    socket_address,
 )
 from mxguard.owner.web_guard import (
     AuthConfigError,
@@ -1123,8 +1124,8 @@ class Server:
             # uvicorn warns about every malformed request: a flood of them would flood the log
             # (they are counted in the metrics instead).
             logging.getLogger("uvicorn").setLevel(logging.ERROR)
-        self.addresses = [_address(s) for s in report_sockets]
-        self.dashboard_addresses = [_address(s) for s in dash_sockets]
+        self.addresses = [socket_address(s) for s in report_sockets]
+        self.dashboard_addresses = [socket_address(s) for s in dash_sockets]
         groups: list[tuple[Any, Gate, list[socket.socket]]] = [
             (self.receiver, self.report_gate, report_sockets)
         ]
@@ -1190,11 +1191,6 @@ class Server:
             await asyncio.wait(
                 [asyncio.shield(t) for _, t in self._servers], return_when=asyncio.FIRST_COMPLETED
             )
-
-
-def _address(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 __all__ = [
