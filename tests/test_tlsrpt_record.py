@@ -283,3 +283,18 @@ def test_report_mail_goes_only_to_a_valid_rfc5321_mailbox(uri: str, address: str
     from mxguard.tlsrpt.reporter import mailto_address
 
     assert mailto_address(uri) == address
+
+
+def test_atext_is_rfc5322_atext_plus_everything_beyond_ascii() -> None:
+    """The local part's atext class is written as a negation (fast to compile); it must accept
+    exactly RFC 5322 §3.2.3 atext and, for RFC 6531 §3.3, every code point beyond ASCII."""
+    import re
+
+    from mxguard.protocol import tlsrpt
+
+    symbols = set("!#$%&'*+-/=?^_`{|}~")
+    atext = re.compile(tlsrpt._ATEXT)
+    for code in range(0x110000):
+        c = chr(code)
+        expected = code >= 0x80 or c.isascii() and c.isalnum() or c in symbols
+        assert bool(atext.fullmatch(c)) == expected, f"U+{code:04X}"

@@ -53,18 +53,19 @@ Decisions (docs/rfc-notes.md, "Receiving reports", has the reasons):
 from __future__ import annotations
 
 import datetime as dt
-import email.parser
-import email.policy
 import hashlib
 import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from email.message import Message
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from mxguard.protocol import names
 from mxguard.protocol.results import ResultType
+
+if TYPE_CHECKING:
+    from email.message import Message
+
 from mxguard.protocol.tlsrpt_report import (
     MEDIA_TYPE_GZIP,
     MEDIA_TYPE_JSON,
@@ -816,6 +817,11 @@ def reports_from_email(
             f"the e-mail is {len(raw):,} bytes; report e-mails are accepted up to "
             f"{max_size:,} bytes"
         )
+    # Imported here: the store imports this module for its types, and only ingestion parses
+    # mail (the email package's parser and policy cost every command's start-up).
+    import email.parser
+    import email.policy
+
     try:
         message = email.parser.BytesParser(policy=email.policy.default).parsebytes(raw)
         parts = list(_leaves(message, max_parts))
@@ -837,6 +843,8 @@ def reports_from_email(
 
 def _leaves(message: Message, max_parts: int) -> Iterator[Message]:
     """The non-multipart parts of `message` in order, depth first, without recursion."""
+    from email.message import Message
+
     stack = [message]
     seen = 0
     while stack:

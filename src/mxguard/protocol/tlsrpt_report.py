@@ -23,7 +23,6 @@ Decisions:
 from __future__ import annotations
 
 import datetime as dt
-import email.utils
 import enum
 import gzip
 import io
@@ -32,10 +31,6 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from email.mime.application import MIMEApplication
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
-from email.policy import SMTP
 from typing import Any, Protocol
 
 from mxguard.protocol.results import ResultType
@@ -365,6 +360,14 @@ def email_message(
     """The report e-mail of RFC 8460 §5.3: `multipart/report; report-type="tlsrpt"` with a
     text part for people and the gzipped report, plus `TLS-Required: No` (RFC 8689 §5: a
     report about TLS problems must still get through when TLS is the problem)."""
+    # Imported here: the store and every command import this module for its types, and only
+    # the reporter builds mail (the email package costs a start-up several milliseconds).
+    import email.utils
+    from email.mime.application import MIMEApplication
+    from email.mime.multipart import MIMEMultipart
+    from email.mime.text import MIMEText
+    from email.policy import SMTP
+
     msg = MIMEMultipart("report")
     msg.set_param("report-type", "tlsrpt")
     msg["From"] = f"<{mail_from}>"
