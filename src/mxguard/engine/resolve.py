@@ -68,13 +68,14 @@ class Resolver:
     async def resolve(self, domain: str) -> DeliveryPolicy:
         domain = normalise_domain(domain)
         async with asyncio.TaskGroup() as tg:
-            mx_task = tg.create_task(self.dns.query(domain, "MX"))
             sts_task = tg.create_task(self.sts.lookup(domain))
             rpt_task = tg.create_task(self.dns.query(f"_smtp._tls.{domain}", "TXT"))
-        mx_answer, sts, rpt = mx_task.result(), sts_task.result(), rpt_task.result()
-        lookup, targets = _mx_targets(domain, mx_answer)
-        async with asyncio.TaskGroup() as tg:
+            mx_answer = await self.dns.query(domain, "MX")
+            lookup, targets = _mx_targets(domain, mx_answer)
+            # The MX hosts' addresses and TLSA while the MTA-STS policy is still being
+            # fetched: a cold lookup takes the longer of the two, not their sum.
             host_tasks = [tg.create_task(self._host(pref, host)) for pref, host in targets]
+        sts, rpt = sts_task.result(), rpt_task.result()
         facts = DomainFacts(
             domain=domain,
             mx=MxFacts(
