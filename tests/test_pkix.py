@@ -310,3 +310,88 @@ def test_lab_chain_verifies_against_system_bundle_plus_lab_ca(pki: LabPKI) -> No
     roots = load_roots(pki.ca_file)
     verdict = verify_pkix(pki.issue(MX).chain, name=MX, roots=roots, now=pki.now)
     assert verdict.ok, verdict.detail
+
+
+# --- only the roots OpenSSL could look up go into the store ---------------------------------
+
+
+def _issued_by_name(
+    root: Issuer, issuer_name: x509.Name, begin: dt.datetime, end: dt.datetime
+) -> x509.Certificate:
+    """A leaf signed by ``root``'s key whose issuer field is ``issuer_name`` as given."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name("leaf"))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(begin)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(MX)]), False)
+        .sign(root.key, hashes.SHA256())
+    )
+
+
+@pytest.mark.parametrize(
+    ("root_cn", "issuer_attribute", "same_name"),
+    [
+        ("Example Root CA", x509.NameAttribute(NameOID.COMMON_NAME, "Example Root CA"), True),
+        # X509_NAME_cmp compares canonical forms: ASCII case, surrounding and repeated
+        # whitespace and the string type do not count...
+        (
+            "  Example \t Root CA ",
+            x509.NameAttribute(
+                NameOID.COMMON_NAME, "EXAMPLE  ROOT ca", x509.name._ASN1Type.PrintableString
+            ),
+            True,
+        ),
+        ("Ünïcode Root", x509.NameAttribute(NameOID.COMMON_NAME, "Ünïcode   ROOT"), True),
+        # ... but the case of letters beyond ASCII does.
+        ("Ünïcode Root", x509.NameAttribute(NameOID.COMMON_NAME, "üNïcode Root"), False),
+        ("Example Root CA", x509.NameAttribute(NameOID.COMMON_NAME, "Example Root CB"), False),
+    ],
+)
+def test_the_filtered_store_finds_a_root_by_canonical_name(
+    pki: LabPKI, root_cn: str, issuer_attribute: x509.NameAttribute, same_name: bool
+) -> None:
+    from mxguard.protocol import libcrypto, pkix
+
+    begin, end = pki.now - DAY, pki.now + 30 * DAY
+    root = make_cert(None, cn=root_cn, begin=begin, end=end, ca=True, names=())
+    decoys = [
+        make_cert(None, cn=f"decoy {i}", begin=begin, end=end, ca=True, names=()).cert
+        for i in range(20)
+    ]
+    roots = (*decoys, root.cert)
+    leaf = _issued_by_name(root, x509.Name([issuer_attribute]), begin, end)
+    chosen = pkix.candidate_roots([leaf], roots)
+    assert len(chosen) < len(roots)
+    # OpenSSL over the whole store, and mxguard over the roots it chose, agree.
+    full = libcrypto.verify(
+        [pkix.der(leaf)], roots=[pkix.der(r) for r in roots], host=MX,
+        hostflags=pkix.HOST_FLAGS, auth_level=1, at=int(pki.now.timestamp()),
+    )  # fmt: skip
+    verdict = verify_pkix((leaf,), name=MX, roots=roots, now=pki.now, auth_level=1)
+    assert full.ok == same_name, full
+    assert verdict.ok == same_name, verdict.detail
+    if same_name:
+        assert pkix.der(root.cert) in chosen
+
+
+def test_the_filtered_store_follows_issuers_through_the_roots(pki: LabPKI) -> None:
+    """A trust store may hold an intermediate and the root above it: both are kept."""
+    from mxguard.protocol import pkix
+
+    begin, end = pki.now - DAY, pki.now + 30 * DAY
+    top = make_cert(None, cn="top root", begin=begin, end=end, ca=True, names=())
+    middle = make_cert(top, cn="middle ca", begin=begin, end=end, ca=True, names=())
+    unrelated = make_cert(None, cn="unrelated", begin=begin, end=end, ca=True, names=())
+    leaf = make_cert(middle, begin=begin, end=end)
+    roots = (unrelated.cert, middle.cert, top.cert)
+    chosen = pkix.candidate_roots([leaf.cert], roots)
+    assert set(chosen) == {pkix.der(middle.cert), pkix.der(top.cert)}
+    assert pkix.candidate_roots([None], roots) == tuple(pkix.der(r) for r in roots)
+    assert verify_pkix((leaf.cert,), name=MX, roots=roots, now=pki.now).ok
