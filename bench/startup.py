@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mxguard as mxguard_package
 from mxguard.lab.lab import Lab
 from mxguard.lab.scenario import named
 
@@ -47,8 +48,14 @@ def main() -> None:
     if swaks is None:
         raise SystemExit("swaks is not installed: apt-get install swaks")
     mxguard = str(Path(sys.executable).with_name("mxguard"))
+    # As installed by pip, which compiles every module: with PYTHONDONTWRITEBYTECODE set (as in
+    # some shells and CI images) an editable install would compile mxguard's sources at every
+    # start, which no installed copy does.
+    package = Path(mxguard_package.__file__).parent
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
     with tempfile.TemporaryDirectory() as tmp, Lab(named("standard"), net=args.net) as lab:
         env = {**os.environ, "XDG_STATE_HOME": tmp}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         address = lab.address_of(MX)
         commands = {
             "mxguard --version": [mxguard, "--version"],

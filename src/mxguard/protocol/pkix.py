@@ -256,8 +256,8 @@ def _name_key(name: x509.Name) -> _NameKey | None:
 @dataclass(frozen=True)
 class _Roots:
     ders: tuple[bytes, ...]
+    certs: tuple[x509.Certificate | None, ...]  # None: cryptography cannot parse it
     subjects: tuple[_NameKey | None, ...]  # per root; None: matches any name
-    issuers: tuple[_NameKey | None, ...]
 
 
 _root_cache: dict[int, tuple[Sequence[x509.Certificate | bytes], _Roots]] = {}
@@ -268,15 +268,12 @@ def _roots(roots: Sequence[x509.Certificate | bytes]) -> _Roots:
     hit = _root_cache.get(id(roots))
     if hit is not None and hit[0] is roots:
         return hit[1]
-    ders: list[bytes] = []
-    subjects: list[_NameKey | None] = []
-    issuers: list[_NameKey | None] = []
-    for root in roots:
-        cert = _parse(root) if isinstance(root, bytes) else root
-        ders.append(root if isinstance(root, bytes) else der(root))
-        subjects.append(None if cert is None else _name_key(cert.subject))
-        issuers.append(None if cert is None else _name_key(cert.issuer))
-    found = _Roots(tuple(ders), tuple(subjects), tuple(issuers))
+    certs = tuple(_parse(r) if isinstance(r, bytes) else r for r in roots)
+    found = _Roots(
+        tuple(r if isinstance(r, bytes) else der(r) for r in roots),
+        certs,
+        tuple(None if c is None else _name_key(c.subject) for c in certs),
+    )
     if len(_root_cache) >= 16:
         _root_cache.clear()
     _root_cache[id(roots)] = (roots, found)  # holding ``roots`` keeps its id from being reused
@@ -305,7 +302,8 @@ def candidate_roots(
                 continue
             chosen.add(i)
             grew = True
-            issuer = known.issuers[i]
+            cert = known.certs[i]
+            issuer = None if cert is None else _name_key(cert.issuer)
             if issuer is not None:
                 wanted.add(issuer)
     return tuple(known.ders[i] for i in sorted(chosen))
