@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from mxguard.adapters import https
+from mxguard.adapters import http11
 from mxguard.adapters.https import (
     FetchAbort,
     FetchResult,
@@ -151,13 +151,13 @@ def test_oversize_body_is_abandoned_after_the_limit(
     # Reading pauses after each piece the TLS connection hands over until the fetch has
     # taken it, and the body is capped piece by piece.
     received: list[int] = []
-    original = https._Exchange.data_received
+    original = http11.Exchange.data_received
 
-    def counting(self: https._Exchange, data: bytes) -> None:
+    def counting(self: http11.Exchange, data: bytes) -> None:
         received.append(len(data))
         original(self, data)
 
-    monkeypatch.setattr(https._Exchange, "data_received", counting)
+    monkeypatch.setattr(http11.Exchange, "data_received", counting)
     result, _ = fetch_once(pki, MtaSts(behaviour=PolicyBehaviour.OVERSIZE))
     assert result.result_type is FETCH_ERROR
     assert "larger than the limit" in result.detail

@@ -16,9 +16,10 @@ on the delivery path of every message to a new domain, so it is strict and bound
   suggests a limit), and one deadline covers connect, TLS, headers and body.
 
 The fetch speaks HTTP/1.1 itself, over an asyncio TLS connection, with h11 (the HTTP/1.1
-parser httpx uses) reading the response: one request per connection, nothing pooled, no
-client object per fetch. Through httpx, two thirds of a fetch's time outside the TLS
-handshake went to the client's own layers (measured in bench/, a cold Postfix lookup).
+parser httpx uses) reading the response (adapters/http11.py): one request per connection,
+nothing pooled, no client object per fetch. Through httpx, two thirds of a fetch's time
+outside the TLS handshake went to the client's own layers (measured in bench/, a cold
+Postfix lookup).
 ``strict_client`` remains the httpx client of mxguard's other HTTPS requests.
 
 Every outcome is a ``FetchResult``; failures carry the RFC 8460 §4.3.2 result type:
@@ -41,8 +42,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
-
-import h11
 
 from mxguard.protocol import names, pkix
 
@@ -205,9 +204,12 @@ async def _get(
     max_size: int,
 ) -> bytes:
     """The policy body, read under the size cap; the head is noted on ``request``."""
+    # Imported here: h11 costs every command's start-up, and only a policy fetch needs it.
+    from mxguard.adapters.http11 import Exchange
+
     loop = asyncio.get_running_loop()
     transport, exchange = await loop.create_connection(
-        _Exchange,
+        Exchange,
         request.connect,
         request.port,
         ssl=ctx,
@@ -227,104 +229,6 @@ async def _get(
     finally:
         if not loop.is_closed():  # (a fetch still running when its loop is shut down)
             transport.abort()  # one request per connection; nothing more is wanted from it
-
-
-class _Head:
-    """A response head as ``check_response`` reads it (like ``httpx.Response``'s)."""
-
-    def __init__(self, response: h11.Response) -> None:
-        self.status_code = response.status_code
-        # Header names are case-insensitive (h11 gives them in lower case); a repeated field
-        # keeps its first value.
-        self.headers: dict[str, str] = {}
-        for name, value in response.headers:
-            self.headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
-
-
-class _Exchange(asyncio.BufferedProtocol):
-    """One HTTP/1.1 request and its response on one TLS connection, read with h11.
-
-    The TLS layer decrypts into a buffer of ``BODY_SLICE`` bytes, and reading pauses after
-    every piece until the fetch has taken what h11 made of it, so that an over-long body is
-    abandoned at the cap, not decrypted to its end."""
-
-    def __init__(self) -> None:
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
-        self.transport: asyncio.Transport | None = None
-        self._wake: asyncio.Future[None] | None = None
-        self._lost: Exception | None = None
-        self._buffer = memoryview(bytearray(BODY_SLICE))
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(self._buffer[:nbytes]))
-
-    def data_received(self, data: bytes) -> None:
-        self.h11.receive_data(data)
-        if self.transport is not None:
-            self.transport.pause_reading()
-        self._wakeup()
-
-    def eof_received(self) -> None:
-        self.h11.receive_data(b"")
-        self._wakeup()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = exc or ConnectionError("the connection closed before the response ended")
-        self._wakeup()
-
-    def _wakeup(self) -> None:
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
-
-    def send(self, request: _Request) -> None:
-        assert self.transport is not None
-        head = h11.Request(method="GET", target=POLICY_PATH, headers=list(request.headers.items()))
-        self.transport.write(self.h11.send(head) + (self.h11.send(h11.EndOfMessage()) or b""))
-
-    async def _event(self) -> h11.Event | type[h11.PAUSED]:
-        while True:
-            try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise FetchAbort(
-                    ResultType.STS_POLICY_FETCH_ERROR, f"the response is not HTTP/1.1: {exc}"
-                ) from None
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
-            if self._lost is not None:
-                raise self._lost
-            assert self.transport is not None
-            self._wake = asyncio.get_running_loop().create_future()
-            self.transport.resume_reading()
-            await self._wake
-
-    async def head(self) -> _Head:
-        while True:
-            event = await self._event()
-            if isinstance(event, h11.Response):
-                return _Head(event)
-            if isinstance(event, h11.InformationalResponse):
-                continue  # 1xx: the real response follows
-            raise ConnectionError("the connection closed before the response head")
-
-    async def body(self) -> AsyncIterator[bytes]:
-        while True:
-            event = await self._event()
-            if isinstance(event, h11.Data):
-                data = bytes(event.data)
-                for at in range(0, len(data), BODY_SLICE):
-                    yield data[at : at + BODY_SLICE]
-            elif isinstance(event, h11.EndOfMessage):
-                return
-            else:
-                raise ConnectionError("the connection closed before the body ended")
 
 
 def strict_client(
@@ -405,7 +309,7 @@ async def fetch_policy(
     try:
         async with asyncio.timeout(timeout):
             body = await _get(request, ctx, timeout, max_size)
-    except (FetchAbort, TimeoutError, h11.ProtocolError, OSError) as exc:
+    except (FetchAbort, TimeoutError, OSError) as exc:
         result_type, detail = _failure(exc, request, timeout)
         if result_type is ResultType.STS_WEBPKI_INVALID:
             request.status = request.content_type = None  # no response: the handshake failed
