@@ -5,6 +5,7 @@ the lab does not issue (wildcards, expired intermediates, not-yet-valid leaves, 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mxguard.lab.pki import LabPKI
 from mxguard.lab.scenario import CertKind
@@ -395,3 +398,30 @@ def test_the_filtered_store_follows_issuers_through_the_roots(pki: LabPKI) -> No
     assert set(chosen) == {pkix.der(middle.cert), pkix.der(top.cert)}
     assert pkix.candidate_roots([None], roots) == tuple(pkix.der(r) for r in roots)
     assert verify_pkix((leaf.cert,), name=MX, roots=roots, now=pki.now).ok
+
+
+_OLD_PEM_BLOCK = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+_PIECES = st.sampled_from(
+    [b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----", b"\n", b"\r", b"\r\n",
+     b"MIIB", b"-", b"x"]
+)  # fmt: skip
+
+
+@given(st.lists(_PIECES, max_size=40).map(b"".join))
+def test_pem_blocks_finds_what_the_pattern_found(data: bytes) -> None:
+    from mxguard.protocol.pkix import pem_blocks
+
+    assert pem_blocks(data) == _OLD_PEM_BLOCK.findall(data)
+
+
+def test_pem_blocks_of_the_system_bundle() -> None:
+    from mxguard.protocol.pkix import pem_blocks
+
+    bundle = system_bundle()
+    if bundle is None:
+        pytest.skip("no system CA bundle")
+    data = bundle.read_bytes()
+    assert pem_blocks(data) == _OLD_PEM_BLOCK.findall(data)
+    assert len(pem_blocks(data)) > 50

@@ -49,9 +49,37 @@ from mxguard.protocol.names import HostNameError, normalise_host
 from mxguard.protocol.results import ResultType
 
 _ISO = "%Y-%m-%dT%H:%M:%SZ"
-_PEM_BLOCK = re.compile(
-    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
-)
+_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+_PEM_END = b"\n-----END CERTIFICATE-----"
+
+
+def pem_blocks(data: bytes) -> list[bytes]:
+    """Each ``-----BEGIN CERTIFICATE-----``, line break, at least one byte, line break,
+    ``-----END CERTIFICATE-----`` in ``data``, in order, CRLF or LF (what lies between is not
+    looked at), the shortest such span from each BEGIN: what a lazy DOTALL regular expression
+    finds (tests/test_pkix.py holds them equal), found with ``bytes.find``, because the
+    expression took 7 to 11 ms over the system bundle, which every command loads."""
+    blocks = []
+    at = 0
+    while (start := data.find(_PEM_BEGIN, at)) >= 0:
+        body = start + len(_PEM_BEGIN)
+        if data.startswith(b"\r\n", body):
+            body += 2
+        elif data.startswith(b"\n", body):
+            body += 1
+        else:
+            at = start + 1
+            continue
+        end = data.find(_PEM_END, body + 1)  # at least one byte between the lines
+        if end < 0:
+            at = start + 1
+            continue
+        end += len(_PEM_END)
+        blocks.append(data[start:end])
+        at = end
+    return blocks
+
+
 FALLBACK_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 # RFC 8461 §4.2: the MX host name must be a dNSName of the subjectAltName (no CN fallback),
@@ -480,7 +508,7 @@ def _summarize(der: bytes) -> CertSummary:
 def pem_certificates(data: bytes) -> list[bytes]:
     """The DER of every PEM certificate block in ``data``, in order, parsed or not."""
     ders = []
-    for block in _PEM_BLOCK.findall(data):
+    for block in pem_blocks(data):
         with contextlib.suppress(ValueError):
             ders.append(ssl.PEM_cert_to_DER_cert(block.decode("ascii", "replace")))
     return ders
@@ -488,7 +516,7 @@ def pem_certificates(data: bytes) -> list[bytes]:
 
 def _parse_pem_bundle(data: bytes) -> list[x509.Certificate]:
     certs = []
-    for block in _PEM_BLOCK.findall(data):
+    for block in pem_blocks(data):
         try:
             with warnings.catch_warnings():
                 # Old roots with non-positive serial numbers parse with a deprecation warning
