@@ -296,5 +296,5 @@ def test_atext_is_rfc5322_atext_plus_everything_beyond_ascii() -> None:
     atext = re.compile(tlsrpt._ATEXT)
     for code in range(0x110000):
         c = chr(code)
-        expected = code >= 0x80 or c.isascii() and c.isalnum() or c in symbols
+        expected = code >= 0x80 or (c.isascii() and c.isalnum()) or c in symbols
         assert bool(atext.fullmatch(c)) == expected, f"U+{code:04X}"
