@@ -1,4 +1,4 @@
-"""The store's six roles, specified once and run against every backend that keeps each role:
+"""The store's seven roles, specified once and run against every backend that keeps each role:
 real SQLite files, a real PostgreSQL server and a real Redis server (tests/servers.py).
 
 | role | interface | backends |
@@ -9,6 +9,7 @@ real SQLite files, a real PostgreSQL server and a real Redis server (tests/serve
 | what the Postfix server served | `ServedLog` | SQLite, PostgreSQL |
 | the history of `mxguard check`, bulk-run claims | `CheckLog` | SQLite, PostgreSQL |
 | TLS reports received for domain owners (RFC 8460 §4, §5) | `ReportInbox` | SQLite, PostgreSQL |
+| learned security levels, drops, the stripping alarm | `LearnedLevels` | SQLite, PostgreSQL |
 
 A backend that lacks a role refuses each of its calls with a StoreError that says where the
 role is kept. Every PostgreSQL database here is created with a language's collation (ICU
@@ -42,6 +43,10 @@ from mxguard.adapters.store import (
     CheckRecord,
     Closable,
     DayTotals,
+    LearnedHost,
+    LearnedLevels,
+    LevelDrop,
+    LevelSeen,
     OrganizationTotals,
     PendingReport,
     PolicyCache,
@@ -56,6 +61,7 @@ from mxguard.adapters.store import (
     SessionResult,
     Store,
     StoreError,
+    StrippingAlarm,
     Tally,
     open_store,
 )
@@ -63,6 +69,7 @@ from mxguard.adapters.store.cache_only import PolicyCacheOnly
 from mxguard.adapters.store.postgres import PostgresStore
 from mxguard.adapters.store.redis import RedisStore
 from mxguard.adapters.store.sqlite import SQLiteStore
+from mxguard.protocol.levels import SecurityLevel
 from mxguard.protocol.results import ResultType
 from mxguard.protocol.tlsrpt_ingest import ReceivedPolicy, ReceivedReport
 from mxguard.protocol.tlsrpt_report import FailureDetail, PolicyType, ReportedPolicy
@@ -80,6 +87,7 @@ ROLES: dict[str, type[Any]] = {
     "served log": ServedLog,
     "check log": CheckLog,
     "report inbox": ReportInbox,
+    "learned levels": LearnedLevels,
 }
 KEEPS: dict[str, tuple[str, ...]] = {
     "sqlite": tuple(ROLES),
@@ -93,6 +101,7 @@ REFUSED_WORDS = {
     "served log": "Postfix policy server served",
     "check log": "history of mxguard check",
     "report inbox": "TLS reports received for domain owners",
+    "learned levels": "security levels learned per domain",
 }
 
 _databases = itertools.count(1)
@@ -236,13 +245,13 @@ def _signature(function: Callable[..., Any]) -> list[tuple[str, Any, Any]]:
     return [(p.name, p.kind, p.default) for p in params]
 
 
-def test_store_is_the_six_roles_and_each_method_belongs_to_one_role() -> None:
+def test_store_is_the_seven_roles_and_each_method_belongs_to_one_role() -> None:
     owned = [_methods(protocol) for protocol in ROLES.values()]
-    assert [len(m) for m in owned] == [4, 4, 6, 3, 4, 4]
-    assert len(set().union(*owned)) == 25  # no method in two roles
+    assert [len(m) for m in owned] == [4, 4, 6, 3, 4, 4, 9]
+    assert len(set().union(*owned)) == 34  # no method in two roles
     assert all(Closable in protocol.__mro__ for protocol in ROLES.values())
     every = {n for n in dir(Store) if inspect.iscoroutinefunction(getattr(Store, n))}
-    assert every == set().union(*owned, _methods(Closable)) and len(every) == 26
+    assert every == set().union(*owned, _methods(Closable)) and len(every) == 35
 
 
 @pytest.mark.parametrize(
@@ -304,6 +313,17 @@ def test_a_backend_without_a_role_refuses_each_of_its_calls_and_names_where_it_i
             lambda s: s.received_between("example.com", DAY, NEXT_DAY),
             lambda s: s.report_totals("example.com", DAY, NEXT_DAY),
             lambda s: s.received_domains(DAY, NEXT_DAY),
+        ],
+        "learned levels": [
+            lambda s: s.learn([seen()], stale_before=LONG_AGO),
+            lambda s: s.learned_hosts(),
+            lambda s: s.forget_learned("example.com"),
+            lambda s: s.add_drops([drop()]),
+            lambda s: s.drops_since(LONG_AGO),
+            lambda s: s.raise_alarm(alarm()),
+            lambda s: s.latest_alarm(),
+            lambda s: s.extend_alarm(["example.com"], []),
+            lambda s: s.clear_alarm(T0),
         ],
     }
     assert len(calls[role]) == len(_methods(ROLES[role]))
@@ -1778,5 +1798,201 @@ class TestReportInbox:
                 assert not await second.add_received(received())
                 got = await second.received_between("example.com", DAY, NEXT_DAY)
                 assert [replace(g, id=None) for g in got] == [received()]
+
+        run(body())
+
+
+# --- learned security levels (docs/learned.md) -------------------------------------------------
+
+L = SecurityLevel
+
+
+def seen(level: SecurityLevel = L.TLS, at: datetime = T0, **kw: Any) -> LevelSeen:
+    base = LevelSeen("example.com", "mx1.example.com", "198.51.100.7", level, at)
+    return replace(base, **kw)
+
+
+def drop(at: datetime = T0, **kw: Any) -> LevelDrop:
+    base = LevelDrop(at, "example.com", "mx1.example.com", "198.51.100.7", L.WEBPKI, L.PLAIN,
+                     ResultType.STARTTLS_NOT_SUPPORTED)  # fmt: skip
+    return replace(base, **kw)
+
+
+def alarm(at: datetime = T0, **kw: Any) -> StrippingAlarm:
+    base = StrippingAlarm(
+        at, ("a.example", "b.example"),
+        ("a.example mx.a.example [192.0.2.1]", "b.example mx.b.example [2001:db8::1]"), 900.0,
+        enforce=True,
+    )  # fmt: skip
+    return replace(base, **kw)
+
+
+def row(
+    level: SecurityLevel, first: datetime, last: datetime, count: int, **kw: Any
+) -> LearnedHost:
+    base = LearnedHost("example.com", "mx1.example.com", "198.51.100.7", level, first, last, count)
+    return replace(base, **kw)
+
+
+H = timedelta(hours=1)
+# (rule, sessions learned in order, stale_before, the row afterwards)
+LEARN_ROWS = [
+    ("first_session_makes_the_row", [seen(L.TLS)], LONG_AGO, row(L.TLS, T0, T0, 1)),
+    ("same_level_counts_and_moves_last_seen", [seen(L.TLS), seen(L.TLS, T0 + H)], LONG_AGO,
+     row(L.TLS, T0, T0 + H, 2)),
+    ("stronger_level_replaces_and_counts_from_one", [seen(L.TLS), seen(L.WEBPKI, T0 + H)],
+     LONG_AGO, row(L.WEBPKI, T0 + H, T0 + H, 1)),
+    ("weaker_level_changes_nothing", [seen(L.WEBPKI), seen(L.PLAIN, T0 + H)], LONG_AGO,
+     row(L.WEBPKI, T0, T0, 1)),
+    ("weaker_level_over_a_decayed_row_replaces_it", [seen(L.DANE), seen(L.PLAIN, T0 + 9 * H)],
+     T0 + 8 * H, row(L.PLAIN, T0 + 9 * H, T0 + 9 * H, 1)),
+    ("an_earlier_session_at_the_same_level_keeps_the_later_last_seen",
+     [seen(L.TLS, T0 + H), seen(L.TLS)], LONG_AGO, row(L.TLS, T0 + H, T0 + H, 2)),
+]  # fmt: skip
+
+
+class TestLearnedLevels:
+    @pytest.fixture(params=backends("learned levels"))
+    def url(self, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+        return fresh_url(request.param, request, tmp_path)
+
+    @pytest.mark.parametrize(
+        ("rule", "sessions", "stale", "want"), LEARN_ROWS, ids=[r[0] for r in LEARN_ROWS]
+    )
+    def test_learning_keeps_the_strongest_level_and_how_often_and_when_it_was_seen(
+        self, url: str, rule: str, sessions: list[LevelSeen], stale: datetime, want: LearnedHost
+    ) -> None:
+        async def body() -> None:
+            async with opened(url) as store:
+                for s in sessions:
+                    await store.learn([s], stale_before=stale)
+            async with opened(url) as store:
+                assert await store.learned_hosts("example.com") == [want], rule
+
+        run(body())
+
+    def test_rows_are_per_domain_host_and_address_in_code_point_order_and_forgotten_per_domain(
+        self, url: str
+    ) -> None:
+        batch = [
+            seen(L.TLS, domain="a_b.example"), seen(L.TLS, domain="a-c.example"),
+            seen(L.WEBPKI, ip="2001:db8::1"), seen(L.PLAIN, mx="mx2.example.com"),
+        ]  # fmt: skip
+
+        async def body() -> None:
+            async with opened(url) as store:
+                assert await store.learned_hosts() == []
+                await store.learn(batch, stale_before=LONG_AGO)
+                await store.learn([], stale_before=LONG_AGO)  # nothing to learn is no error
+                got = await store.learned_hosts()
+                assert [(h.domain, h.mx, h.ip) for h in got] == [
+                    ("a-c.example", "mx1.example.com", "198.51.100.7"),
+                    ("a_b.example", "mx1.example.com", "198.51.100.7"),
+                    ("example.com", "mx1.example.com", "2001:db8::1"),
+                    ("example.com", "mx2.example.com", "198.51.100.7"),
+                ]
+                await store.add_drops([drop(), drop(domain="a-c.example")])
+                assert await store.forget_learned("example.com") == 2
+                assert await store.forget_learned("example.com") == 0
+                assert [h.domain for h in await store.learned_hosts()] == [
+                    "a-c.example",
+                    "a_b.example",
+                ]
+                assert [d.domain for d in await store.drops_since(LONG_AGO)] == ["a-c.example"]
+
+        run(body())
+
+    def test_drops_come_back_as_added_from_a_time_on_per_domain_in_time_order(
+        self, url: str
+    ) -> None:
+        plus2 = timezone(timedelta(hours=2))
+        later = drop(T0 + H, learned=L.TLS, seen=L.PLAIN, result_type=None)
+        other = drop(T0 + 2 * H, domain="other.example", seen=L.TLS,
+                     result_type=ResultType.CERTIFICATE_EXPIRED)  # fmt: skip
+
+        async def body() -> None:
+            async with opened(url) as store:
+                await store.add_drops([later, drop(T0.astimezone(plus2)), other])
+                await store.add_drops([])
+                got = await store.drops_since(T0)
+                assert [replace(d, id=None) for d in got] == [drop(), later, other]
+                assert len({d.id for d in got}) == 3
+                assert [d.domain for d in await store.drops_since(T0 + H)] == [
+                    "example.com",
+                    "other.example",
+                ]
+                mine = await store.drops_since(LONG_AGO, "example.com")
+                assert [replace(d, id=None) for d in mine] == [drop(), later]
+                assert got[0].stripped and got[1].stripped and not got[2].stripped
+
+        run(body())
+
+    def test_one_alarm_is_active_at_a_time_extended_then_cleared_and_raised_anew(
+        self, url: str
+    ) -> None:
+        async def body() -> None:
+            async with opened(url) as store:
+                assert await store.latest_alarm() is None
+                assert await store.clear_alarm(T0) is None
+                assert await store.extend_alarm(["c.example"], []) is None
+                assert await store.raise_alarm(alarm()) is True
+                assert await store.raise_alarm(alarm(T0 + H, domains=("z.example",))) is False
+                got = await store.latest_alarm()
+                assert got is not None and replace(got, id=None) == alarm()
+                extended = await store.extend_alarm(
+                    ["c.example", "a.example"], ["c.example mx.c.example [192.0.2.9]"]
+                )
+                assert extended is not None and extended.domains == (
+                    "a.example",
+                    "b.example",
+                    "c.example",
+                )
+                assert extended.hosts[-1] == "c.example mx.c.example [192.0.2.9]"
+            async with opened(url) as store:
+                cleared = await store.clear_alarm(T0 + H)
+                assert cleared is not None and cleared.cleared_at == T0 + H
+                assert cleared.domains == ("a.example", "b.example", "c.example")
+                assert not cleared.active and await store.latest_alarm() == cleared
+                assert await store.raise_alarm(alarm(T0 + 2 * H, enforce=False)) is True
+                latest = await store.latest_alarm()
+                assert latest is not None and latest.active and not latest.enforce
+
+        run(body())
+
+    def test_concurrent_raises_from_two_connections_keep_exactly_one_alarm(self, url: str) -> None:
+        async def body() -> None:
+            async with opened(url) as a, opened(url) as b:
+                results = await asyncio.gather(
+                    *(s.raise_alarm(alarm(T0 + n * H)) for n, s in enumerate([a, b] * 4))
+                )
+                assert sorted(results) == [False] * 7 + [True]
+
+        run(body())
+
+    @pytest.mark.parametrize(
+        ("why", "call", "message"),
+        [
+            ("a naive time", lambda s: s.learn([seen(at=T0.replace(tzinfo=None))],
+                                               stale_before=LONG_AGO), "has no time zone"),
+            ("a domain not in key form", lambda s: s.learn([seen(domain="Example.COM.")],
+                                                           stale_before=LONG_AGO), "lower-case"),
+            ("an MX host not in key form", lambda s: s.learn([seen(mx="MX1.example.com.")],
+                                                             stale_before=LONG_AGO), "mx "),
+            ("a NUL in an address", lambda s: s.add_drops([drop(ip="1.2.3.4\x00")]), "NUL"),
+            ("a level that is no level", lambda s: s.add_drops([drop(seen="weak")]), "level"),
+            ("a drop with an id", lambda s: s.add_drops([drop(id=7)]), "id None"),
+            ("a cleared alarm", lambda s: s.raise_alarm(alarm(cleared_at=T0)), "cleared_at"),
+        ],
+    )  # fmt: skip
+    def test_learned_levels_refuse_values_they_could_not_give_back_unchanged(
+        self, url: str, why: str, call: Callable[[Store], Awaitable[object]], message: str
+    ) -> None:
+        async def body() -> None:
+            async with opened(url) as store:
+                with pytest.raises(StoreError, match=message):
+                    await call(store)
+                assert await store.learned_hosts() == [], why
+                assert await store.drops_since(LONG_AGO) == []
+                assert await store.latest_alarm() is None
 
         run(body())

@@ -1,6 +1,7 @@
-"""mxguard's state, in six roles: the MTA-STS policy cache, the TLS-RPT session log, the
+"""mxguard's state, in seven roles: the MTA-STS policy cache, the TLS-RPT session log, the
 report queue, the log of what the Postfix policy server served, the history of
-`mxguard check` and the inbox of TLS reports received for domain owners.
+`mxguard check`, the inbox of TLS reports received for domain owners and the security levels
+learned per recipient domain.
 
 Several things outlive a single delivery and must survive restarts:
 
@@ -23,16 +24,20 @@ Several things outlive a single delivery and must survive restarts:
 - the report inbox (`ReportInbox`): aggregate reports other senders sent to a domain owner's
   `rua` (RFC 8460 §4, §5), each stored once however often it is resent (`ReceivedRecord`:
   the parsed report, its raw body, where it came from and what its DKIM signature said),
-  and the totals a summary or dashboard shows.
+  and the totals a summary or dashboard shows;
+- the learned levels (`LearnedLevels`, docs/learned.md): per recipient domain and per MX host
+  and address, the strongest security level seen (`LearnedHost`), when and how often; the
+  drops below it (`LevelDrop`) and the stripping alarm (`StrippingAlarm`), shared by every
+  node so that one alarm is raised, once, for an attack seen by several.
 
 Each role is a `typing.Protocol` of its own (a backend conforms by having the methods; mypy
-checks it where `open_store` returns the backend), and `Store` is all six together: what the
+checks it where `open_store` returns the backend), and `Store` is all seven together: what the
 engine, the reporter, the collector, the Postfix server, `mxguard check` and the report
 receiver are given.
 `open_store(url)` picks a backend from the URL:
 
-- `sqlite:///ABS/PATH` or `sqlite:///:memory:` — the default, embedded (sqlite.py): all six;
-- `postgresql://…` — several mxguard nodes share one state (postgres.py): all six;
+- `sqlite:///ABS/PATH` or `sqlite:///:memory:` — the default, embedded (sqlite.py): all seven;
+- `postgresql://…` — several mxguard nodes share one state (postgres.py): all seven;
 - `redis://…` (or `rediss://…`, `unix://…`) — the policy cache only (redis.py). `open_store`
   returns it as a `Store` (cache_only.py) whose other roles raise StoreError naming what
   cannot be kept there and where it can: a delivery still works and logs that its session
@@ -59,6 +64,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mxguard.adapters.dkim import DkimResult
+from mxguard.protocol.levels import SecurityLevel
 from mxguard.protocol.results import ResultType
 from mxguard.protocol.tlsrpt_ingest import MAX_COUNT, ReceivedPolicy, ReceivedReport, dedupe_key
 from mxguard.protocol.tlsrpt_report import FailureDetail, PolicyType, ReportedPolicy
@@ -69,6 +75,10 @@ __all__ = [
     "CheckRecord",
     "Closable",
     "DayTotals",
+    "LearnedHost",
+    "LearnedLevels",
+    "LevelDrop",
+    "LevelSeen",
     "OrganizationTotals",
     "PendingReport",
     "PolicyCache",
@@ -83,6 +93,7 @@ __all__ = [
     "SessionResult",
     "Store",
     "StoreError",
+    "StrippingAlarm",
     "Tally",
     "default_store_url",
     "open_store",
@@ -235,6 +246,81 @@ class CheckRecord:
     policy_digest: str | None = None  # SHA-256 hex of the MTA-STS policy body fetched, if any
     run: str | None = None  # the bulk run this check belongs to, if any
     id: int | None = None  # assigned by the store; None when adding
+
+
+@dataclass(frozen=True, slots=True)
+class LevelSeen:
+    """One session's security level, to be learned (`LearnedLevels.learn`)."""
+
+    domain: str  # the recipient domain, lower-case A-label, no trailing dot
+    mx: str  # the MX host name as published (lower case, no trailing dot)
+    ip: str  # the address the session went to
+    level: SecurityLevel
+    at: datetime  # UTC, timezone-aware
+
+
+@dataclass(frozen=True, slots=True)
+class LearnedHost:
+    """The strongest level seen for one (domain, MX host, address): since `first_seen` (when
+    it was first seen at that level, or the row was reset by decay), last at `last_seen`, in
+    `seen` sessions at that level."""
+
+    domain: str
+    mx: str
+    ip: str
+    level: SecurityLevel
+    first_seen: datetime
+    last_seen: datetime
+    seen: int
+
+
+@dataclass(frozen=True, slots=True)
+class LevelDrop:
+    """A session below the level learned for its MX host or address: an event."""
+
+    at: datetime
+    domain: str
+    mx: str
+    ip: str
+    learned: SecurityLevel  # what had been seen there before
+    seen: SecurityLevel  # what this session achieved
+    result_type: ResultType | None  # RFC 8460 §4.3 (a stripped STARTTLS: starttls-not-supported)
+    id: int | None = None  # assigned by the store; None when adding
+
+    @property
+    def stripped(self) -> bool:
+        """TLS had been seen here and this session had none: STARTTLS missing, refused, or
+        no handshake after it (what a STRIPTLS attacker causes)."""
+        return self.learned.encrypted and not self.seen.encrypted
+
+
+@dataclass(frozen=True, slots=True)
+class StrippingAlarm:
+    """Many domains that used to get TLS lost STARTTLS within a short window: raised once,
+    active until an operator clears it (`cleared_at`)."""
+
+    raised_at: datetime
+    domains: tuple[str, ...]  # the domains affected, in code point order
+    hosts: tuple[str, ...]  # "domain mx [ip]" per host affected, in code point order
+    window: float  # seconds the drops were counted over
+    enforce: bool  # learned levels are enforced for every domain while it is active
+    cleared_at: datetime | None = None
+    id: int | None = None  # assigned by the store
+
+    @property
+    def active(self) -> bool:
+        return self.cleared_at is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "raised_at": format_time(self.raised_at),
+            "domains": list(self.domains),
+            "hosts": list(self.hosts),
+            "window": self.window,
+            "enforce": self.enforce,
+            "active": self.active,
+            "cleared_at": None if self.cleared_at is None else format_time(self.cleared_at),
+        }
 
 
 class ReportSource(enum.StrEnum):
@@ -542,8 +628,61 @@ class ReportInbox(Closable, Protocol):
         ...
 
 
-class Store(PolicyCache, SessionLog, ReportQueue, ServedLog, CheckLog, ReportInbox, Protocol):
-    """All six roles: what `open_store` returns and what the engine, the reporter, the
+class LearnedLevels(Closable, Protocol):
+    """Security levels learned per recipient domain, MX host and address (docs/learned.md),
+    the drops below them and the stripping alarm. The store compares levels by their rank but
+    decides no expiry: callers say which rows are stale. Kept by SQLite and PostgreSQL."""
+
+    async def learn(self, seen: Sequence[LevelSeen], *, stale_before: datetime) -> None:
+        """Record sessions' levels, all or none, in order. Per (domain, mx, ip): a first
+        session, a stronger level, or any level over a row last seen before `stale_before`
+        (decayed) makes the row that level, first and last seen then, seen once; the same
+        level counts one more session and moves `last_seen` forward; a weaker level changes
+        nothing (it is a drop, recorded with `add_drops`)."""
+        ...
+
+    async def learned_hosts(self, domain: str | None = None) -> list[LearnedHost]:
+        """The rows of `domain` (all domains when None), ordered by (domain, mx, ip) in code
+        point order."""
+        ...
+
+    async def forget_learned(self, domain: str) -> int:
+        """Forget what was learned about `domain` and its drops; how many rows went."""
+        ...
+
+    async def add_drops(self, drops: Sequence[LevelDrop]) -> None:
+        """Record drops (one transaction); each `id` must be None."""
+        ...
+
+    async def drops_since(self, start: datetime, domain: str | None = None) -> list[LevelDrop]:
+        """Drops with `at >= start` (of `domain`, or all), ordered by (at, id)."""
+        ...
+
+    async def raise_alarm(self, alarm: StrippingAlarm) -> bool:
+        """Keep `alarm` (not cleared, `id` None) unless an alarm is active already; True when
+        it was kept. Atomic: of concurrent callers, across nodes, at most one gets True."""
+        ...
+
+    async def latest_alarm(self) -> StrippingAlarm | None:
+        """The alarm raised last, active or cleared; None when none ever was."""
+        ...
+
+    async def extend_alarm(
+        self, domains: Sequence[str], hosts: Sequence[str]
+    ) -> StrippingAlarm | None:
+        """Add domains and hosts to the active alarm (each once, kept in code point order) and
+        give it back; None when no alarm is active."""
+        ...
+
+    async def clear_alarm(self, at: datetime) -> StrippingAlarm | None:
+        """Clear the active alarm at `at` and give it back cleared; None when none is active."""
+        ...
+
+
+class Store(
+    PolicyCache, SessionLog, ReportQueue, ServedLog, CheckLog, ReportInbox, LearnedLevels, Protocol
+):
+    """All seven roles: what `open_store` returns and what the engine, the reporter, the
     collector, the Postfix server, `mxguard check` and the report receiver are given. All
     methods are coroutines;
     writes are durable on return. Over a backend that lacks a role (Redis), that role's methods
@@ -1024,6 +1163,56 @@ def assemble_received(
         report = replace(head.report, policies=tuple(by_report.get(head.id, ())))
         out.append(replace(head, report=report))
     return out
+
+
+def check_seen(seen: LevelSeen) -> LevelSeen:
+    check_domain(seen.domain)
+    _check_level_texts(seen.mx, seen.ip)
+    if not isinstance(seen.level, SecurityLevel):
+        raise StoreError(f"level {seen.level!r} is not one of {', '.join(SecurityLevel)}")
+    return replace(seen, at=as_utc(seen.at, "at"))
+
+
+def check_drop(drop: LevelDrop) -> LevelDrop:
+    if drop.id is not None:
+        raise StoreError("a drop to add must have id None; the store assigns it")
+    check_domain(drop.domain)
+    _check_level_texts(drop.mx, drop.ip)
+    for name, level in (("learned", drop.learned), ("seen", drop.seen)):
+        if not isinstance(level, SecurityLevel):
+            raise StoreError(f"{name} level {level!r} is not one of {', '.join(SecurityLevel)}")
+    return replace(drop, at=as_utc(drop.at, "at"))
+
+
+def check_alarm(alarm: StrippingAlarm) -> StrippingAlarm:
+    if alarm.id is not None or alarm.cleared_at is not None:
+        raise StoreError("an alarm to raise must have id None and cleared_at None")
+    for d in alarm.domains:
+        check_domain(d)
+    for h in alarm.hosts:
+        check_text(h, "alarm host")
+    return replace(alarm, raised_at=as_utc(alarm.raised_at, "raised_at"))
+
+
+def _check_level_texts(mx: str, ip: str) -> None:
+    check_text(mx, "mx")
+    check_text(ip, "ip")
+    if not mx or mx != mx.lower() or mx.endswith("."):
+        raise StoreError(
+            f"mx {mx!r} is not in the form the store keys on; pass the MX host name in lower "
+            "case without a trailing dot"
+        )
+
+
+def level_from_store(text: object, where: str) -> SecurityLevel:
+    """A stored level; a value no mxguard writes is a StoreError naming the row."""
+    try:
+        return SecurityLevel(str(text))
+    except ValueError:
+        raise StoreError(
+            f"{where}: stored level {text!r} is not one of {', '.join(SecurityLevel)}; "
+            "the row was not written by mxguard: fix or delete it (mxguard learned forget)"
+        ) from None
 
 
 # Times are kept as fixed-width UTC text where the backend has no time type, so that text order

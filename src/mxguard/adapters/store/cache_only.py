@@ -7,7 +7,7 @@ kept until a report is accepted (RFC 8460 §5), and the report queue and the ser
 with them; the history of `mxguard check` is queried by domain and time, and its bulk-run
 claims need a transaction shared with it; received reports are added up by domain, day and
 more, and each is stored once in one transaction. `PolicyCacheOnly` passes the policy cache
-through and answers every call of the other five roles with a StoreError that names the role,
+through and answers every call of the other six roles with a StoreError that names the role,
 the store and the backends that keep it.
 
 Refusing per call rather than refusing the URL is deliberate: `mxguard send` and
@@ -28,6 +28,9 @@ from datetime import datetime, timedelta
 from mxguard.adapters.store import (
     CachedPolicy,
     CheckRecord,
+    LearnedHost,
+    LevelDrop,
+    LevelSeen,
     PendingReport,
     PolicyCache,
     ReceivedRecord,
@@ -35,6 +38,7 @@ from mxguard.adapters.store import (
     ServedPolicy,
     SessionResult,
     StoreError,
+    StrippingAlarm,
 )
 
 # What each role the backend lacks keeps, for the message.
@@ -43,6 +47,7 @@ REPORT_QUEUE = "TLS-RPT reports awaiting delivery"
 SERVED_LOG = "the policies the Postfix policy server served"
 CHECK_LOG = "the history of mxguard check and the claims of its bulk runs"
 REPORT_INBOX = "TLS reports received for domain owners"
+LEARNED_LEVELS = "the security levels learned per domain and the stripping alarm"
 
 
 class PolicyCacheOnly:
@@ -159,6 +164,37 @@ class PolicyCacheOnly:
 
     async def received_domains(self, start: datetime, end: datetime) -> list[str]:
         raise self._refused(REPORT_INBOX)
+
+    # --- the learned levels: refused ---
+
+    async def learn(self, seen: Sequence[LevelSeen], *, stale_before: datetime) -> None:
+        raise self._refused(LEARNED_LEVELS)
+
+    async def learned_hosts(self, domain: str | None = None) -> list[LearnedHost]:
+        raise self._refused(LEARNED_LEVELS)
+
+    async def forget_learned(self, domain: str) -> int:
+        raise self._refused(LEARNED_LEVELS)
+
+    async def add_drops(self, drops: Sequence[LevelDrop]) -> None:
+        raise self._refused(LEARNED_LEVELS)
+
+    async def drops_since(self, start: datetime, domain: str | None = None) -> list[LevelDrop]:
+        raise self._refused(LEARNED_LEVELS)
+
+    async def raise_alarm(self, alarm: StrippingAlarm) -> bool:
+        raise self._refused(LEARNED_LEVELS)
+
+    async def latest_alarm(self) -> StrippingAlarm | None:
+        raise self._refused(LEARNED_LEVELS)
+
+    async def extend_alarm(
+        self, domains: Sequence[str], hosts: Sequence[str]
+    ) -> StrippingAlarm | None:
+        raise self._refused(LEARNED_LEVELS)
+
+    async def clear_alarm(self, at: datetime) -> StrippingAlarm | None:
+        raise self._refused(LEARNED_LEVELS)
 
     def _refused(self, what: str) -> StoreError:
         return StoreError(

@@ -1,5 +1,5 @@
 """The shared store: PostgreSQL, for several mxguard nodes with one policy cache and one
-TLS-RPT result table (docs/design.md, "State"). A `Store`: all six roles (store/__init__.py),
+TLS-RPT result table (docs/design.md, "State"). A `Store`: all seven roles (store/__init__.py),
 call for call as the SQLite backend does (tests/test_store_conformance.py).
 
 Uses psycopg 3's asyncio connection. Each store holds one connection and runs one operation
@@ -12,7 +12,7 @@ race, and is versioned like the SQLite schema (table `schema_version`). Give mxg
 database (or its own schema via `?options=-csearch_path%3Dmxguard`): the table names are
 plain (`sts_policies`, `session_results`, `tlsrpt_reports`, `served_policies`, `checks`,
 `check_claims`, `received_reports`, `received_policies`, `received_failures`,
-`schema_version`).
+`learned_hosts`, `learned_drops`, `learned_alarms`, `schema_version`).
 
 Text is sorted with `COLLATE "C"`, code point order as in SQLite and Redis, whatever collation
 the database was created with (a language's collation puts `a_b.example` before
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -33,6 +34,9 @@ from mxguard.adapters.store import (
     CachedPolicy,
     CheckRecord,
     DayTotals,
+    LearnedHost,
+    LevelDrop,
+    LevelSeen,
     OrganizationTotals,
     PendingReport,
     ReceivedRecord,
@@ -41,12 +45,15 @@ from mxguard.adapters.store import (
     ServedPolicy,
     SessionResult,
     StoreError,
+    StrippingAlarm,
     Tally,
     as_utc,
     assemble_received,
+    check_alarm,
     check_check,
     check_claim,
     check_domain,
+    check_drop,
     check_inbox_range,
     check_policy,
     check_received,
@@ -54,11 +61,13 @@ from mxguard.adapters.store import (
     check_report_id,
     check_result,
     check_run,
+    check_seen,
     check_served,
     check_text,
     dkim_from_store,
     known_policy_type,
     known_result_type,
+    level_from_store,
     policy_from_store,
     readded_report,
     redact_url,
@@ -224,6 +233,43 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             failure_reason_code    text
         )""",
         "CREATE INDEX received_failures_policy ON received_failures (policy_id)",
+    ),
+    (
+        # Learned security levels (see sqlite.py, version 8).
+        """CREATE TABLE learned_hosts (
+            domain     text NOT NULL,
+            mx         text NOT NULL,
+            ip         text NOT NULL,
+            level      text NOT NULL,
+            rank       integer NOT NULL,
+            first_seen timestamptz NOT NULL,
+            last_seen  timestamptz NOT NULL,
+            seen       bigint NOT NULL,
+            PRIMARY KEY (domain, mx, ip)
+        )""",
+        """CREATE TABLE learned_drops (
+            id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            at          timestamptz NOT NULL,
+            domain      text NOT NULL,
+            mx          text NOT NULL,
+            ip          text NOT NULL,
+            learned     text NOT NULL,
+            seen        text NOT NULL,
+            result_type text
+        )""",
+        "CREATE INDEX learned_drops_at ON learned_drops (at)",
+        "CREATE INDEX learned_drops_domain ON learned_drops (domain, at)",
+        """CREATE TABLE learned_alarms (
+            id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            raised_at  timestamptz NOT NULL,
+            domains    text[] NOT NULL,
+            hosts      text[] NOT NULL,
+            window_s   double precision NOT NULL,
+            enforce    boolean NOT NULL,
+            cleared_at timestamptz
+        )""",
+        "CREATE UNIQUE INDEX learned_alarms_active ON learned_alarms ((cleared_at IS NULL)) "
+        "WHERE cleared_at IS NULL",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -764,6 +810,122 @@ class PostgresStore:
         )
         return [str(row[0]) for row in rows]
 
+    # --- learned security levels (docs/learned.md) ---
+
+    async def learn(self, seen: Sequence[LevelSeen], *, stale_before: datetime) -> None:
+        stale = as_utc(stale_before, "stale_before")
+        rows = [
+            {"d": x.domain, "m": x.mx, "i": x.ip, "l": x.level.value, "r": x.level.rank,
+             "a": x.at, "s": stale}
+            for x in map(check_seen, seen)
+        ]  # fmt: skip
+        if not rows:
+            return
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(_LEARN, rows)
+
+        # Not retried: counting a session twice would be wrong.
+        await self._run(work, idempotent=False)
+
+    async def learned_hosts(self, domain: str | None = None) -> list[LearnedHost]:
+        where, params = "", tuple[str, ...]()
+        if domain is not None:
+            where, params = "WHERE domain = %s", (check_domain(domain),)
+        rows = await self._fetch(
+            f"SELECT {_LEARNED_COLUMNS} FROM learned_hosts {where} "
+            'ORDER BY domain COLLATE "C", mx COLLATE "C", ip COLLATE "C"',
+            params,
+        )
+        return [_learned_from_row(row) for row in rows]
+
+    async def forget_learned(self, domain: str) -> int:
+        check_domain(domain)
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> int:
+            async with conn.transaction():
+                cur = await conn.execute("DELETE FROM learned_hosts WHERE domain = %s", (domain,))
+                await conn.execute("DELETE FROM learned_drops WHERE domain = %s", (domain,))
+                return cur.rowcount
+
+        return await self._run(work, idempotent=True)
+
+    async def add_drops(self, drops: Sequence[LevelDrop]) -> None:
+        rows = [
+            (d.at, d.domain, d.mx, d.ip, d.learned.value, d.seen.value,
+             d.result_type.value if d.result_type else None)
+            for d in map(check_drop, drops)
+        ]  # fmt: skip
+        if rows:
+            await self._write(
+                f"INSERT INTO learned_drops ({_DROP_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                rows,
+                idempotent=False,
+            )
+
+    async def drops_since(self, start: datetime, domain: str | None = None) -> list[LevelDrop]:
+        where, params = "at >= %s", list[object]([as_utc(start, "start")])
+        if domain is not None:
+            where += " AND domain = %s"
+            params.append(check_domain(domain))
+        rows = await self._fetch(
+            f"SELECT id, {_DROP_COLUMNS} FROM learned_drops WHERE {where} ORDER BY at, id",
+            tuple(params),
+        )
+        return [_drop_from_row(row) for row in rows]
+
+    async def raise_alarm(self, alarm: StrippingAlarm) -> bool:
+        a = check_alarm(alarm)
+        rows = await self._fetch(
+            "INSERT INTO learned_alarms (raised_at, domains, hosts, window_s, enforce) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING id",
+            (a.raised_at, list(a.domains), list(a.hosts), float(a.window), a.enforce),
+            idempotent=False,
+        )
+        return bool(rows)
+
+    async def latest_alarm(self) -> StrippingAlarm | None:
+        rows = await self._fetch(
+            f"SELECT {_ALARM_COLUMNS} FROM learned_alarms ORDER BY id DESC LIMIT 1"
+        )
+        return _alarm_from_row(rows[0]) if rows else None
+
+    async def extend_alarm(
+        self, domains: Sequence[str], hosts: Sequence[str]
+    ) -> StrippingAlarm | None:
+        add_domains = [check_domain(d) for d in domains]
+        add_hosts = [check_text(h, "alarm host") for h in hosts]
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> StrippingAlarm | None:
+            async with conn.transaction():
+                cur = await conn.execute(
+                    f"SELECT {_ALARM_COLUMNS} FROM learned_alarms WHERE cleared_at IS NULL "
+                    "FOR UPDATE"
+                )
+                row = await cur.fetchone()
+                if row is None:
+                    return None
+                alarm = _alarm_from_row(row)
+                merged_domains = sorted({*alarm.domains, *add_domains})
+                merged_hosts = sorted({*alarm.hosts, *add_hosts})
+                await conn.execute(
+                    "UPDATE learned_alarms SET domains = %s, hosts = %s WHERE id = %s",
+                    (merged_domains, merged_hosts, alarm.id),
+                )
+            return replace(alarm, domains=tuple(merged_domains), hosts=tuple(merged_hosts))
+
+        return await self._run(work, idempotent=True)
+
+    async def clear_alarm(self, at: datetime) -> StrippingAlarm | None:
+        rows = await self._fetch(
+            "UPDATE learned_alarms SET cleared_at = %s WHERE cleared_at IS NULL "
+            f"RETURNING {_ALARM_COLUMNS}",
+            (as_utc(at, "at"),),
+            idempotent=False,
+        )
+        return _alarm_from_row(rows[0]) if rows else None
+
     async def close(self) -> None:
         async with self._lock:
             self._closed = True
@@ -1008,3 +1170,54 @@ def _received_failure_from_row(row: tuple[Any, ...]) -> tuple[int, FailureDetail
         additional_information=info,
         failure_reason_code=code,
     )
+
+
+# See sqlite.py: every SET expression reads the row as it was.
+_REPLACE = "(excluded.rank > learned_hosts.rank OR learned_hosts.last_seen < %(s)s)"
+_SAME = "excluded.rank = learned_hosts.rank"
+_LEARN = (
+    "INSERT INTO learned_hosts (domain, mx, ip, level, rank, first_seen, last_seen, seen) "
+    "VALUES (%(d)s, %(m)s, %(i)s, %(l)s, %(r)s, %(a)s, %(a)s, 1) "
+    "ON CONFLICT (domain, mx, ip) DO UPDATE SET "
+    f"level = CASE WHEN {_REPLACE} THEN excluded.level ELSE learned_hosts.level END, "
+    f"rank = CASE WHEN {_REPLACE} THEN excluded.rank ELSE learned_hosts.rank END, "
+    f"first_seen = CASE WHEN {_REPLACE} THEN excluded.first_seen "
+    "ELSE learned_hosts.first_seen END, "
+    f"last_seen = CASE WHEN {_REPLACE} THEN excluded.last_seen WHEN {_SAME} "
+    "THEN greatest(learned_hosts.last_seen, excluded.last_seen) ELSE learned_hosts.last_seen END, "
+    f"seen = CASE WHEN {_REPLACE} THEN 1 WHEN {_SAME} THEN learned_hosts.seen + 1 "
+    "ELSE learned_hosts.seen END"
+)
+_LEARNED_COLUMNS = "domain, mx, ip, level, first_seen, last_seen, seen"
+_DROP_COLUMNS = "at, domain, mx, ip, learned, seen, result_type"
+_ALARM_COLUMNS = "id, raised_at, domains, hosts, window_s, enforce, cleared_at"
+
+
+def _learned_from_row(row: tuple[Any, ...]) -> LearnedHost:
+    domain, mx, ip, level, first_seen, last_seen, seen = row
+    return LearnedHost(
+        domain=domain, mx=mx, ip=ip,
+        level=level_from_store(level, f"learned_hosts row {domain} {mx} [{ip}]"),
+        first_seen=first_seen.astimezone(UTC), last_seen=last_seen.astimezone(UTC),
+        seen=int(seen),
+    )  # fmt: skip
+
+
+def _drop_from_row(row: tuple[Any, ...]) -> LevelDrop:
+    id_, at, domain, mx, ip, learned, seen, result_type = row
+    where = f"learned_drops row {id_}"
+    known, _ = result_type_from_store(result_type)
+    return LevelDrop(
+        at=at.astimezone(UTC), domain=domain, mx=mx, ip=ip,
+        learned=level_from_store(learned, where), seen=level_from_store(seen, where),
+        result_type=known, id=int(id_),
+    )  # fmt: skip
+
+
+def _alarm_from_row(row: tuple[Any, ...]) -> StrippingAlarm:
+    id_, raised_at, domains, hosts, window, enforce, cleared_at = row
+    return StrippingAlarm(
+        raised_at=raised_at.astimezone(UTC), domains=tuple(domains), hosts=tuple(hosts),
+        window=float(window), enforce=bool(enforce),
+        cleared_at=None if cleared_at is None else cleared_at.astimezone(UTC), id=int(id_),
+    )  # fmt: skip

@@ -1,5 +1,5 @@
 """The default store: one SQLite file (or `:memory:`), embedded, no server to run. A `Store`:
-all six roles (store/__init__.py), call for call as the PostgreSQL backend does
+all seven roles (store/__init__.py), call for call as the PostgreSQL backend does
 (tests/test_store_conformance.py).
 
 Durability (what docs/design.md "State" asks: durable before acknowledged): the database runs in
@@ -29,6 +29,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import date, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -36,6 +37,9 @@ from mxguard.adapters.store import (
     CachedPolicy,
     CheckRecord,
     DayTotals,
+    LearnedHost,
+    LevelDrop,
+    LevelSeen,
     OrganizationTotals,
     PendingReport,
     ReceivedRecord,
@@ -44,12 +48,15 @@ from mxguard.adapters.store import (
     ServedPolicy,
     SessionResult,
     StoreError,
+    StrippingAlarm,
     Tally,
     as_utc,
     assemble_received,
+    check_alarm,
     check_check,
     check_claim,
     check_domain,
+    check_drop,
     check_inbox_range,
     check_policy,
     check_received,
@@ -57,12 +64,14 @@ from mxguard.adapters.store import (
     check_report_id,
     check_result,
     check_run,
+    check_seen,
     check_served,
     check_text,
     dkim_from_store,
     format_time,
     known_policy_type,
     known_result_type,
+    level_from_store,
     parse_time,
     policy_from_store,
     readded_report,
@@ -266,6 +275,45 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             failure_reason_code    TEXT
         )""",
         "CREATE INDEX received_failures_policy ON received_failures (policy_id)",
+    ),
+    (
+        # Learned security levels (docs/learned.md): one row per (domain, MX host, address).
+        # `rank` orders the levels (plain 0 < tls 1 < webpki 2 < dane 3).
+        """CREATE TABLE learned_hosts (
+            domain     TEXT NOT NULL,
+            mx         TEXT NOT NULL,
+            ip         TEXT NOT NULL,
+            level      TEXT NOT NULL,
+            rank       INTEGER NOT NULL,
+            first_seen TEXT NOT NULL,
+            last_seen  TEXT NOT NULL,
+            seen       INTEGER NOT NULL,
+            PRIMARY KEY (domain, mx, ip)
+        )""",
+        """CREATE TABLE learned_drops (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            at          TEXT NOT NULL,
+            domain      TEXT NOT NULL,
+            mx          TEXT NOT NULL,
+            ip          TEXT NOT NULL,
+            learned     TEXT NOT NULL,
+            seen        TEXT NOT NULL,
+            result_type TEXT
+        )""",
+        "CREATE INDEX learned_drops_at ON learned_drops (at)",
+        "CREATE INDEX learned_drops_domain ON learned_drops (domain, at)",
+        # At most one active alarm: the partial unique index makes raising it atomic.
+        """CREATE TABLE learned_alarms (
+            id         INTEGER PRIMARY KEY AUTOINCREMENT,
+            raised_at  TEXT NOT NULL,
+            domains    TEXT NOT NULL,
+            hosts      TEXT NOT NULL,
+            window_s   REAL NOT NULL,
+            enforce    INTEGER NOT NULL,
+            cleared_at TEXT
+        )""",
+        "CREATE UNIQUE INDEX learned_alarms_active ON learned_alarms ((cleared_at IS NULL)) "
+        "WHERE cleared_at IS NULL",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -893,6 +941,144 @@ class SQLiteStore:
 
         return await self._with_reader(work)
 
+    # --- learned security levels (docs/learned.md) ---
+
+    async def learn(self, seen: Sequence[LevelSeen], *, stale_before: datetime) -> None:
+        rows = [
+            (x.domain, x.mx, x.ip, x.level.value, x.level.rank, format_time(x.at))
+            for x in map(check_seen, seen)
+        ]
+        stale = format_time(as_utc(stale_before, "stale_before"))
+        if not rows:
+            return
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.executemany(_LEARN, [(*r, stale) for r in rows])
+
+        await self._with_conn(work)
+
+    async def learned_hosts(self, domain: str | None = None) -> list[LearnedHost]:
+        where, params = "", []
+        if domain is not None:
+            where, params = "WHERE domain = ?", [check_domain(domain)]
+
+        def work(conn: sqlite3.Connection) -> list[LearnedHost]:
+            rows = conn.execute(
+                f"SELECT {_LEARNED_COLUMNS} FROM learned_hosts {where} ORDER BY domain, mx, ip",
+                params,
+            ).fetchall()
+            return [_learned_from_row(row) for row in rows]
+
+        return await self._with_reader(work)
+
+    async def forget_learned(self, domain: str) -> int:
+        check_domain(domain)
+
+        def work(conn: sqlite3.Connection) -> int:
+            with _write(conn):
+                n = conn.execute("DELETE FROM learned_hosts WHERE domain = ?", (domain,)).rowcount
+                conn.execute("DELETE FROM learned_drops WHERE domain = ?", (domain,))
+                return int(n)
+
+        return await self._with_conn(work)
+
+    async def add_drops(self, drops: Sequence[LevelDrop]) -> None:
+        rows = [
+            (format_time(d.at), d.domain, d.mx, d.ip, d.learned.value, d.seen.value,
+             d.result_type.value if d.result_type else None)
+            for d in map(check_drop, drops)
+        ]  # fmt: skip
+        if not rows:
+            return
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.executemany(
+                    f"INSERT INTO learned_drops ({_DROP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+
+        await self._with_conn(work)
+
+    async def drops_since(self, start: datetime, domain: str | None = None) -> list[LevelDrop]:
+        where, params = "at >= ?", [format_time(as_utc(start, "start"))]
+        if domain is not None:
+            where += " AND domain = ?"
+            params.append(check_domain(domain))
+
+        def work(conn: sqlite3.Connection) -> list[LevelDrop]:
+            rows = conn.execute(
+                f"SELECT id, {_DROP_COLUMNS} FROM learned_drops WHERE {where} ORDER BY at, id",
+                params,
+            ).fetchall()
+            return [_drop_from_row(row) for row in rows]
+
+        return await self._with_reader(work)
+
+    async def raise_alarm(self, alarm: StrippingAlarm) -> bool:
+        a = check_alarm(alarm)
+        row = (format_time(a.raised_at), json.dumps(list(a.domains)), json.dumps(list(a.hosts)),
+               float(a.window), int(a.enforce))  # fmt: skip
+
+        def work(conn: sqlite3.Connection) -> bool:
+            with _write(conn):
+                rows = conn.execute(
+                    "INSERT INTO learned_alarms (raised_at, domains, hosts, window_s, enforce) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                    row,
+                ).fetchall()
+            return bool(rows)
+
+        return await self._with_conn(work)
+
+    async def latest_alarm(self) -> StrippingAlarm | None:
+        def work(conn: sqlite3.Connection) -> StrippingAlarm | None:
+            row = conn.execute(
+                f"SELECT {_ALARM_COLUMNS} FROM learned_alarms ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+            return None if row is None else _alarm_from_row(row)
+
+        return await self._with_reader(work)
+
+    async def extend_alarm(
+        self, domains: Sequence[str], hosts: Sequence[str]
+    ) -> StrippingAlarm | None:
+        add_domains = [check_domain(d) for d in domains]
+        add_hosts = [check_text(h, "alarm host") for h in hosts]
+
+        def work(conn: sqlite3.Connection) -> StrippingAlarm | None:
+            with _write(conn):
+                row = conn.execute(
+                    f"SELECT {_ALARM_COLUMNS} FROM learned_alarms WHERE cleared_at IS NULL"
+                ).fetchone()
+                if row is None:
+                    return None
+                alarm = _alarm_from_row(row)
+                merged_domains = sorted({*alarm.domains, *add_domains})
+                merged_hosts = sorted({*alarm.hosts, *add_hosts})
+                conn.execute(
+                    "UPDATE learned_alarms SET domains = ?, hosts = ? WHERE id = ?",
+                    (json.dumps(merged_domains), json.dumps(merged_hosts), alarm.id),
+                )
+            return replace(alarm, domains=tuple(merged_domains), hosts=tuple(merged_hosts))
+
+        return await self._with_conn(work)
+
+    async def clear_alarm(self, at: datetime) -> StrippingAlarm | None:
+        when = format_time(as_utc(at, "at"))
+
+        def work(conn: sqlite3.Connection) -> StrippingAlarm | None:
+            with _write(conn):
+                row = conn.execute(
+                    "UPDATE learned_alarms SET cleared_at = ? WHERE cleared_at IS NULL "
+                    f"RETURNING {_ALARM_COLUMNS}",
+                    (when,),
+                ).fetchall()
+            return _alarm_from_row(row[0]) if row else None
+
+        return await self._with_conn(work)
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -1303,3 +1489,59 @@ def _received_failure_from_row(row: tuple[object, ...]) -> tuple[int, FailureDet
         additional_information=_opt(info),
         failure_reason_code=_opt(code),
     )
+
+
+# No RFC: docs/learned.md. ?1..?6: domain, mx, ip, level, rank, at; ?7: stale_before. Every
+# SET expression reads the row as it was, so the conditions agree with each other.
+_LEARN = (
+    "INSERT INTO learned_hosts (domain, mx, ip, level, rank, first_seen, last_seen, seen) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 1) ON CONFLICT (domain, mx, ip) DO UPDATE SET "
+    "level = CASE WHEN excluded.rank > learned_hosts.rank OR learned_hosts.last_seen < ?7 "
+    "THEN excluded.level ELSE learned_hosts.level END, "
+    "rank = CASE WHEN excluded.rank > learned_hosts.rank OR learned_hosts.last_seen < ?7 "
+    "THEN excluded.rank ELSE learned_hosts.rank END, "
+    "first_seen = CASE WHEN excluded.rank > learned_hosts.rank "
+    "OR learned_hosts.last_seen < ?7 THEN excluded.first_seen "
+    "ELSE learned_hosts.first_seen END, "
+    "last_seen = CASE WHEN excluded.rank > learned_hosts.rank "
+    "OR learned_hosts.last_seen < ?7 THEN excluded.last_seen "
+    "WHEN excluded.rank = learned_hosts.rank "
+    "THEN max(learned_hosts.last_seen, excluded.last_seen) ELSE learned_hosts.last_seen END, "
+    "seen = CASE WHEN excluded.rank > learned_hosts.rank OR learned_hosts.last_seen < ?7 "
+    "THEN 1 WHEN excluded.rank = learned_hosts.rank THEN learned_hosts.seen + 1 "
+    "ELSE learned_hosts.seen END"
+)
+_LEARNED_COLUMNS = "domain, mx, ip, level, first_seen, last_seen, seen"
+_DROP_COLUMNS = "at, domain, mx, ip, learned, seen, result_type"
+_ALARM_COLUMNS = "id, raised_at, domains, hosts, window_s, enforce, cleared_at"
+
+
+def _learned_from_row(row: tuple[object, ...]) -> LearnedHost:
+    domain, mx, ip, level, first_seen, last_seen, seen = row
+    return LearnedHost(
+        domain=str(domain), mx=str(mx), ip=str(ip),
+        level=level_from_store(level, f"learned_hosts row {domain} {mx} [{ip}]"),
+        first_seen=parse_time(str(first_seen)), last_seen=parse_time(str(last_seen)),
+        seen=int(str(seen)),
+    )  # fmt: skip
+
+
+def _drop_from_row(row: tuple[object, ...]) -> LevelDrop:
+    id_, at, domain, mx, ip, learned, seen, result_type = row
+    where = f"learned_drops row {id_}"
+    known, _ = result_type_from_store(None if result_type is None else str(result_type))
+    return LevelDrop(
+        at=parse_time(str(at)), domain=str(domain), mx=str(mx), ip=str(ip),
+        learned=level_from_store(learned, where), seen=level_from_store(seen, where),
+        result_type=known, id=int(str(id_)),
+    )  # fmt: skip
+
+
+def _alarm_from_row(row: tuple[object, ...]) -> StrippingAlarm:
+    id_, raised_at, domains, hosts, window, enforce, cleared_at = row
+    return StrippingAlarm(
+        raised_at=parse_time(str(raised_at)), domains=_json_tuple(domains),
+        hosts=_json_tuple(hosts), window=float(str(window)), enforce=bool(enforce),
+        cleared_at=None if cleared_at is None else parse_time(str(cleared_at)),
+        id=int(str(id_)),
+    )  # fmt: skip
