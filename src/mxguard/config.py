@@ -34,6 +34,9 @@ Config file (all keys optional)::
 
     [reports]                           # `mxguard serve reports`: keys in docs/reports.md
     dashboard_listen = "127.0.0.1:8025"
+
+    [learned]                           # learned security levels: keys in docs/learned.md
+    mode = "report"
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class Settings:
     fetch_timeout: float = 10.0  # the whole MTA-STS policy fetch, connect to last byte
     postfix: Mapping[str, Any] = field(default_factory=dict)  # checked by mxguard.postfix
     reports: Mapping[str, Any] = field(default_factory=dict)  # checked by owner.reports_server
+    learned: Mapping[str, Any] = field(default_factory=dict)  # checked by mxguard.learned.config
     json: bool = False
     tlsrpt: TlsRptSettings = field(default_factory=TlsRptSettings)
     source: str = "defaults"  # where the settings came from, for messages
@@ -129,6 +133,7 @@ _KEYS = {
     "fetch_timeout": "seconds (a number from 0.1 to 60) for a whole MTA-STS policy fetch",
     "postfix": "a table of `mxguard serve postfix` settings (see docs/postfix.md)",
     "reports": "a table of `mxguard serve reports` settings (see docs/reports.md)",
+    "learned": "a table of learned-level settings (see docs/learned.md)",
     "tlsrpt": "a table with organization_name, contact_info, submitter, sender, delay_window, "
     "dkim_key, dkim_selector, dkim_domain",
 }
@@ -291,6 +296,10 @@ def from_mapping(data: Mapping[str, Any], source: str) -> Settings:
         if not isinstance(data["reports"], Mapping):
             raise ConfigError(f"{source}: reports: expected {_KEYS['reports']}")
         values["reports"] = dict(data["reports"])
+    if "learned" in data:
+        if not isinstance(data["learned"], Mapping):
+            raise ConfigError(f"{source}: learned: expected {_KEYS['learned']}")
+        values["learned"] = dict(data["learned"])
     return s.with_overrides(**values)
 
 

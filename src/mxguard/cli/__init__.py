@@ -31,9 +31,11 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "dane": ("mxguard.cli.dane", "dane"),
     "demo": ("mxguard.cli.demo", "demo"),
     "lab": ("mxguard.cli.lab", "lab"),
+    "learned": ("mxguard.cli.learned", "learned"),
     "policy": ("mxguard.cli.policy", "policy"),
     "send": ("mxguard.cli.send", "send"),
     "serve": ("mxguard.cli.serve", "serve"),
+    "status": ("mxguard.cli.status", "status"),
     "sts": ("mxguard.cli.sts", "sts"),
     "tlsrpt": ("mxguard.cli.tlsrpt", "tlsrpt"),
 }

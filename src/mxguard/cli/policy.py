@@ -12,6 +12,7 @@ from mxguard.config import ConfigError
 from mxguard.engine.context import engine
 from mxguard.engine.policy import DeliveryPolicy, Status
 from mxguard.engine.resolve import DomainError
+from mxguard.learned.model import FloorState, LearnedFloor
 
 
 @click.command("policy")
@@ -90,3 +91,26 @@ def render(p: DeliveryPolicy) -> None:
         click.echo(click.style(f"  {label}", fg="red") + e.detail)
     for w in p.warnings:
         click.echo(click.style("  note: ", fg="yellow") + w)
+    if p.learned is not None:
+        render_learned(p.learned)
+
+
+def render_learned(f: LearnedFloor) -> None:
+    """What the learned levels say (docs/learned.md): per host, and the drops since."""
+    state = f.state.value.upper() if f.state is not FloorState.NONE else "none"
+    click.echo(
+        f"  learned: level {f.level.value if f.level else '-'}, mode {f.mode.value}, "
+        f"floor {state}" + (" (stripping alarm)" if f.alarm else "")
+    )
+    for h in f.hosts:
+        click.echo(
+            f"        {h.mx} [{h.ip}] {h.level.value}: {h.seen} session(s), "
+            f"first {h.first_seen:%Y-%m-%d %H:%M:%S}Z, last {h.last_seen:%Y-%m-%d %H:%M:%S}Z"
+        )
+    for d in f.drops:
+        click.echo(
+            click.style("  DROP ", fg="red")
+            + f"{d.at:%Y-%m-%d %H:%M:%S}Z {d.mx} [{d.ip}]: {d.seen.value} where "
+            f"{d.learned.value} was learned"
+            + (f" ({d.result_type.value})" if d.result_type else "")
+        )

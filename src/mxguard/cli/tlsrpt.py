@@ -288,7 +288,7 @@ def collect_postfix(
         async with engine(s) as e:
             c = Collector(
                 log_file, e.store, EnginePolicies(e.resolver), state_path=state_file,
-                sending_ip=sending_ip,
+                sending_ip=sending_ip, learner=e.learner,
             )  # fmt: skip
             if not follow:
                 return await c.collect()

@@ -162,7 +162,7 @@ def collect(
             stop = on_signals()
             collector = Collector(
                 log_path, e.store, EnginePolicies(e.resolver), state_path=state_file,
-                sending_ip=sending_ip, supplement=True,
+                sending_ip=sending_ip, supplement=True, learner=e.learner,
             )  # fmt: skip
             receiver = datagram.DatagramReceiver(path, e.store, mode=mode, group=gid,
                                                  spool=e.spool)  # fmt: skip

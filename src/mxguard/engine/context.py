@@ -11,9 +11,12 @@ from mxguard.adapters.dns import DnsResolver
 from mxguard.adapters.store import Store, StoreError, default_store_url, open_store, state_folder
 from mxguard.config import ConfigError, Settings, check_ca_file
 from mxguard.engine.deliver import Sender
+from mxguard.engine.learning import LearnedResolver
 from mxguard.engine.resolve import Resolver
 from mxguard.engine.spool import ResultSpool
 from mxguard.engine.sts import StsResolver
+from mxguard.learned import config as learned_config
+from mxguard.learned.learner import Learner
 from mxguard.protocol import localrules, pkix, policylist
 
 
@@ -25,6 +28,7 @@ class Engine:
     sts: StsResolver
     resolver: Resolver
     spool: ResultSpool | None = None
+    learner: Learner | None = None  # learned security levels (docs/learned.md)
 
     def sender(self, *, is_report: bool = False) -> Sender:
         """A sender under this engine's policies; WebPKI roots: the system's plus --ca-file."""
@@ -40,6 +44,7 @@ class Engine:
             roots=roots,
             is_report=is_report,
             spool=self.spool,
+            learner=self.learner,
         )
 
 
@@ -65,6 +70,11 @@ def load_rules(settings: Settings) -> localrules.Rules | None:
         raise ConfigError(f"{settings.source}: local_rules: {exc}") from None
 
 
+def load_learned(settings: Settings) -> learned_config.LearnedSettings:
+    """The ``[learned]`` settings (docs/learned.md); ConfigError naming the bad key."""
+    return learned_config.parse(settings.learned, f"{settings.source}: learned")
+
+
 @contextlib.asynccontextmanager
 async def engine(settings: Settings, *, dns_cache: bool = False) -> AsyncIterator[Engine]:
     """The engine for one command or one server, closed (store included) on exit.
@@ -73,6 +83,7 @@ async def engine(settings: Settings, *, dns_cache: bool = False) -> AsyncIterato
     """
     check_ca_file(settings)  # also on SIGHUP: a server reloads through here
     rules = load_rules(settings)
+    learned = load_learned(settings)
     plist = load_policy_list(settings)
     dns = DnsResolver(settings.resolvers or None, cache=dns_cache)
     store = await open_store(settings.store or default_store_url())
@@ -84,11 +95,12 @@ async def engine(settings: Settings, *, dns_cache: bool = False) -> AsyncIterato
             https_port=settings.https_port,
             fetch_timeout=settings.fetch_timeout,
         )
-        resolver = Resolver(dns, sts, policy_list=plist, local_rules=rules)
+        learner = Learner(store, learned)
+        resolver = LearnedResolver(dns, sts, policy_list=plist, local_rules=rules, learner=learner)
         try:
             spool: ResultSpool | None = ResultSpool(state_folder() / "spool")
         except StoreError:
             spool = None  # no state folder to keep results in: they are only logged
-        yield Engine(settings, dns, store, sts, resolver, spool)
+        yield Engine(settings, dns, store, sts, resolver, spool, learner)
     finally:
         await store.close()

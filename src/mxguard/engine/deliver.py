@@ -39,8 +39,9 @@ from mxguard.adapters.smtp import (
 from mxguard.adapters.store import SessionResult, Store
 from mxguard.engine import spool as result_spool
 from mxguard.engine.message import Message
-from mxguard.engine.policy import Auth, DeliveryPolicy, MxPolicy, Status, Tls
+from mxguard.engine.policy import Auth, DeliveryPolicy, MxPolicy, Source, Status, Tls
 from mxguard.engine.resolve import Resolver, normalise_domain
+from mxguard.learned.learner import Learner
 from mxguard.protocol import dane, pkix
 from mxguard.protocol.results import ResultType
 from mxguard.protocol.tlsrpt_report import PolicyType
@@ -232,6 +233,7 @@ class Sender:
     is_report: bool = False  # these messages are TLS reports (RFC 8460 §5.3: not counted)
     clock: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(dt.UTC))
     spool: result_spool.ResultSpool | None = None  # where results wait if the store refuses
+    learner: Learner | None = None  # learns each session's security level (docs/learned.md)
 
     async def deliver(
         self, mail_from: str, recipients: Sequence[str], data: bytes | Message
@@ -495,7 +497,13 @@ class Sender:
     # --- TLS-RPT -------------------------------------------------------------------------
 
     async def _record(self, policy: DeliveryPolicy, attempts: list[Attempt]) -> None:
-        """One durable result per session that took place (RFC 8460 §4: sessions count)."""
+        """One durable result per session that took place (RFC 8460 §4: sessions count); and
+        each session's security level, learned (docs/learned.md; it never raises)."""
+        if self.learner is not None:
+            await self.learner.observe_attempts(
+                policy.domain, attempts, roots=self.roots, now=self.clock(),
+                published=policy.source not in (Source.NONE, Source.LEARNED),
+            )  # fmt: skip
         if self.store is None:
             return
         reported = policy.reported()

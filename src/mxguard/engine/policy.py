@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mxguard.adapters.dns import DnssecStatus
+from mxguard.learned.model import LearnedFloor
 from mxguard.protocol.dane import Tlsa
 from mxguard.protocol.mtasts import Mode
 from mxguard.protocol.results import Failure
@@ -42,6 +43,7 @@ class Source(enum.StrEnum):
     MTA_STS = "mta-sts"
     LIST = "list"
     LOCAL = "local"
+    LEARNED = "learned"  # a learned level, enforced (docs/learned.md)
     NONE = "none"
 
 
@@ -152,6 +154,7 @@ class DeliveryPolicy:
     explanation: tuple[str, ...] = ()
     mx_secure: bool = False
     local_floor: str | None = None
+    learned: LearnedFloor | None = None  # what the learned levels say (docs/learned.md)
     resolved_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
     @property
@@ -199,4 +202,5 @@ class DeliveryPolicy:
             "errors": [e.to_json() for e in self.errors],
             "warnings": list(self.warnings),
             "explanation": list(self.explanation),
+            "learned": self.learned.to_json() if self.learned else None,
         }

@@ -15,7 +15,11 @@ a ``Decision``, the parts of a ``DeliveryPolicy`` that are decided rather than l
    hosts its patterns match and demands WebPKI-verified TLS, ``testing`` checks the same and
    delivers anyway (RFC 8461 §5);
 4. the **static list** in MTA-STS's place, only for a domain without an MTA-STS policy;
-5. **local rules** raise the floor (``tls`` < ``verified`` < ``dane``), never lower it.
+5. **local rules** raise the floor (``tls`` < ``verified`` < ``dane``), never lower it;
+6. a **learned level** (docs/learned.md), weakest of all and applied last to the resolved
+   policy (``apply_learned``): in ``enforce`` mode it raises opportunistic and report-only
+   hosts to TLS (verified TLS for a learned ``webpki``), never touching a DANE host or one a
+   policy forbids, and never lowering anything.
 
 What may live here: frozen dataclasses, enums, tables and small functions. No I/O, no
 asyncio, no clock: whatever depends on the network or the time (is the static list expired?)
@@ -31,9 +35,12 @@ from dataclasses import dataclass, replace
 from typing import Final
 
 from mxguard.adapters.dns import DnssecStatus
-from mxguard.engine.policy import Auth, Mode, MxPolicy, Source, Status, Tls
+from mxguard.engine.policy import Auth, DeliveryPolicy, Mode, MxPolicy, Source, Status, Tls
 from mxguard.engine.sts import StsOutcome
+from mxguard.learned.config import Mode as LearnedMode
+from mxguard.learned.model import FloorState, LearnedFloor
 from mxguard.protocol import dane, localrules, mtasts, policylist
+from mxguard.protocol.levels import SecurityLevel
 from mxguard.protocol.results import Failure, ResultType
 
 # --- facts -------------------------------------------------------------------------------------
@@ -562,3 +569,71 @@ def decide(facts: DomainFacts) -> Decision:
         explanation=tuple(explanation),
         local_floor=ctx.floor.value if facts.rule is not None else None,
     )
+
+
+# --- a learned level (docs/learned.md; no RFC) -------------------------------------------------
+
+
+def _learned_host(m: MxPolicy, level: SecurityLevel) -> MxPolicy:
+    """One host held to a learned level: TLS required (and WebPKI for a learned ``webpki``),
+    only ever raised. A DANE-authenticated host, a host the policy forbids and a deferred
+    one stay as they are. A learned ``dane`` whose TLSA records are gone holds TLS only: a
+    DANE host's certificate is often not one the WebPKI would accept."""
+    if m.auth is Auth.DANE or not m.allowed or m.defer is not None:
+        return m
+    auth = Auth.PKIX if level is SecurityLevel.WEBPKI and m.auth is Auth.NONE else m.auth
+    if m.tls is Tls.REQUIRED and auth is m.auth and not m.report_only:
+        return m
+    return _note(
+        replace(
+            m,
+            tls=Tls.REQUIRED,
+            auth=auth,
+            report_only=False,
+            source=m.source if m.source is not Source.NONE else Source.LEARNED,
+        ),
+        f"learned level {level.value}: enforced on this host",
+    )
+
+
+def _unavailable(m: MxPolicy, detail: str) -> MxPolicy:
+    """A host that a learned floor might have to hold, while the learned levels cannot be read:
+    not used now (a temporary failure never lowers security). No RFC 8460 result type: no
+    TLS negotiation failed."""
+    if m.tls is Tls.REQUIRED or not m.allowed or m.defer is not None:
+        return m
+    return replace(m, defer=Failure(ResultType.VALIDATION_FAILURE, detail, dns_error=True))
+
+
+def apply_learned(policy: DeliveryPolicy, learned: LearnedFloor) -> DeliveryPolicy:
+    """``policy`` with what the learned levels say (``LearnedFloor``): shown always, applied in
+    ``enforce`` state only, and only ever raising requirements (weaker than every published
+    policy and local rule). A floor whose defer window has passed with ``after_window =
+    bounce`` fails the domain for good; with ``deliver`` it is lifted."""
+    policy = replace(
+        policy, learned=learned, explanation=(*policy.explanation, learned.explanation())
+    )
+    if policy.status is Status.FAIL:
+        return policy
+    if learned.error is not None:
+        if learned.mode is not LearnedMode.ENFORCE:
+            return policy
+        detail = f"deferred: learned levels are enforced and cannot be read ({learned.error})"
+        mx = tuple(_unavailable(m, detail) for m in policy.mx)
+        status = Status.OK if any(m.usable for m in mx) else Status.DEFER
+        return replace(policy, mx=mx, status=status,
+                       errors=(*policy.errors, *(m.defer for m in mx if m.defer and
+                                                 m.defer.detail == detail)))  # fmt: skip
+    if learned.level is None:
+        return policy
+    if learned.state is FloorState.ENFORCE:
+        mx = tuple(_learned_host(m, learned.level) for m in policy.mx)
+        raised = mx != policy.mx
+        if policy.source is Source.NONE and raised:
+            return replace(policy, mx=mx, source=Source.LEARNED, mode=Mode.ENFORCE)
+        return replace(policy, mx=mx)
+    if learned.state is FloorState.BOUNCE:
+        exposed = any(m.usable and m.tls is not Tls.REQUIRED for m in policy.mx)
+        if exposed:
+            return replace(policy, status=Status.FAIL)
+    return policy

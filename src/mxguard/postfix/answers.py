@@ -26,6 +26,10 @@ Decisions (each one is argued where it is made; docs/postfix.md has the table):
   tolerated (not RFC 8461 behaviour, hence opt-in).
 - Local floors: ``tls`` -> ``encrypt``; ``verified`` -> ``secure match=hostname
   servername=hostname``; ``dane`` -> ``dane-only``.
+- Learned levels in ``enforce`` mode (docs/learned.md), like local floors: a learned ``tls``
+  -> ``encrypt``, a learned ``webpki`` -> ``secure match=hostname servername=hostname``; once
+  the defer window has passed with ``after_window = bounce``, ``encrypt`` (Postfix returns the
+  mail after its own queue lifetime: a policy table cannot make it bounce).
 - Temporary or DNSSEC failure -> ``TEMP`` (never a weaker level). No policy -> ``NOTFOUND``.
   Null MX and nonexistent domains -> ``NOTFOUND``: Postfix bounces those on its own.
 - Parent-domain keys (``.example.com``) -> ``NOTFOUND``: MTA-STS and DANE policies belong to
@@ -49,6 +53,7 @@ from dataclasses import dataclass
 
 from mxguard.engine.policy import Auth, DeliveryPolicy, Mode, MxPolicy, Source, Status, Tls
 from mxguard.engine.resolve import DomainError, normalise_domain
+from mxguard.learned.model import FloorState
 from mxguard.postfix.netstring import pct_encode
 from mxguard.protocol import localrules
 from mxguard.protocol.results import ResultType
@@ -253,6 +258,10 @@ def policy_answer(
 ) -> Answer:
     """The answer for a resolved domain. ``list_patterns``: the list entry's MX patterns."""
     options = options or Options()
+    if policy.learned is not None and policy.learned.state is FloorState.BOUNCE:
+        # docs/learned.md: a table lookup cannot make Postfix bounce; "encrypt" keeps the mail
+        # out of plain text, and Postfix returns it after its maximal_queue_lifetime.
+        return Answer(Kind.OK, "encrypt")
     if policy.status is Status.FAIL:
         # Null MX (RFC 7505) or no such domain: Postfix bounces these without our help.
         return NOTFOUND

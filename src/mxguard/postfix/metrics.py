@@ -37,6 +37,8 @@ class Metrics:
         self.served_recorded = 0
         self.served_failures = 0
         self.served_dropped = 0
+        # Resolutions whose policy carried a learned level, by floor state (docs/learned.md).
+        self.learned: dict[str, int] = {}
         self._buckets = [0] * (len(_BUCKETS) + 1)
         self._sum = 0.0
         self._count = 0
@@ -68,6 +70,12 @@ class Metrics:
             out, "mxguard_policy_failures_total",
             "Failures seen while resolving policies, by RFC 8460 result type.",
             [(f'{{result_type="{k}"}}', v) for k, v in sorted(self.failures.items())],
+        )  # fmt: skip
+        _metric(
+            out, "mxguard_learned_floors_total",
+            "Resolutions with a learned level, by floor state (none, report, enforce, deliver, "
+            "bounce).",
+            [(f'{{state="{k}"}}', v) for k, v in sorted(self.learned.items())],
         )  # fmt: skip
         _metric(
             out, "mxguard_postfix_connection_timeouts_total",

@@ -90,6 +90,7 @@ from mxguard.postfix.served import ServedRecorder, served_record
 log = logging.getLogger(__name__)
 
 IN_PROGRESS = "policy lookup in progress"
+LEARNED_EVERY = 5.0  # seconds between readings of the learned levels for /metrics
 
 # Per connection, bytes of replies the transport may hold that the client has not taken yet;
 # past it the connection reads no more and send_timeout runs. What it may hold of requests:
@@ -350,6 +351,9 @@ class PolicyServer(ThreadHarness):
         self.temp_ttl = temp_ttl
         self.hot_window = hot_window
         self.refresh_interval = refresh_interval
+        self._learned_next = 0.0  # when /metrics may read the learned levels again
+        self._learned_gauges: dict[str, float] = {}
+        self._alarm_enforcing = False
         self.max_pipeline = max_pipeline
         # The connection policy (connections.py, docs/postfix.md "Connections"): past
         # max_connections a new connection evicts the oldest waiting or idle one; a connection
@@ -624,6 +628,9 @@ class PolicyServer(ThreadHarness):
                 answer = answers.temp(f"internal error resolving {domain}: {type(exc).__name__}")
         else:
             answer = policy_answer(e, domain, policy, self.options)
+            if policy.learned is not None:
+                state = policy.learned.state.value
+                self.metrics.learned[state] = self.metrics.learned.get(state, 0) + 1
             for failure in policy.errors:
                 if failure.reported_type is None:
                     continue  # a DNS error is no RFC 8460 failure; the TEMP answer counts it
@@ -646,6 +653,7 @@ class PolicyServer(ThreadHarness):
         """Re-resolve hot domains before their answer expires; drop cold expired entries."""
         while True:
             await asyncio.sleep(self.refresh_interval)
+            await self._learned_snapshot()
             due = self._cache.due(
                 time.monotonic(),
                 hot_window=self.hot_window,
@@ -798,6 +806,40 @@ class PolicyServer(ThreadHarness):
         removed = file_problem() if callable(file_problem) else None
         return removed or self.store_faults.problem
 
+    async def _learned_snapshot(self) -> None:
+        """The stripping alarm and the drops of its window, as gauges (read from the shared
+        store at most every LEARNED_EVERY seconds; a store error leaves the last reading)."""
+        now = time.monotonic()
+        learner = self._engine.learner if self._engine is not None else None
+        if learner is None or now < self._learned_next:
+            return
+        self._learned_next = now + LEARNED_EVERY
+        try:
+            alarm = await learner.active_alarm()
+            start = learner.clock() - dt.timedelta(seconds=learner.settings.alarm_window)
+            drops = await learner.store.drops_since(start)
+        except StoreError as exc:
+            log.debug("learned levels not read for /metrics: %s", exc)
+            return
+        enforcing = bool(alarm and alarm.enforce)
+        if enforcing != self._alarm_enforcing:
+            # The alarm switched enforcement on (or an operator cleared it): answers cached
+            # before it no longer say what applies.
+            self._alarm_enforcing = enforcing
+            if enforcing:
+                self._cache.clear()  # no answer from before may be served again
+            else:
+                self._cache.refresh_all(now)
+        self._learned_gauges = {
+            "mxguard_learned_alarm_active": float(alarm is not None),
+            "mxguard_learned_alarm_domains": float(len(alarm.domains) if alarm else 0),
+            "mxguard_learned_alarm_enforce": float(bool(alarm and alarm.enforce)),
+            "mxguard_learned_window_drops": float(len(drops)),
+            "mxguard_learned_window_stripped_domains": float(
+                len({d.domain for d in drops if d.stripped})
+            ),
+        }
+
     def render_metrics(self) -> str:
         gauges: dict[str, float] = {
             "mxguard_postfix_cache_entries": len(self._cache),
@@ -810,6 +852,7 @@ class PolicyServer(ThreadHarness):
         if self._engine is not None:
             gauges["mxguard_sts_fetches_total"] = self._engine.sts.fetches
             gauges["mxguard_dns_queries_total"] = self._engine.dns.queries
+        gauges.update(self._learned_gauges)
         return self.metrics.render(gauges, self.store_faults.counts)
 
 

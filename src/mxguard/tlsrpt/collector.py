@@ -77,7 +77,10 @@ from typing import Any, BinaryIO, Protocol
 from mxguard.adapters.store import ServedPolicy, SessionResult, Store, StoreError, check_result
 from mxguard.engine.policy import DeliveryPolicy, Status
 from mxguard.engine.resolve import DomainError, normalise_domain
-from mxguard.protocol.tlsrpt_report import NO_POLICY_FOUND, ReportedPolicy
+from mxguard.learned.learner import Learner, level_of_postfix_trust
+from mxguard.learned.model import Observation
+from mxguard.protocol.results import ResultType
+from mxguard.protocol.tlsrpt_report import NO_POLICY_FOUND, PolicyType, ReportedPolicy
 from mxguard.tlsrpt.postfix_log import (
     MAX_LINE,
     Joiner,
@@ -413,6 +416,7 @@ class Collector:
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now().astimezone(),
         tz: dt.tzinfo | None = None,
         supplement: bool = False,
+        learner: Learner | None = None,
     ) -> None:
         """`supplement`: Postfix reports over TLSRPT and another receiver records its events;
         record only the sessions they leave out (see the module's docstring)."""
@@ -424,6 +428,7 @@ class Collector:
         self.clock = clock
         self.tz = tz
         self.supplement = supplement
+        self.learner = learner  # learns each session's security level (docs/learned.md)
         self._served = True  # ask the store for served records (until it refuses, per run)
 
     async def collect(self) -> Counts:
@@ -536,6 +541,8 @@ class Collector:
     async def _commit(
         self, before: State, after: State, found: list[Session], counts: Counts
     ) -> None:
+        if self.learner is not None:
+            await self._learn(found, self.learner)
         results = await self._results(found, counts)
         if not results:
             save_state(self.state_path, after)
@@ -586,6 +593,34 @@ class Collector:
             except StoreError:
                 counts.drop(BAD_DOMAIN)  # one bad result must not fail (and wedge) its batch
         return out
+
+    async def _learn(self, found: Iterable[Session], learner: Learner) -> None:
+        """Learn the security level of every session to an MX host of its domain, whoever
+        reports it (docs/learned.md); a drop below a learned level is an event."""
+        by_domain: dict[str, list[tuple[dt.datetime, Observation]]] = {}
+        published: set[str] = set()
+        for s in found:
+            try:
+                domain = normalise_domain(s.domain)
+            except DomainError:
+                continue
+            policy = await self._policy(domain, s.at, Counts())
+            if not policy.is_mx(s.mx_host, s.mx_ip):
+                continue
+            dane_policy = policy.policy.policy_type is PolicyType.TLSA
+            level = level_of_postfix_trust(s.tls, dane_policy=dane_policy)
+            failure = s.refused or s.certificate_failure
+            if failure is None and s.tls is None:
+                failure = ResultType.STARTTLS_NOT_SUPPORTED  # Postfix's "may" logs no failure
+            seen = Observation(host_key(s.mx_host), _ip_key(s.mx_ip), level, failure)
+            if policy.policy.policy_type is not PolicyType.NO_POLICY_FOUND:
+                published.add(domain)
+            by_domain.setdefault(domain, []).append((s.at, seen))
+        for domain, seen_list in by_domain.items():
+            await learner.observe(
+                domain, [o for _, o in seen_list], now=max(at for at, _ in seen_list),
+                published=domain in published,
+            )  # fmt: skip
 
     async def _policy(self, domain: str, at: dt.datetime, counts: Counts) -> PolicyInForce:
         """The policy served for `domain` at `at`; resolved now when none was recorded."""
