@@ -338,6 +338,12 @@ class SmtpClient:
         return "STARTTLS" in self._capabilities
 
     @property
+    def requiretls_offered(self) -> bool:
+        """The latest EHLO reply lists REQUIRETLS (RFC 8689 §2); only the one sent over TLS
+        means anything, since a plain-text one may have been written by the attacker."""
+        return "REQUIRETLS" in self._capabilities
+
+    @property
     def tls(self) -> TlsInfo | None:
         """The TLS session, once ``starttls()`` succeeded."""
         return self._tls

@@ -115,6 +115,9 @@ class Attempt:
     tls_detail: str = ""
     presented: tuple[bytes, ...] = ()  # the chain the server presented (DER, leaf first)
     cert_problems: tuple[str, ...] = ()  # every WebPKI problem found, when WebPKI was checked
+    # REQUIRETLS (RFC 8689) ruled this host out for good: no DANE or MTA-STS policy
+    # authenticates it, or it did not offer REQUIRETLS over TLS.
+    requiretls_refused: bool = False
 
     @property
     def certificates(self) -> tuple[pkix.CertSummary, ...]:
@@ -148,6 +151,9 @@ class DomainResult:
     attempts: tuple[Attempt, ...] = ()
     result_type: ResultType | None = None
     detail: str = ""
+    # The enhanced status code (RFC 3463) that says why, when deliver() decided it itself
+    # (REQUIRETLS: 5.7.30); a relay's bounce uses it.
+    status_code: str | None = None
 
     @property
     def delivered(self) -> bool:
@@ -236,12 +242,26 @@ class Sender:
     learner: Learner | None = None  # learns each session's security level (docs/learned.md)
 
     async def deliver(
-        self, mail_from: str, recipients: Sequence[str], data: bytes | Message
+        self,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes | Message,
+        *,
+        requiretls: bool = False,
+        tls_optional: bool = False,
     ) -> DeliveryResult:
         """Deliver ``data`` to ``recipients`` under their domains' policies. A recipient that is
         not an address fails for good in the result; a sender that is not is ``AddressError``;
         a message with a line over 998 octets is ``MessageError`` (RFC 5322 §2.1.1), before
         any connection. ``data`` may be a ``Message`` read from a file (bounded memory).
+
+        ``requiretls`` (RFC 8689 §4.2.1): only to MX hosts that a DANE or MTA-STS (enforce)
+        policy authenticates, over TLS with that authentication, and that offer REQUIRETLS
+        after STARTTLS; MAIL FROM carries REQUIRETLS. A domain where no host can qualify fails
+        for good (``status_code`` 5.7.30); TLS failures at a qualifying host defer.
+        ``tls_optional`` (the message says ``TLS-Required: No``, RFC 8689 §4.2.2): the
+        domain's DANE or MTA-STS policy is not enforced, TLS stays opportunistic; a local rule
+        still is (never below it). ``requiretls`` wins when both are set.
         """
         message = data if isinstance(data, Message) else Message.from_bytes(data)
         # A bad address is the caller's mistake, found before any connection: it fails for
@@ -272,7 +292,7 @@ class Sender:
                 )
         async with asyncio.TaskGroup() as tg:
             tasks = [
-                tg.create_task(self._domain(d, mail_from, rcpts, message))
+                tg.create_task(self._domain(d, mail_from, rcpts, message, requiretls, tls_optional))
                 for d, rcpts in by_domain.items()
             ]
         return DeliveryResult((*bad, *(t.result() for t in tasks)))
@@ -280,7 +300,13 @@ class Sender:
     # --- one domain ------------------------------------------------------------------------
 
     async def _domain(
-        self, domain: str, mail_from: str, rcpts: list[str], data: Message
+        self,
+        domain: str,
+        mail_from: str,
+        rcpts: list[str],
+        data: Message,
+        requiretls: bool = False,
+        tls_optional: bool = False,
     ) -> DomainResult:
         policy = await self.resolver.resolve(domain)
         if policy.status is Status.FAIL:
@@ -296,12 +322,27 @@ class Sender:
                 # is tried, with opportunistic TLS and no certificate checks.
                 m = replace(m, allowed=True, defer=None, tls=Tls.OPPORTUNISTIC, auth=Auth.NONE,
                             report_only=False)  # fmt: skip
+            if requiretls:
+                m, refusal = requiretls_host(m)
+                if refusal is not None:
+                    attempts.append(refusal)
+                    continue
+            elif tls_optional and policy.local_floor is None and m.addresses:
+                # RFC 8689 §4.2.2: the sender asked for the recipient's policy to be ignored;
+                # TLS is still used when offered. A local rule is the operator's, not the
+                # recipient's: a domain under one keeps its requirements. Under MTA-STS the
+                # host is treated as in `testing` mode, so that what failed is still reported
+                # (RFC 8460) rather than counted as a success.
+                m = replace(m, allowed=True, defer=None, tls=Tls.OPPORTUNISTIC, auth=Auth.NONE,
+                            report_only=m.source is Source.MTA_STS)  # fmt: skip
             skipped = _not_contacted(m)
             if skipped is not None:
                 attempts.append(skipped)
                 continue
             for ip in m.addresses:
-                attempt, permanent = await self._attempt(policy, m, ip, mail_from, rcpts, data)
+                attempt, permanent = await self._attempt(
+                    policy, m, ip, mail_from, rcpts, data, requiretls
+                )
                 attempts.append(attempt)
                 if attempt.delivered:
                     outcome = DeliveryStatus.DELIVERED
@@ -312,6 +353,18 @@ class Sender:
             if outcome is not DeliveryStatus.DEFERRED:
                 break
         await self._record(policy, attempts)
+        status_code = None
+        if (
+            requiretls
+            and outcome is DeliveryStatus.DEFERRED
+            and attempts
+            and all(a.requiretls_refused for a in attempts)
+        ):
+            # No host can ever take it under REQUIRETLS: waiting would not help (RFC 8689 §5).
+            outcome, status_code = DeliveryStatus.FAILED, "5.7.30"
+            final_detail = "REQUIRETLS support required: " + "; ".join(
+                f"{a.mx}: {a.detail}" for a in attempts
+            )
         result_type = None
         if outcome is not DeliveryStatus.DELIVERED:
             failed = [a.result_type for a in attempts if a.result_type is not None]
@@ -342,8 +395,9 @@ class Sender:
                     + "; ".join(f"{a} refused: {reply}" for a, reply in done.refused)
                 )
         return DomainResult(
-            domain, outcome, tuple(rcpts), policy, tuple(attempts), result_type, final_detail
-        )
+            domain, outcome, tuple(rcpts), policy, tuple(attempts), result_type, final_detail,
+            status_code,
+        )  # fmt: skip
 
     # --- one session -------------------------------------------------------------------------
 
@@ -355,6 +409,7 @@ class Sender:
         mail_from: str,
         rcpts: list[str],
         data: Message,
+        requiretls: bool = False,
     ) -> tuple[Attempt, bool]:
         """Try one address. Returns the attempt and whether its failure is permanent."""
         tls_required = m.tls is Tls.REQUIRED
@@ -377,11 +432,15 @@ class Sender:
                 sending_ip=client.local_address,
             )
             base, may_send = await self._secure(client, m, base)
+            if may_send and requiretls and not client.requiretls_offered:
+                # Checked on the EHLO reply sent over TLS: a plain-text one proves nothing.
+                detail = f"REQUIRETLS: {m.host} does not offer REQUIRETLS over TLS: not delivered"
+                base, may_send = _with(base, detail=detail, requiretls_refused=True), False
             if not may_send:
                 if client.connected:
                     await client.quit()
                 return base, False
-            return await self._transaction(client, base, mail_from, rcpts, data)
+            return await self._transaction(client, base, mail_from, rcpts, data, requiretls)
         except SmtpError as exc:
             # The client's own guard firing means a bug upstream tried to send in plain text.
             if exc.kind is SmtpErrorKind.TLS_REQUIRED:
@@ -441,7 +500,13 @@ class Sender:
         )
 
     async def _transaction(
-        self, client: SmtpClient, base: Attempt, mail_from: str, rcpts: list[str], data: Message
+        self,
+        client: SmtpClient,
+        base: Attempt,
+        mail_from: str,
+        rcpts: list[str],
+        data: Message,
+        requiretls: bool = False,
     ) -> tuple[Attempt, bool]:
         size = client.capabilities.get("SIZE")
         if size is not None:
@@ -457,6 +522,8 @@ class Sender:
             params: tuple[str, ...] = (f"SIZE={data.size}",)  # RFC 1870 §6
         else:
             params = ()
+        if requiretls:
+            params += ("REQUIRETLS",)  # RFC 8689 §2: the next hop must keep requiring TLS
         reply = await client.mail_from(mail_from, params)
         if not reply.positive:
             return _with(
@@ -588,6 +655,26 @@ def authenticate(
         verified="pkix" if pk.ok else None,
         problems=pk.problems,
     )
+
+
+def requiretls_host(m: MxPolicy) -> tuple[MxPolicy, Attempt | None]:
+    """``m`` as a REQUIRETLS message may use it (RFC 8689 §4.2.1): TLS required and the
+    certificate authenticated by DANE or by an MTA-STS policy in ``enforce`` mode, which also
+    vouches for the MX host name. Any other host is refused: (``m``, the attempt that says
+    why). A ``testing`` policy does not qualify: it promises nothing yet."""
+    authenticated = (m.source is Source.DANE and m.auth is Auth.DANE) or (
+        m.source is Source.MTA_STS and m.auth is Auth.PKIX and not m.report_only
+    )
+    if not authenticated:
+        how = f"{m.source.value} policy, {m.auth.value} authentication"
+        if m.report_only:
+            how += ", testing only"
+        detail = (
+            f"REQUIRETLS: not contacted: no DANE or MTA-STS enforce policy authenticates this "
+            f"MX host ({how})"
+        )
+        return m, Attempt(m.host, None, detail=detail, requiretls_refused=True)
+    return replace(m, tls=Tls.REQUIRED, report_only=False), None
 
 
 def _not_contacted(m: MxPolicy) -> Attempt | None:

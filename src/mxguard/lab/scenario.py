@@ -106,6 +106,7 @@ class Host:
     attack: AttackMode = AttackMode.PASS
     aliases: tuple[str, ...] = ()  # names that are CNAMEs of this host
     rcpt_reply: str | None = None  # e.g. "550 5.1.1 no such user": refuse every recipient
+    requiretls: bool = False  # offer REQUIRETLS (RFC 8689) after STARTTLS, as Postfix 3.11 can
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +258,11 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None
 
 
 def _host(t: Mapping[str, Any], where: str) -> Host:
-    _check_keys(t, {"name", "starttls", "cert", "tlsa", "attack", "aliases", "rcpt_reply"}, where)
+    _check_keys(
+        t,
+        {"name", "starttls", "cert", "tlsa", "attack", "aliases", "rcpt_reply", "requiretls"},
+        where,
+    )
     rcpt_reply = t.get("rcpt_reply")
     if rcpt_reply is not None and not (
         isinstance(rcpt_reply, str) and rcpt_reply[:3].isdigit() and rcpt_reply[0] in "45"
@@ -273,6 +278,7 @@ def _host(t: Mapping[str, Any], where: str) -> Host:
         attack=_enum(AttackMode, t.get("attack", "pass"), f"{where}.attack"),
         aliases=_strings(t.get("aliases", []), f"{where}.aliases"),
         rcpt_reply=rcpt_reply,
+        requiretls=bool(t.get("requiretls", False)),
     )
 
 

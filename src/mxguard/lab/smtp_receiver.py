@@ -38,6 +38,7 @@ class ReceivedMessage:
     tls_version: str | None  # e.g. "TLSv1.3"; None without TLS
     peer: str  # "ip:port" of the sending client
     received_at: dt.datetime  # UTC
+    requiretls: bool = False  # MAIL FROM carried REQUIRETLS (RFC 8689 §2)
 
 
 def _peer_text(peer: Any) -> str:
@@ -65,6 +66,8 @@ class _Handler:
         keywords = [f"{server.hostname} at your service", f"SIZE {DATA_SIZE_LIMIT}", "8BITMIME"]
         if "250-STARTTLS" in responses:  # offered only before TLS
             keywords.append("STARTTLS")
+        if self._receiver.host.requiretls and session.ssl is not None:
+            keywords.append("REQUIRETLS")  # RFC 8689 §2: only over TLS
         keywords += ["ENHANCEDSTATUSCODES", "PIPELINING", "SMTPUTF8"]
         return [f"250-{k}" for k in keywords[:-1]] + [f"250 {keywords[-1]}"]
 
@@ -99,6 +102,7 @@ class _Handler:
                 tls_version=tls_version,
                 peer=_peer_text(session.peer),
                 received_at=dt.datetime.now(dt.UTC),
+                requiretls=bool(getattr(envelope, "requiretls", False)),
             )
         )
         return "250 2.0.0 Message accepted for delivery"
@@ -114,12 +118,26 @@ class _LabSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Called again with the TLS transport after STARTTLS; that is the same connection.
         if self.transport is None:
-            self._lab_receiver._live.add(self)
+            receiver = self._lab_receiver
+            receiver._live.add(self)
+            receiver.max_open = max(receiver.max_open, len(receiver._live))
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         self._lab_receiver._live.discard(self)
         super().connection_lost(error)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # aiosmtpd knows no REQUIRETLS parameter: take it off before aiosmtpd parses the rest,
+        # and only where it was offered (over TLS, on a host that offers it).
+        requiretls = False
+        if arg and self._lab_receiver.host.requiretls and self._tls_protocol is not None:
+            words = arg.split(" ")
+            kept = [w for w in words if w.upper() != "REQUIRETLS"]
+            requiretls, arg = len(kept) != len(words), " ".join(kept)
+        await super().smtp_MAIL(arg)
+        if requiretls and self.envelope is not None and self.envelope.mail_from is not None:
+            self.envelope.requiretls = True  # type: ignore[attr-defined]
 
 
 class SmtpReceiver:
@@ -141,6 +159,7 @@ class SmtpReceiver:
         self.port = port
         self.messages: list[ReceivedMessage] = []
         self.connections = 0  # TCP connections accepted since start (or clear())
+        self.max_open = 0  # the most connections open at once since start (or clear())
         self._live: set[_LabSMTP] = set()
         self._server: asyncio.Server | None = None
 
@@ -195,6 +214,7 @@ class SmtpReceiver:
         """Forget received messages and reset the connection count."""
         self.messages.clear()
         self.connections = 0
+        self.max_open = 0
 
 
 __all__ = ["ReceivedMessage", "SmtpReceiver"]
