@@ -33,6 +33,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "lab": ("mxguard.cli.lab", "lab"),
     "learned": ("mxguard.cli.learned", "learned"),
     "policy": ("mxguard.cli.policy", "policy"),
+    "relay": ("mxguard.cli.relay", "relay"),
     "send": ("mxguard.cli.send", "send"),
     "serve": ("mxguard.cli.serve", "serve"),
     "status": ("mxguard.cli.status", "status"),
