@@ -271,13 +271,18 @@ def _canonical_value(value: object) -> object:
     return value
 
 
-def _name_key(name: x509.Name) -> _NameKey | None:
+def _name_key(cert: x509.Certificate | None, which: str) -> _NameKey | None:
+    """The key of ``cert``'s ``subject`` or ``issuer``; None when it cannot be read (the
+    certificate is parsed lazily: a malformed name raises only when it is looked at)."""
+    if cert is None:
+        return None
     try:
+        name: x509.Name = getattr(cert, which)
         return tuple(
             frozenset((a.oid.dotted_string, _canonical_value(a.value)) for a in rdn)
             for rdn in name.rdns
         )
-    except (ValueError, TypeError):  # a value cryptography cannot decode
+    except (ValueError, TypeError):  # a name or value cryptography cannot decode
         return None
 
 
@@ -300,7 +305,7 @@ def _roots(roots: Sequence[x509.Certificate | bytes]) -> _Roots:
     found = _Roots(
         tuple(r if isinstance(r, bytes) else der(r) for r in roots),
         certs,
-        tuple(None if c is None else _name_key(c.subject) for c in certs),
+        tuple(_name_key(c, "subject") for c in certs),
     )
     if len(_root_cache) >= 16:
         _root_cache.clear()
@@ -317,7 +322,7 @@ def candidate_roots(
     known = _roots(roots)
     wanted: set[_NameKey] = set()
     for cert in chain:
-        keys = (None, None) if cert is None else (_name_key(cert.subject), _name_key(cert.issuer))
+        keys = (_name_key(cert, "subject"), _name_key(cert, "issuer"))
         if keys[0] is None or keys[1] is None:
             return known.ders  # a name we cannot compare: let OpenSSL look through them all
         wanted.update((keys[0], keys[1]))
@@ -330,8 +335,7 @@ def candidate_roots(
                 continue
             chosen.add(i)
             grew = True
-            cert = known.certs[i]
-            issuer = None if cert is None else _name_key(cert.issuer)
+            issuer = _name_key(known.certs[i], "issuer")
             if issuer is not None:
                 wanted.add(issuer)
     return tuple(known.ders[i] for i in sorted(chosen))
