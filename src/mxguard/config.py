@@ -44,7 +44,7 @@ from __future__ import annotations
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -152,14 +152,21 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _SELECTOR = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
 
 
+def unknown_keys(table: Mapping[str, Any], known: Iterable[str], where: str) -> str | None:
+    """The error for a table holding keys outside ``known`` (listed in that order), or None."""
+    known = list(known)
+    unknown = sorted(set(table) - set(known))
+    if not unknown:
+        return None
+    return f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}"
+
+
 def tlsrpt_settings(data: Any, where: str) -> TlsRptSettings:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected {_KEYS['tlsrpt']}")
-    unknown = sorted(set(data) - set(_TLSRPT_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(_TLSRPT_KEYS)}"
-        )
+    problem = unknown_keys(data, _TLSRPT_KEYS, where)
+    if problem:
+        raise ConfigError(problem)
     values: dict[str, Any] = {}
     for key in ("organization_name", "contact_info", "submitter", "sender"):
         if key in data:
@@ -241,11 +248,9 @@ def resolvers(value: Any, where: str) -> tuple[tuple[str, int], ...]:
 
 
 def from_mapping(data: Mapping[str, Any], source: str) -> Settings:
-    unknown = sorted(set(data) - set(_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(_KEYS)}"
-        )
+    problem = unknown_keys(data, _KEYS, source)
+    if problem:
+        raise ConfigError(problem)
     s = Settings(source=source)
     values: dict[str, Any] = {}
     if "resolver" in data:

@@ -69,6 +69,7 @@ from mxguard.adapters.store import (
     ReportSource,
     StoreError,
 )
+from mxguard.config import unknown_keys
 from mxguard.owner import dashboard as pages
 from mxguard.owner.mta_sts_server import (
     CertificateError,
@@ -294,12 +295,9 @@ def config_from(
 ) -> ReportsConfig:
     """The settings from the command line, then the ``[reports]`` table, then the defaults;
     ReportsConfigError says what is wrong."""
-    unknown = sorted(set(table) - set(_TABLE_KEYS))
-    if unknown:
-        raise ReportsConfigError(
-            f"{source}: reports: unknown key(s) {', '.join(unknown)}; known keys: "
-            f"{', '.join(_TABLE_KEYS)}"
-        )
+    problem = unknown_keys(table, _TABLE_KEYS, f"{source}: reports")
+    if problem:
+        raise ReportsConfigError(problem)
     if len(certs) != len(keys):
         raise ReportsConfigError(
             f"{len(certs)} --cert and {len(keys)} --key given: give one --key per --cert"
