@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -1113,7 +1114,7 @@ class SQLiteStore:
         try:
             if self.path != ":memory:":
                 _check_integrity(conn, self.path)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _wal_mode(conn)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.create_aggregate("exact_sum", 1, _EXACT_SUM)
@@ -1177,6 +1178,22 @@ def _kind(exc: sqlite3.Error) -> str:
     """The StoreError kind of a SQLite error, from its primary result code."""
     code = getattr(exc, "sqlite_errorcode", None)
     return "other" if code is None else _KINDS.get(code & 0xFF, "other")
+
+
+def _wal_mode(conn: sqlite3.Connection) -> None:
+    """Switch to WAL mode. SQLite answers "database is locked" at once, without its busy
+    handler, while another process creates the same new file or changes its journal mode:
+    several mxguard processes starting on one new file must wait for each other, as writers
+    do, not fail."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if _kind(exc) not in ("busy", "locked") or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _check_integrity(conn: sqlite3.Connection, path: str) -> None:
