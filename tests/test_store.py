@@ -309,6 +309,88 @@ def test_sqlite_file_is_shared_by_concurrent_processes(tmp_path: Path) -> None:
     run(body())
 
 
+def _count_commits(store: Any) -> list[str]:
+    """The COMMITs the store's writer connection runs from now on (SQLite's trace callback,
+    installed in the writer thread, which owns the connection)."""
+    commits: list[str] = []
+
+    def install() -> None:
+        store._conn.set_trace_callback(
+            lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None
+        )
+
+    store._executor.submit(install).result()
+    return commits
+
+
+def test_sqlite_concurrent_policy_puts_share_commits_and_all_land(tmp_path: Path) -> None:
+    # A burst of cold lookups caches a policy each; with synchronous=FULL every commit is an
+    # fsync, so puts that arrive while one commits share the next one.
+    url = f"sqlite://{tmp_path / 'state.db'}"
+    n = 200
+
+    async def body() -> None:
+        async with opened(url) as store:
+            commits = _count_commits(store)
+            policies = [
+                CachedPolicy(f"p{i}.example", f"id{i}", POLICY_TEXT, T0, FUTURE) for i in range(n)
+            ]
+            await asyncio.gather(*(store.put_policy(p) for p in policies))
+            assert 1 <= len(commits) < n / 4, len(commits)
+            assert sorted(await store.policies(), key=lambda p: p.domain) == sorted(
+                policies, key=lambda p: p.domain
+            )
+
+    run(body())
+    # Durable: another connection, after the store closed, sees every one.
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        assert conn.execute("SELECT count(*) FROM sts_policies").fetchone() == (n,)
+
+
+def test_sqlite_one_failing_put_in_a_shared_commit_fails_only_itself(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    url = f"sqlite://{path}"
+    run(_open_and_close(url))
+    with sqlite3.connect(path) as conn:  # the database refuses one domain's row
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON sts_policies "
+            "WHEN NEW.domain = 'bad.example' BEGIN SELECT RAISE(ABORT, 'refused row'); END"
+        )
+
+    async def body() -> None:
+        async with opened(url) as store:
+            names = [f"ok{i}.example" for i in range(10)] + ["bad.example"]
+            got = await asyncio.gather(
+                *(store.put_policy(CachedPolicy(d, "id1", POLICY_TEXT, T0, FUTURE)) for d in names),
+                return_exceptions=True,
+            )
+            assert all(g is None for g in got[:-1]), got
+            assert isinstance(got[-1], StoreError) and "refused row" in str(got[-1])
+            assert sorted(p.domain for p in await store.policies()) == sorted(names[:-1])
+
+    run(body())
+
+
+def test_sqlite_put_right_before_close_is_committed(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path / 'state.db'}"
+
+    async def body() -> None:
+        store = await open_store(url)
+        puts = [
+            asyncio.ensure_future(
+                store.put_policy(CachedPolicy(f"p{i}.example", "id1", POLICY_TEXT, T0, FUTURE))
+            )
+            for i in range(20)
+        ]
+        await asyncio.sleep(0)  # the puts are queued, not yet committed
+        await store.close()
+        await asyncio.gather(*puts)
+
+    run(body())
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        assert conn.execute("SELECT count(*) FROM sts_policies").fetchone() == (20,)
+
+
 def test_sqlite_file_is_in_wal_mode_with_the_current_schema_version(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     run(_open_and_close(f"sqlite://{path}"))  # opening creates and migrates

@@ -24,6 +24,7 @@ place, and a file from a newer mxguard is refused rather than guessed at.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sqlite3
@@ -373,6 +374,9 @@ class SQLiteStore:
         self._rconn: sqlite3.Connection | None = None
         self._closed = False
         self._inode: int | None = None  # the file opened, to notice it removed or replaced
+        # put_policy's group commit: rows waiting for the next commit, and the task making it.
+        self._policy_batch: list[tuple[tuple[str, ...], asyncio.Future[None]]] = []
+        self._policy_flush: asyncio.Future[None] | None = None
 
     def file_problem(self) -> str | None:
         """Whether the file at ``path`` is still the one open (None: it is). A removed file
@@ -433,24 +437,61 @@ class SQLiteStore:
         return await self._with_reader(work)
 
     async def put_policy(self, policy: CachedPolicy) -> None:
+        """Durable when it returns, like every write; puts that arrive while a commit runs
+        share the next one (a burst of cold lookups costs one fsync per batch, not per
+        policy). If a shared commit fails, each put of it is tried again on its own, so
+        one put's failure is never another's."""
         p = check_policy(policy)
+        row = (
+            p.domain,
+            p.policy_id,
+            p.policy_text,
+            format_time(p.fetched_at),
+            format_time(p.expires_at),
+        )
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._policy_batch.append((row, done))
+        if self._policy_flush is None:
+            self._policy_flush = asyncio.ensure_future(self._flush_policies())
+        await done
 
+    async def _flush_policies(self) -> None:
+        batch: list[tuple[tuple[str, ...], asyncio.Future[None]]] = []
+        try:
+            while self._policy_batch:
+                batch, self._policy_batch = self._policy_batch, []
+                try:
+                    await self._put_rows([r for r, _ in batch])
+                except StoreError as exc:
+                    if len(batch) == 1:
+                        _settle(batch[0][1], exc)
+                        continue
+                    for row, done in batch:
+                        try:
+                            await self._put_rows([row])
+                        except StoreError as one:
+                            _settle(done, one)
+                        else:
+                            _settle(done, None)
+                else:
+                    for _, done in batch:
+                        _settle(done, None)
+        except BaseException as exc:
+            # Not SQLite's error (the executor gone, the task cancelled): no put may wait
+            # forever for a commit that will not come.
+            waiting, self._policy_batch = batch + self._policy_batch, []
+            for _, done in waiting:
+                if isinstance(exc, Exception):
+                    _settle(done, exc)
+                else:
+                    done.cancel()
+            raise
+        finally:
+            self._policy_flush = None
+
+    async def _put_rows(self, rows: list[tuple[str, ...]]) -> None:
         def work(conn: sqlite3.Connection) -> None:
-            with _write(conn):
-                conn.execute(
-                    "INSERT INTO sts_policies "
-                    "(domain, policy_id, policy_text, fetched_at, expires_at) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (domain) DO UPDATE SET "
-                    "policy_id = excluded.policy_id, policy_text = excluded.policy_text, "
-                    "fetched_at = excluded.fetched_at, expires_at = excluded.expires_at",
-                    (
-                        p.domain,
-                        p.policy_id,
-                        p.policy_text,
-                        format_time(p.fetched_at),
-                        format_time(p.expires_at),
-                    ),
-                )
+            _put(conn, rows)
 
         await self._with_conn(work)
 
@@ -1083,6 +1124,9 @@ class SQLiteStore:
     async def close(self) -> None:
         if self._closed:
             return
+        if self._policy_flush is not None:  # puts already accepted are committed first
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._policy_flush)
         self._closed = True
 
         def work() -> None:
@@ -1239,6 +1283,26 @@ class _write:
             # Some errors (a full disk, say) already rolled back; a second ROLLBACK would fail
             # and hide the first error.
             self.conn.execute("ROLLBACK")
+
+
+def _put(conn: sqlite3.Connection, rows: Sequence[tuple[str, ...]]) -> None:
+    """Insert or replace cached policies, all in one transaction."""
+    with _write(conn):
+        conn.executemany(
+            "INSERT INTO sts_policies (domain, policy_id, policy_text, fetched_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (domain) DO UPDATE SET "
+            "policy_id = excluded.policy_id, policy_text = excluded.policy_text, "
+            "fetched_at = excluded.fetched_at, expires_at = excluded.expires_at",
+            rows,
+        )
+
+
+def _settle(done: asyncio.Future[None], exc: BaseException | None) -> None:
+    if not done.done():  # its caller may have stopped waiting
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
 
 
 class _read:
