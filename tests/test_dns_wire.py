@@ -10,6 +10,7 @@ answer is truncated. No lab: a scripted resolver on this suite's own loopback ad
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -140,3 +141,23 @@ def test_no_answer_is_a_timeout(scripted) -> None:  # type: ignore[no-untyped-de
     port = scripted(lambda q: [])
     answer = asyncio.run(DnsResolver([(HOST, port)], timeout=0.3).query("quiet.test", "A"))
     assert answer.outcome is DnsOutcome.ERROR and "DNS timeout" in answer.detail
+
+
+def test_query_ids_are_16_bit_spread_and_not_shared_with_a_forked_child() -> None:
+    from mxguard.adapters.dns import _QueryIds
+
+    ids = _QueryIds()
+    got = [ids() for _ in range(6000)]  # more than one pool of 2,048
+    assert all(0 <= i < 65536 for i in got)
+    assert len(set(got)) > 5500  # 6,000 draws from 65,536: about 5,740 distinct
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the IDs it draws next
+        os.write(write, b",".join(str(ids()).encode() for _ in range(50)))
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = [int(x) for x in os.read(read, 65536).split(b",")]
+    os.close(read)
+    parent = [ids() for _ in range(50)]
+    assert child != parent  # with a shared pool they would be the same 50 IDs
