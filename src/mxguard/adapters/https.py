@@ -200,25 +200,22 @@ def _request(domain: str, port: int, connect_to: str | None) -> _Request:
 async def _get(
     request: _Request,
     ctx: ssl.SSLContext,
-    timeout: float,  # noqa: ASYNC109 - the caller's one deadline, applied by the caller too
     max_size: int,
 ) -> bytes:
     """The policy body, read under the size cap; the head is noted on ``request``."""
     # Imported here: h11 costs every command's start-up, and only a policy fetch needs it.
-    from mxguard.adapters.http11 import Exchange
+    from mxguard.adapters.http11 import TlsExchange
 
     loop = asyncio.get_running_loop()
     transport, exchange = await loop.create_connection(
-        Exchange,
+        # request.host: the SNI and the name the certificate is checked for
+        lambda: TlsExchange(ctx, request.host),
         request.connect,
         request.port,
-        ssl=ctx,
-        server_hostname=request.host,  # SNI and the name the certificate is checked for
-        ssl_handshake_timeout=timeout,
     )
     try:
-        ssl_object = transport.get_extra_info("ssl_object")
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        await exchange.handshake  # within the caller's deadline, as the whole fetch is
+        der = exchange.tls.getpeercert(binary_form=True)
         request.certificate = bytes(der) if der else None
         exchange.send(request)
         head = await exchange.head()
@@ -308,7 +305,7 @@ async def fetch_policy(
         return failed(ResultType.STS_POLICY_FETCH_ERROR, f"cannot load CA file {ca_file}: {exc}")
     try:
         async with asyncio.timeout(timeout):
-            body = await _get(request, ctx, timeout, max_size)
+            body = await _get(request, ctx, max_size)
     except (FetchAbort, TimeoutError, OSError) as exc:
         result_type, detail = _failure(exc, request, timeout)
         if result_type is ResultType.STS_WEBPKI_INVALID:
