@@ -45,6 +45,12 @@ async def _read_request(reader: asyncio.StreamReader) -> None:
     await reader.readuntil(b"\r\n\r\n")
 
 
+def _head(length: int) -> bytes:
+    return (
+        f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {length}\r\n\r\n".encode()
+    )
+
+
 POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mx.tls-layer.test\r\nmax_age: 86400\r\n"
 
 
@@ -54,10 +60,7 @@ def test_a_policy_over_many_tls_records_arrives_exactly(pki: LabPKI) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
         data = text.encode()
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-            + f"Content-Length: {len(data)}\r\n\r\n".encode()
-        )
+        writer.write(_head(len(data)))
         for at in range(0, len(data), 1000):  # one TLS record per write
             writer.write(data[at : at + 1000])
             await writer.drain()
@@ -168,11 +171,7 @@ def test_a_fetch_reads_with_a_record_sized_buffer_not_asyncios_256_kib(
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
         data = POLICY.encode()
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-            + f"Content-Length: {len(data)}\r\n\r\n".encode()
-            + data
-        )
+        writer.write(_head(len(data)) + data)
         writer.close()
 
     result = serve_and_fetch(pki, handler)
