@@ -249,6 +249,8 @@ class _WorkerConnection(asyncio.Protocol):
         self.buffer = b""
         self.sent_at = 0.0
         self.deadline = float("inf")
+        self.interval = 0.0
+        self.due = 0.0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
 
@@ -256,9 +258,17 @@ class _WorkerConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
-    def go(self, deadline: float) -> None:
+    def go(self, deadline: float, interval: float = 0.0, first: float = 0.0) -> None:
+        """Start; with ``interval`` a request is due every ``interval`` seconds from
+        ``first`` (perf_counter), not on each reply, and its latency counts from when it was
+        due, so that a slow reply delays the next request's clock, never hides it."""
         self.deadline = deadline
-        self._send()
+        self.interval = interval
+        self.due = first
+        if interval:
+            asyncio.get_running_loop().call_later(max(0.0, first - time.perf_counter()), self._send)
+        else:
+            self._send()
 
     def _send(self) -> None:
         assert self.transport is not None
@@ -269,8 +279,19 @@ class _WorkerConnection(asyncio.Protocol):
         self.left -= 1
         key = self.keys[self.position % len(self.keys)]
         self.position += 1
-        self.sent_at = time.perf_counter()
+        self.sent_at = self.due if self.interval else time.perf_counter()
         self.transport.write(key)
+
+    def _next(self) -> None:
+        if not self.interval:
+            self._send()
+            return
+        self.due += self.interval
+        wait = self.due - time.perf_counter()
+        if wait > 0:
+            asyncio.get_running_loop().call_later(wait, self._send)
+        else:
+            self._send()  # behind schedule: at once (the latency shows the lag)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -287,7 +308,7 @@ class _WorkerConnection(asyncio.Protocol):
         self.out["latencies"].append(time.perf_counter() - self.sent_at)
         replies: Counter[bytes] = self.out["replies"]
         replies[reply] += 1
-        self._send()
+        self._next()
 
     def _fail(self, exc: Exception) -> None:
         if not self.done.done():
@@ -314,8 +335,10 @@ async def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     await loop.run_in_executor(None, sys.stdin.readline)  # "go"
     started = time.perf_counter()
     deadline = time.monotonic() + spec["seconds"]
-    for c in conns:
-        c.go(deadline)
+    interval = spec.get("interval", 0.0)  # per connection; 0: closed loop, as fast as replies
+    for i, c in enumerate(conns):
+        # Paced connections start spread over one interval, not all at once.
+        c.go(deadline, interval, started + interval * (i + 0.5) / len(conns))
     async with asyncio.timeout(spec["seconds"] + REQUEST_TIMEOUT):
         await asyncio.gather(*(c.done for c in conns))
     elapsed = time.perf_counter() - started
@@ -355,8 +378,11 @@ def multi_process_lookups(
     processes: int,
     seconds: float,
     max_lookups: int,
+    rate: float = 0.0,
 ) -> tuple[Samples, dict[str, Any]]:
-    """Warm load from ``processes`` worker processes; the samples and the CPU figures."""
+    """Warm load from ``processes`` worker processes; the samples and the CPU figures. With
+    ``rate`` the connections together ask that many lookups per second, each at a fixed
+    pace; without, each asks again as soon as it has its reply."""
     processes = max(1, min(processes, connections))
     per_process = spread(connections, processes)
     lookups_per_conn = spread(max_lookups, connections)
@@ -372,6 +398,7 @@ def multi_process_lookups(
                 "offset": at * 13,
                 "seconds": seconds,
                 "map_name": server.map_name,
+                "interval": connections / rate if rate else 0.0,
             }
             at += n
             workers.append(
@@ -852,6 +879,11 @@ class Config:
     warm_lookups: int = 1_000_000  # per connection count, at most
     warm_seconds: float = 5.0  # per connection count, at most
     connections: tuple[int, ...] = (1, 32)
+    # Also a warm run at a fixed offered rate both servers can carry: at full speed the
+    # tail is mostly the load generator and the scheduler (5 busy processes on 2 cores),
+    # so latency is compared at equal load as well. 0: left out.
+    paced_rate: float = 10_000.0
+    paced_connections: int = 32
     load_processes: int = 4  # warm load: worker processes, at most one per connection
     cold_connections: int = 32
     herd: int = 50
@@ -881,6 +913,13 @@ async def warm(server: Server, cfg: Config) -> dict[str, Any]:
             server, keys, n, cfg.load_processes, cfg.warm_seconds, cfg.warm_lookups,
         )  # fmt: skip
         out[f"c{n}"] = {**samples.summary(), **cpu}
+    if cfg.paced_rate:
+        samples, cpu = await asyncio.to_thread(
+            multi_process_lookups,
+            server, keys, cfg.paced_connections, cfg.load_processes, cfg.warm_seconds,
+            cfg.warm_lookups, cfg.paced_rate,
+        )  # fmt: skip
+        out["paced"] = {**samples.summary(), **cpu}
     out["rss_kib"] = server.rss_kib()
     return out
 
@@ -1079,6 +1118,15 @@ def markdown(results: dict[str, Any]) -> str:
         row(
             f"warm server CPU µs per lookup, {c} connection(s)",
             ("warm", f"c{c}", "server_cpu_us_per_lookup"), "lower",
+        )  # fmt: skip
+    if cfg.get("paced_rate"):
+        at = f"{cfg['paced_rate']:,.0f}/s offered, {cfg['paced_connections']} connections"
+        row(f"warm at {at}: lookups/s", ("warm", "paced", "per_second"), "higher")
+        row(f"warm at {at}: p50 ms", ("warm", "paced", "p50_ms"), "lower", "{:.3f}")
+        row(f"warm at {at}: p99 ms", ("warm", "paced", "p99_ms"), "lower", "{:.3f}")
+        row(
+            f"warm at {at}: server CPU µs per lookup",
+            ("warm", "paced", "server_cpu_us_per_lookup"), "lower",
         )  # fmt: skip
     row("RSS after the warm run, MiB", ("warm", "rss_kib"), "lower")
     row(f"cold: {cfg['domains']} domains, seconds", ("cold", "seconds"), "lower", "{:.2f}")

@@ -42,7 +42,8 @@ bench = _load()
 TINY = bench.Config(
     domains=3, warm_domains=3, warm_lookups=60, warm_seconds=1.0, connections=(1, 4),
     cold_connections=2, herd=6, fail_lookups=8, fail_seconds=0.4, fail_connections=2,
-    stall_others=2, fetch_timeout=0.5, cold_seconds=20.0,
+    stall_others=2, fetch_timeout=0.5, cold_seconds=20.0, paced_rate=200.0,
+    paced_connections=2,
 )  # fmt: skip
 
 
@@ -75,6 +76,11 @@ def test_every_measurement_runs_against_mxguard_and_yields_numbers(
         warm = got["warm"][f"c{n}"]
         assert warm["lookups"] > 0 and warm["replies"] == {bench.EXPECTED: warm["lookups"]}
         assert all(math.isfinite(x) and x > 0 for x in numbers(warm))
+    # Paced at 200/s, the 60 lookups take about 0.3 s; as fast as replies come, a few ms.
+    paced = got["warm"]["paced"]
+    assert paced["lookups"] == TINY.warm_lookups
+    assert paced["replies"] == {bench.EXPECTED: paced["lookups"]}
+    assert 0.2 < paced["seconds"] < 1.0 and paced["per_second"] < 300
     assert got["warm"]["rss_kib"] > 0
     assert got["cold"]["replies"] == {bench.EXPECTED: TINY.domains}
     assert got["cold"]["fetches"] == TINY.domains
