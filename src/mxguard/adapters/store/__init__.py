@@ -61,13 +61,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, is_dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from mxguard.adapters.dkim import DkimResult
 from mxguard.protocol.levels import SecurityLevel
 from mxguard.protocol.results import ResultType
-from mxguard.protocol.tlsrpt_ingest import MAX_COUNT, ReceivedPolicy, ReceivedReport, dedupe_key
 from mxguard.protocol.tlsrpt_report import FailureDetail, PolicyType, ReportedPolicy
+
+if TYPE_CHECKING:
+    # Imported where received reports are handled: a sender (`mxguard send`, `serve
+    # postfix`) never needs the report reader or the DKIM verifier.
+    from mxguard.adapters.dkim import DkimResult
+    from mxguard.protocol.tlsrpt_ingest import ReceivedPolicy, ReceivedReport
 
 __all__ = [
     "CachedPolicy",
@@ -348,6 +352,8 @@ class ReceivedRecord:
     @property
     def dedupe_key(self) -> str:
         """The report's identity (organisation, report-id, date range, policies)."""
+        from mxguard.protocol.tlsrpt_ingest import dedupe_key
+
         return dedupe_key(self.report)
 
 
@@ -1090,6 +1096,8 @@ def _check_received_policy(policy: ReceivedPolicy) -> ReceivedPolicy:
 def check_count(value: object, name: str) -> int:
     """`value` if it is a session count every backend keeps exactly (an integer from 0 to
     2**53 - 1, as a received report may hold), else StoreError."""
+    from mxguard.protocol.tlsrpt_ingest import MAX_COUNT
+
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
         raise StoreError(
             f"{name} {value!r} is not a session count; pass an integer from 0 to 2**53 - 1"
@@ -1139,6 +1147,8 @@ def dkim_from_store(
     """The DKIM result kept with a received report (None: none was checked)."""
     if ok is None:
         return None
+    from mxguard.adapters.dkim import DkimResult
+
     return DkimResult(bool(ok), domain, selector, detail or "")
 
 

@@ -25,7 +25,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 import psycopg.conninfo
@@ -73,8 +73,10 @@ from mxguard.adapters.store import (
     redact_url,
     result_type_from_store,
 )
-from mxguard.protocol.tlsrpt_ingest import ReceivedPolicy, ReceivedReport
 from mxguard.protocol.tlsrpt_report import FailureDetail
+
+if TYPE_CHECKING:  # a received report's classes: imported where one is read
+    from mxguard.protocol.tlsrpt_ingest import ReceivedPolicy
 
 T = TypeVar("T")
 
@@ -1126,6 +1128,8 @@ def _check_from_row(row: tuple[Any, ...]) -> CheckRecord:
 def _received_from_row(row: tuple[Any, ...]) -> ReceivedRecord:
     (id_, _key, org, report_id, start, end, contact, notes, received_at, source, dkim_ok,
      dkim_domain, dkim_selector, dkim_detail, raw) = row  # fmt: skip
+    from mxguard.protocol.tlsrpt_ingest import ReceivedReport
+
     report = ReceivedReport(
         organization_name=org,
         start=start.astimezone(UTC),
@@ -1147,6 +1151,8 @@ def _received_from_row(row: tuple[Any, ...]) -> ReceivedRecord:
 
 def _received_policy_from_row(row: tuple[Any, ...]) -> tuple[int, int, ReceivedPolicy]:
     policy_id, received_id, _position, ptype, domain, strings, mx, ok, bad = row
+    from mxguard.protocol.tlsrpt_ingest import ReceivedPolicy
+
     policy = ReceivedPolicy(
         policy_type=known_policy_type(ptype),
         policy_strings=tuple(strings),

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import date, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mxguard.adapters.store import (
     CachedPolicy,
@@ -79,8 +79,10 @@ from mxguard.adapters.store import (
     readded_report,
     result_type_from_store,
 )
-from mxguard.protocol.tlsrpt_ingest import ReceivedPolicy, ReceivedReport
 from mxguard.protocol.tlsrpt_report import FailureDetail
+
+if TYPE_CHECKING:  # a received report's classes: imported where one is read
+    from mxguard.protocol.tlsrpt_ingest import ReceivedPolicy
 
 T = TypeVar("T")
 
@@ -1521,6 +1523,8 @@ def _check_from_row(row: tuple[object, ...]) -> CheckRecord:
 def _received_from_row(row: tuple[object, ...]) -> ReceivedRecord:
     (id_, _key, org, report_id, start, end, contact, notes, received_at, source, dkim_ok,
      dkim_domain, dkim_selector, dkim_detail, raw) = row  # fmt: skip
+    from mxguard.protocol.tlsrpt_ingest import ReceivedReport
+
     report = ReceivedReport(
         organization_name=str(org),
         start=parse_time(str(start)),
@@ -1547,6 +1551,8 @@ def _received_from_row(row: tuple[object, ...]) -> ReceivedRecord:
 
 def _received_policy_from_row(row: tuple[object, ...]) -> tuple[int, int, ReceivedPolicy]:
     policy_id, received_id, _position, ptype, domain, strings, mx, ok, bad = row
+    from mxguard.protocol.tlsrpt_ingest import ReceivedPolicy
+
     policy = ReceivedPolicy(
         policy_type=known_policy_type(str(ptype)),
         policy_strings=_json_tuple(strings),
