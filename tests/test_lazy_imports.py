@@ -14,6 +14,8 @@ import pytest
 # Reading received reports (and verifying their DKIM signatures) is the receiving side's
 # work: no sender needs it.
 RECEIVING = ["mxguard.protocol.tlsrpt_ingest", "mxguard.adapters.dkim", "dkim"]
+# Whole DNS messages: only TCP, SERVFAIL and odd answers need dnspython to build or read one.
+WHOLE_DNS = ["dns.message", "dns.edns"]
 
 
 def loaded_after(module: str, candidates: list[str]) -> list[str]:
@@ -32,3 +34,8 @@ def loaded_after(module: str, candidates: list[str]) -> list[str]:
 @pytest.mark.parametrize("command", ["mxguard.cli.send", "mxguard.cli.serve", "mxguard.cli.policy"])
 def test_senders_do_not_import_the_report_reader(command: str) -> None:
     assert loaded_after(command, RECEIVING) == []
+
+
+@pytest.mark.parametrize("command", ["mxguard.cli.send", "mxguard.cli.serve", "mxguard.cli.policy"])
+def test_senders_do_not_import_whole_dns_messages_at_start(command: str) -> None:
+    assert loaded_after(command, WHOLE_DNS) == []

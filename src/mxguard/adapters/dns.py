@@ -41,12 +41,10 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dns.edns
 import dns.exception
 import dns.flags
-import dns.message
 import dns.name
 import dns.rcode
 import dns.rdata
@@ -55,6 +53,11 @@ import dns.rdatatype
 import dns.wire
 
 from mxguard.protocol import names
+
+if TYPE_CHECKING:
+    # dns.message and dns.edns build and read whole messages: for TCP, SERVFAIL and what
+    # the lean reader leaves to them (_read_response); imported there, not at start-up.
+    import dns.message
 
 log = logging.getLogger(__name__)
 
@@ -400,6 +403,8 @@ class DnsResolver:
         addr: str,
         port: int,
     ) -> DnsAnswer:
+        import dns.edns
+
         ede = [opt for opt in response.options if isinstance(opt, dns.edns.EDEOption)]
         reasons = [
             f"EDE {int(o.code)} {o.code.name}" + (f": {o.text}" if o.text else "") for o in ede
@@ -409,6 +414,8 @@ class DnsResolver:
             # No Extended DNS Error: ask again with validation off (CD, RFC 4035 §3.2.2).
             # An answer then means the data exists but failed validation.
             name = query.question[0].name if query is not None else dns.name.from_text(text)
+            import dns.message
+
             checking = dns.message.make_query(name, rdtype, use_edns=0)
             checking.flags |= dns.flags.CD
             try:
@@ -437,6 +444,8 @@ class DnsResolver:
 
 def _make_query(qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> dns.message.Message:
     """The query as a message (for TCP and for resolvers not on loopback)."""
+    import dns.message
+
     query = dns.message.make_query(qname, rdtype, use_edns=0, payload=EDNS_PAYLOAD)
     # AD in a query asks a validating resolver to report the validation (RFC 6840 §5.7).
     query.flags |= dns.flags.AD
@@ -585,6 +594,13 @@ class _Response:
         return None
 
 
+def _whole(wire: bytes) -> Any:
+    """``wire`` read by dnspython as a whole message (raises what it finds wrong)."""
+    import dns.message
+
+    return dns.message.from_wire(wire)
+
+
 def _read_response(wire: bytes) -> Any:
     """A response to one of our queries, read for what a lookup needs.
 
@@ -598,7 +614,7 @@ def _read_response(wire: bytes) -> Any:
     _qid, flags, qdcount, ancount, nscount, arcount = struct.unpack_from("!HHHHHH", wire)
     rcode = flags & 0x000F
     if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) or flags & dns.flags.TC:
-        return dns.message.from_wire(wire)
+        return _whole(wire)
     try:
         parser = dns.wire.Parser(wire, 12)
         for _ in range(qdcount):
@@ -627,10 +643,10 @@ def _read_response(wire: bytes) -> Any:
             if rdtype == dns.rdatatype.OPT:
                 high = wire[parser.current - 6]  # the OPT TTL's first byte: extended rcode
                 if high:
-                    return dns.message.from_wire(wire)
+                    return _whole(wire)
             parser.seek(parser.current + rdlen)
         if parser.remaining():
             raise ValueError("trailing bytes after the records")
     except (struct.error, ValueError, dns.exception.DNSException):
-        return dns.message.from_wire(wire)  # says what is wrong with it, or reads it anyway
+        return _whole(wire)  # says what is wrong with it, or reads it anyway
     return _Response(flags, rcode, sections[0], sections[1])
