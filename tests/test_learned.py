@@ -454,3 +454,50 @@ def test_a_drop_is_a_warning_unless_a_published_policy_already_decides(
     caplog.set_level(logging.INFO, logger="mxguard.learned")
     assert len(asyncio.run(body())) == 1  # recorded either way
     assert [r.levelname for r in caplog.records if "level drop" in r.getMessage()] == [level]
+
+
+def test_a_burst_of_floors_reads_the_alarm_once_and_an_alarm_from_elsewhere_soon_applies(
+    tmp_path: Any,
+) -> None:
+    from mxguard.learned import learner as learner_module
+
+    settings = replace(ALARM, alarm_enforce=True)
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+
+    async def body() -> None:
+        here, there = await open_store(url), await open_store(url)  # two processes' stores
+        reads = [0]
+        latest = here.latest_alarm
+
+        async def counted() -> Any:
+            reads[0] += 1
+            return await latest()
+
+        here.latest_alarm = counted  # type: ignore[method-assign]
+        ticks = [0.0]
+        mine = Learner(here, settings, clock=lambda: NOW)
+        mine.monotonic = lambda: ticks[0]
+        other = Learner(there, settings, clock=lambda: NOW)
+        mx_set = [(MX, ("192.0.2.1",))]
+        try:
+            await asyncio.gather(*(mine.floor(f"d{n}.test", mx_set) for n in range(20)))
+            assert reads[0] == 1  # twenty resolutions at once: one read
+            # The other process raises the alarm (it saw enough domains lose STARTTLS).
+            for n in range(3):
+                await other.observe(f"d{n}.test", [Observation(MX, f"192.0.2.{n}", L.TLS)])
+                await other.observe(f"d{n}.test", [Observation(MX, f"192.0.2.{n}", L.PLAIN, STRIP)])
+            assert other.counters.alarms == 1
+            await mine.floor("d0.test", mx_set)
+            assert reads[0] == 1  # still within ALARM_READ_FRESH of the first read
+            ticks[0] += learner_module.ALARM_READ_FRESH
+            floor = await mine.floor("d0.test", [(MX, ("192.0.2.0",))])
+            assert reads[0] == 2
+            assert floor.mode is LMode.ENFORCE  # the alarm applies here now
+            await mine.clear_alarm()  # this process's own change: seen at once
+            floor = await mine.floor("d0.test", [(MX, ("192.0.2.0",))])
+            assert reads[0] == 3 and floor.mode is LMode.REPORT
+        finally:
+            await here.close()
+            await there.close()
+
+    asyncio.run(body())

@@ -12,8 +12,10 @@ node raise it, and that caller logs it, once, at CRITICAL.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,11 +30,15 @@ from mxguard.adapters.store import (
 )
 from mxguard.learned import model
 from mxguard.learned.config import LearnedSettings
-from mxguard.protocol import pkix
 from mxguard.protocol.levels import SecurityLevel
 from mxguard.protocol.results import ResultType
 
 log = logging.getLogger("mxguard.learned")
+
+# Seconds one read of the stripping alarm serves ``floor``: a burst of resolutions reads it
+# once, not once each; an alarm another process raises or clears applies within this time
+# (one this process raises or clears, at once).
+ALARM_READ_FRESH = 1.0
 
 
 @dataclass
@@ -61,6 +67,8 @@ class Learner:
         self.settings = settings or LearnedSettings()
         self.clock = clock
         self.counters = counters or Counters()
+        self.monotonic = time.monotonic
+        self._alarm_read: tuple[float, asyncio.Future[StrippingAlarm | None]] | None = None
 
     # --- what the engine asks before a delivery ---
 
@@ -69,8 +77,8 @@ class Learner:
     ) -> model.LearnedFloor:
         now = self.clock()
         rows = await self.store.learned_hosts(domain)
-        alarm = await self.active_alarm()
-        alarm_enforce = alarm is not None and alarm.enforce
+        alarm = await self._recent_alarm()
+        alarm_enforce = alarm is not None and alarm.active and alarm.enforce
         domain_drops: list[LevelDrop] = []
         if rows:
             start = now - dt.timedelta(seconds=self.settings.decay)
@@ -79,6 +87,24 @@ class Learner:
             domain, rows, mx_set, settings=self.settings, now=now,
             domain_drops=domain_drops, alarm_enforce=alarm_enforce,
         )  # fmt: skip
+
+    async def _recent_alarm(self) -> StrippingAlarm | None:
+        """The latest alarm, read at most ALARM_READ_FRESH seconds ago; concurrent callers
+        share one read. A failed read is not kept (StoreError for every one that waited)."""
+        now = self.monotonic()
+        if self._alarm_read is not None and now - self._alarm_read[0] < ALARM_READ_FRESH:
+            return await asyncio.shield(self._alarm_read[1])
+        read = asyncio.ensure_future(self.store.latest_alarm())
+        self._alarm_read = (now, read)
+        try:
+            return await asyncio.shield(read)
+        except BaseException:
+            if self._alarm_read is not None and self._alarm_read[1] is read:
+                self._alarm_read = None
+            raise
+
+    def _forget_alarm_read(self) -> None:
+        self._alarm_read = None
 
     async def active_alarm(self) -> StrippingAlarm | None:
         alarm = await self.store.latest_alarm()
@@ -105,6 +131,8 @@ class Learner:
             def webpki(a: model.AttemptLike = a) -> bool:
                 if not a.presented:
                     return False
+                from mxguard.protocol import pkix  # only for a session that needs it
+
                 return pkix.verify_pkix(a.presented, name=a.mx, roots=roots, now=when).ok
 
             level = model.session_level(
@@ -174,6 +202,7 @@ class Learner:
             after = await self.store.extend_alarm(
                 [d.domain for d in stripped], [model.host_label(d) for d in stripped]
             )
+            self._forget_alarm_read()
         except StoreError as exc:
             self.counters.store_errors += 1
             log.warning("the stripping alarm could not be extended: %s", exc)
@@ -198,7 +227,11 @@ class Learner:
             alarm = model.alarm_due(
                 await self.store.drops_since(start), settings=self.settings, now=now
             )
-            if alarm is None or not await self.store.raise_alarm(alarm):
+            if alarm is None:
+                return None
+            raised = await self.store.raise_alarm(alarm)
+            self._forget_alarm_read()
+            if not raised:
                 return None
         except StoreError as exc:
             self.counters.store_errors += 1
@@ -217,6 +250,7 @@ class Learner:
 
     async def clear_alarm(self) -> StrippingAlarm | None:
         alarm = await self.store.clear_alarm(self.clock())
+        self._forget_alarm_read()
         if alarm is not None:
             log.warning("stripping alarm of %s cleared", alarm.raised_at.isoformat())
         return alarm
