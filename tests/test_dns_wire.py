@@ -13,6 +13,7 @@ import asyncio
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import dns.flags
@@ -161,3 +162,31 @@ def test_query_ids_are_16_bit_spread_and_not_shared_with_a_forked_child() -> Non
     os.close(read)
     parent = [ids() for _ in range(50)]
     assert child != parent  # with a shared pool they would be the same 50 IDs
+
+
+def test_concurrent_lookups_of_one_name_share_one_query_when_caching(scripted) -> None:  # type: ignore[no-untyped-def]
+    # A burst of cold lookups for domains with one MX host asks for its records once.
+    asked: list[str] = []
+
+    def script(query: dns.message.Message) -> list[bytes]:
+        asked.append(query.question[0].name.to_text())
+        time.sleep(0.05)  # the answer takes a while: the other lookups arrive meanwhile
+        return [answer_to(query, "192.0.2.1").to_wire()]
+
+    port = scripted(script)
+
+    async def burst(cache: bool) -> list[object]:
+        resolver = DnsResolver([(HOST, port)], timeout=2, cache=cache)
+        lookups = [asyncio.ensure_future(resolver.query("mx.shared.test", "A")) for _ in range(20)]
+        await asyncio.sleep(0.01)
+        lookups[0].cancel()  # one caller gives up: the others still get their answer
+        got = await asyncio.gather(*lookups[1:])
+        resolver.close()
+        return list(got)
+
+    for answer in asyncio.run(burst(cache=True)):
+        assert [str(r.address) for r in answer.records] == ["192.0.2.1"]  # type: ignore[attr-defined]
+    assert asked == ["mx.shared.test."]
+    asked.clear()
+    asyncio.run(burst(cache=False))  # without the cache every lookup is its own query
+    assert len(asked) == 20

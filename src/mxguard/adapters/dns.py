@@ -203,6 +203,9 @@ class DnsResolver:
         self.max_entries = max_entries
         self.queries = 0  # queries sent (cache hits do not count)
         self._channels: dict[tuple[str, int], _UdpChannel] = {}
+        # With the cache: the lookup of each (name, type) under way, which callers asking the
+        # same meanwhile share (a burst of domains with one MX host asks for it once).
+        self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
         if not self.trusted:
             log.warning(
                 "resolver %s is not on loopback: its AD bit cannot be trusted, so no answer "
@@ -221,13 +224,28 @@ class DnsResolver:
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             return hit[1]
-        answer = await self._query(name, rdtype)
+        shared = self._inflight.get(key)
+        if shared is not None and shared.get_loop() is asyncio.get_running_loop():
+            # shield: one waiter giving up must not cancel the others' lookup.
+            return await asyncio.shield(shared)
+        lookup = asyncio.ensure_future(self._query(name, rdtype))
+        self._inflight[key] = lookup
+        lookup.add_done_callback(lambda done: self._lookup_done(key, done, now))
+        return await asyncio.shield(lookup)
+
+    def _lookup_done(
+        self, key: tuple[str, str], done: asyncio.Future[DnsAnswer], asked: float
+    ) -> None:
+        if self._inflight.get(key) is done:
+            del self._inflight[key]
+        if done.cancelled() or done.exception() is not None or self.cache is None:
+            return
+        answer = done.result()
         if not answer.failed and answer.ttl > 0:
             self.cache.pop(key, None)  # an answer put again is the newest
             while len(self.cache) >= self.max_entries:
                 del self.cache[next(iter(self.cache))]
-            self.cache[key] = (now + min(answer.ttl, self.max_ttl), answer)
-        return answer
+            self.cache[key] = (asked + min(answer.ttl, self.max_ttl), answer)
 
     async def _query(self, name: str, rdtype: str) -> DnsAnswer:
         self.queries += 1
