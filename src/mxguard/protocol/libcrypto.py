@@ -113,6 +113,8 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "X509_VERIFY_PARAM_set_auth_level": (None, [_P, ctypes.c_int]),
     "X509_VERIFY_PARAM_set_time": (None, [_P, ctypes.c_int64]),
     "ERR_clear_error": (None, []),
+    "X509_subject_name_hash": (ctypes.c_ulong, [_P]),
+    "X509_issuer_name_hash": (ctypes.c_ulong, [_P]),
 }
 
 
@@ -342,4 +344,30 @@ def verify(
         lib.ERR_clear_error()
 
 
-__all__ = ["LibcryptoUnavailable", "VerifyError", "VerifyResult", "error_string", "verify"]
+def name_hashes(ders: Sequence[bytes]) -> list[tuple[int, int] | None]:
+    """Per certificate, OpenSSL's hashes of its subject and issuer names (those of its
+    lookup by name: equal canonical names, equal hashes); None for one it cannot parse."""
+    lib = _get_lib()
+    out: list[tuple[int, int] | None] = []
+    for der in ders:
+        try:
+            cert = _X509(lib, der)
+        except ValueError:
+            out.append(None)
+            continue
+        try:
+            out.append((lib.X509_subject_name_hash(cert.ptr), lib.X509_issuer_name_hash(cert.ptr)))
+        finally:
+            cert.close()
+    lib.ERR_clear_error()
+    return out
+
+
+__all__ = [
+    "LibcryptoUnavailable",
+    "VerifyError",
+    "VerifyResult",
+    "error_string",
+    "name_hashes",
+    "verify",
+]

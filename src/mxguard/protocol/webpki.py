@@ -1,0 +1,104 @@
+"""Whether a chain is WebPKI-valid for a host, yes or no, from DER alone.
+
+``pkix.verify_pkix`` gives the whole verdict (the RFC 8460 result type, a sentence per
+problem, the path), and parses certificates with ``cryptography`` to word it. The learned
+levels (docs/learned.md) only need to know whether an opportunistic session's chain would have
+passed, and a sender that runs once per message (``mxguard send``) should not import
+``cryptography`` for that (about 35 ms of its start-up). ``valid`` asks the same OpenSSL
+verifier with the same settings (libcrypto.py, pkix.HOST_FLAGS, the system's security level),
+and narrows the trusted roots the way ``pkix.candidate_roots`` does, with OpenSSL's own name
+hashes instead of parsed names. tests/test_webpki.py holds the two answers equal over every
+certificate variant of the differential test.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mxguard.protocol import libcrypto
+from mxguard.protocol.names import HostNameError, normalise_host
+
+# As pkix.HOST_FLAGS (RFC 8461 §4.2: subjectAltName only, no partial-label wildcards).
+HOST_FLAGS = libcrypto.CHECK_FLAG_NEVER_CHECK_SUBJECT | libcrypto.CHECK_FLAG_NO_PARTIAL_WILDCARDS
+
+
+@functools.cache
+def _auth_level() -> int:
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).security_level
+
+
+@dataclass(frozen=True)
+class _Roots:
+    ders: tuple[bytes, ...]
+    hashes: tuple[tuple[int, int] | None, ...]  # (subject, issuer); None: unreadable
+
+
+_roots_seen: dict[int, tuple[Sequence[bytes], _Roots]] = {}
+
+
+def _hashed(roots: Sequence[bytes]) -> _Roots:
+    # A sender checks every session against the same roots object: hash it once.
+    hit = _roots_seen.get(id(roots))
+    if hit is not None and hit[0] is roots:
+        return hit[1]
+    found = _Roots(tuple(roots), tuple(libcrypto.name_hashes(roots)))
+    if len(_roots_seen) > 8:
+        _roots_seen.clear()
+    _roots_seen[id(roots)] = (roots, found)
+    return found
+
+
+def candidates(chain: Sequence[bytes], roots: Sequence[bytes]) -> tuple[bytes, ...]:
+    """The ``roots`` OpenSSL could look up while verifying ``chain``: those whose subject
+    could be the subject or issuer of a chain certificate, or the issuer of another such
+    root (all of them when a chain certificate cannot be read)."""
+    known = _hashed(roots)
+    wanted: set[int] = set()
+    for names in libcrypto.name_hashes(chain):
+        if names is None:
+            return known.ders
+        wanted.update(names)
+    chosen: set[int] = set()
+    grew = True
+    while grew:  # the roots that match, then the issuers of those, until nothing is added
+        grew = False
+        for i, names in enumerate(known.hashes):
+            if i in chosen or (names is not None and names[0] not in wanted):
+                continue
+            chosen.add(i)
+            grew = True
+            if names is not None:
+                wanted.add(names[1])
+    return tuple(known.ders[i] for i in sorted(chosen))
+
+
+def valid(chain: Sequence[bytes], *, name: str, roots: Sequence[bytes], now: dt.datetime) -> bool:
+    """Whether ``chain`` (DER, leaf first) verifies for host ``name`` against ``roots`` at
+    ``now``: what ``pkix.verify_pkix(...).ok`` says, without parsing anything in Python."""
+    if now.tzinfo is None:
+        raise ValueError("webpki.valid needs a timezone-aware 'now', e.g. datetime.now(UTC)")
+    if not chain:
+        return False
+    try:
+        reference = normalise_host(name)
+    except HostNameError:
+        return False
+    try:
+        result = libcrypto.verify(
+            chain,
+            roots=candidates(chain, roots),
+            host=reference,
+            hostflags=HOST_FLAGS,
+            auth_level=_auth_level(),
+            at=int(now.timestamp()),
+        )
+    except ValueError:  # the leaf itself is unreadable
+        return False
+    return result.ok
+
+
+__all__ = ["HOST_FLAGS", "candidates", "valid"]
