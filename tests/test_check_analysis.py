@@ -205,7 +205,7 @@ def _leaf(kind: str, host: str) -> x509.Certificate:
 
 
 def tls_info(cert: x509.Certificate, host: str) -> TlsInfo:
-    return TlsInfo(host, "TLSv1.3", "TLS_AES_128_GCM_SHA256", chain=(cert,), ders=(der(cert),))
+    return TlsInfo(host, "TLSv1.3", "TLS_AES_128_GCM_SHA256", ders=(der(cert),))
 
 
 def ee(cert: x509.Certificate) -> Tlsa:

@@ -33,16 +33,14 @@ import asyncio
 import base64
 import contextlib
 import enum
+import functools
 import ssl
 import warnings
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Any
-
-from cryptography import x509
-from cryptography.utils import CryptographyDeprecationWarning
+from typing import TYPE_CHECKING, Any
 
 from mxguard.protocol import names
 from mxguard.protocol.results import ResultType
@@ -56,6 +54,9 @@ from mxguard.protocol.smtp import (
     parse_reply,
     parse_reply_line,
 )
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 # RFC 5321 §4.5.3.1.5 limits a reply line to 512 octets, but real servers exceed it; this is
 # the bound past which we stop believing we talk to an SMTP server.
@@ -103,15 +104,21 @@ class SmtpError(Exception):
         self.result_type = result_type
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class TlsInfo:
     """What the TLS handshake established; the chain is *unverified* (leaf first)."""
 
     server_name: str  # sent as SNI
     version: str  # "TLSv1.3"
     cipher: str
-    chain: tuple[x509.Certificate, ...]  # parsed, up to the first certificate that is not
     ders: tuple[bytes, ...] = ()  # every certificate presented (up to MAX_CHAIN), as DER
+
+    @functools.cached_property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        """``ders`` parsed, up to the first certificate that is not: made when a check needs
+        it (DANE, MTA-STS), not for every opportunistic session (cryptography's import
+        costs a per-message ``mxguard send`` about 35 ms)."""
+        return _parsed_chain(self.ders)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +161,9 @@ def _presented_ders(ssl_object: Any) -> tuple[bytes, ...]:
 
 def _parsed_chain(ders: tuple[bytes, ...]) -> tuple[x509.Certificate, ...]:
     """``ders`` parsed, until the first one cryptography cannot parse."""
+    from cryptography import x509
+    from cryptography.utils import CryptographyDeprecationWarning
+
     chain: list[x509.Certificate] = []
     for der in ders:
         try:
@@ -177,7 +187,6 @@ def _tls_info(transport: asyncio.Transport, sni: str) -> TlsInfo:
         server_name=sni,
         version=str(ssl_object.version()) if ssl_object is not None else "unknown",
         cipher=str(cipher[0]) if cipher else "unknown",
-        chain=_parsed_chain(ders),
         ders=ders,
     )
 

@@ -26,7 +26,7 @@ import enum
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mxguard.adapters.smtp import (
     Reply,
@@ -42,9 +42,13 @@ from mxguard.engine.message import Message
 from mxguard.engine.policy import Auth, DeliveryPolicy, MxPolicy, Source, Status, Tls
 from mxguard.engine.resolve import Resolver, normalise_domain
 from mxguard.learned.learner import Learner
-from mxguard.protocol import dane, pkix
+from mxguard.protocol import dane
 from mxguard.protocol.results import ResultType
 from mxguard.protocol.tlsrpt_report import PolicyType
+
+if TYPE_CHECKING:
+    # pkix (and cryptography) come with the first session whose chain a policy checks.
+    from mxguard.protocol import pkix
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,8 @@ class Attempt:
     @property
     def certificates(self) -> tuple[pkix.CertSummary, ...]:
         """The presented chain summarised for people (made only when shown)."""
+        from mxguard.protocol import pkix
+
         return tuple(pkix.summarize(d) for d in self.presented)
 
     def to_json(self) -> dict[str, Any]:
@@ -234,7 +240,7 @@ class Sender:
     store: Store | None = None
     helo_name: str = "localhost"
     smtp_port: int = 25
-    roots: Sequence[Any] = ()  # trusted roots for WebPKI (pkix.load_roots)
+    roots: Sequence[Any] = ()  # trusted roots for WebPKI: DER (roots.load_ders) or parsed
     timeout: float = 60.0
     is_report: bool = False  # these messages are TLS reports (RFC 8460 §5.3: not counted)
     clock: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(dt.UTC))
@@ -645,6 +651,8 @@ def authenticate(
             Auth.DANE, ok=False, enforced=True,
             result_type=dv.result_type or ResultType.VALIDATION_FAILURE, detail=dv.detail,
         )  # fmt: skip
+    from mxguard.protocol import pkix
+
     pk = pkix.verify_pkix(info.ders or info.chain, name=m.host, roots=roots, now=now)
     return Authentication(
         Auth.PKIX,

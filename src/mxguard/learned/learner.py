@@ -32,6 +32,7 @@ from mxguard.learned import model
 from mxguard.learned.config import LearnedSettings
 from mxguard.protocol.levels import SecurityLevel
 from mxguard.protocol.results import ResultType
+from mxguard.protocol.webpki import valid as webpki_valid
 
 log = logging.getLogger("mxguard.learned")
 
@@ -123,6 +124,7 @@ class Learner:
     ) -> list[LevelDrop]:
         """Learn from ``deliver()``'s attempts (those with a session and an address)."""
         when = now or self.clock()
+        root_ders = _ders(roots)
         found = []
         for a in attempts:
             if not a.session or a.ip is None:
@@ -131,9 +133,7 @@ class Learner:
             def webpki(a: model.AttemptLike = a) -> bool:
                 if not a.presented:
                     return False
-                from mxguard.protocol import pkix  # only for a session that needs it
-
-                return pkix.verify_pkix(a.presented, name=a.mx, roots=roots, now=when).ok
+                return webpki_valid(a.presented, name=a.mx, roots=root_ders, now=when)
 
             level = model.session_level(
                 tls=a.tls_version is not None, verified=a.verified, webpki=webpki
@@ -254,6 +254,15 @@ class Learner:
         if alarm is not None:
             log.warning("stripping alarm of %s cleared", alarm.raised_at.isoformat())
         return alarm
+
+
+def _ders(roots: Sequence[Any]) -> Sequence[bytes]:
+    """``roots`` as DER (a sender's are already; parsed ones are encoded, once per call)."""
+    if all(isinstance(r, bytes) for r in roots):
+        return roots
+    from mxguard.protocol import pkix
+
+    return tuple(r if isinstance(r, bytes) else pkix.der(r) for r in roots)
 
 
 def level_of_postfix_trust(trust: str | None, *, dane_policy: bool) -> SecurityLevel:

@@ -19,17 +19,18 @@ import hashlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
-from cryptography.x509.oid import NameOID
-
-from mxguard.protocol import certpath
 from mxguard.protocol.names import identifier_matches
 from mxguard.protocol.results import ResultType
+
+if TYPE_CHECKING:
+    # The TLSA model (parse, classify) needs no certificate code: the resolver, and with it
+    # serve postfix and policy, use it alone. What checks certificates imports cryptography
+    # (and certpath, which is built on it) where it runs.
+    from cryptography import x509
+
+    from mxguard.protocol import certpath
 
 # RFC 6698 §2.1.1 / RFC 7218 §2: certificate usages, selectors and matching types.
 PKIX_TA, PKIX_EE, DANE_TA, DANE_EE = 0, 1, 2, 3
@@ -166,6 +167,9 @@ def usable(record: Tlsa) -> str | None:
 
 
 def _full_certificate(record: Tlsa) -> x509.Certificate | None:
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+
     try:
         cert = x509.load_der_x509_certificate(record.data)
         cert.public_key()  # a certificate whose key cannot be read cannot anchor anything
@@ -175,6 +179,9 @@ def _full_certificate(record: Tlsa) -> x509.Certificate | None:
 
 
 def _full_key(record: Tlsa) -> Any:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     try:
         return serialization.load_der_public_key(record.data)
     except (ValueError, UnsupportedAlgorithm):
@@ -248,6 +255,8 @@ def _matches(record: Tlsa, cert: x509.Certificate) -> bool:
 
 def association_data(cert: x509.Certificate, selector: int, matching_type: int) -> bytes:
     """The TLSA certificate-association data for ``cert`` (RFC 6698 §2.1.2, §2.1.3)."""
+    from cryptography.hazmat.primitives import serialization
+
     if selector == 0:
         data = cert.public_bytes(serialization.Encoding.DER)
     elif selector == 1:
@@ -270,6 +279,8 @@ def association_data(cert: x509.Certificate, selector: int, matching_type: int) 
 
 def _may_issue(issuer: x509.Certificate, intermediates_below: int) -> str | None:
     """None if ``issuer`` may sign certificates at this depth, else why not (RFC 5280 §4.2.1)."""
+    from cryptography import x509
+
     try:
         bc = issuer.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
@@ -294,6 +305,9 @@ def _may_issue(issuer: x509.Certificate, intermediates_below: int) -> str | None
 
 def _signed_by_key(cert: x509.Certificate, key: Any) -> bool:
     """Whether ``key`` made ``cert``'s signature: for a bare trust-anchor key (``2 1 0``)."""
+    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+
     params = cert.signature_algorithm_parameters
     try:
         if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
@@ -344,6 +358,8 @@ def _ta_paths(
     signed by the next one (RFC 7672 §3.1.2).
     """
     leaf = chain[0]
+    from mxguard.protocol import certpath
+
     # Untrusted input is bounded: at most this many presented issuers are considered.
     pool = list(chain[1 : 2 * _MAX_CHAIN_DEPTH])
     dns_key = _full_key(record) if (record.selector, record.matching_type) == (1, 0) else None
@@ -403,6 +419,9 @@ def _dates_failure(
 
 def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
     """The DNS names a certificate is valid for: SAN dNSNames, else its CN (RFC 6125 §6.4.4)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         dns_names = tuple(san.get_values_for_type(x509.DNSName))
@@ -484,6 +503,10 @@ def verify_chain(
     """
     if now.tzinfo is None:
         raise ValueError("verify_chain needs a timezone-aware 'now', e.g. datetime.now(UTC)")
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    from mxguard.protocol import certpath
+
     try:
         return _verify_chain(records, chain, names=names, now=now, budget=certpath.Budget())
     except certpath.ChainTooComplex as exc:
