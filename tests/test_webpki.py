@@ -72,3 +72,33 @@ def test_it_needs_no_cryptography() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_names_read_off_the_der_hash_as_openssl_hashes_the_parsed_certificate(
+    built: dict[str, Built],
+) -> None:
+    from mxguard.protocol import libcrypto
+
+    certs = list(SYSTEM) + [d for b in built.values() for d in (*b.chain, *b.roots)]
+    parsed = libcrypto.name_hashes(certs)
+    read = webpki._name_hashes(certs)
+    assert len(certs) > 20
+    assert read == parsed
+    assert all(h is not None for h in parsed)  # the comparison covers real hashes
+
+
+@pytest.mark.parametrize(
+    "der",
+    [
+        b"",
+        b"\x30",
+        b"\x30\x05\x30\x03\x02\x01",
+        b"\x31\x00",
+        b"\x30\x84\xff\xff\xff\xff",
+        b"x" * 50,
+    ],
+    ids=["empty", "truncated", "short", "not_a_sequence", "huge_length", "junk"],
+)
+def test_what_is_no_certificate_has_no_names(der: bytes) -> None:
+    assert webpki._names(der) is None
+    assert webpki._name_hashes([der]) == [None]

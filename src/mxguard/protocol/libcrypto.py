@@ -116,6 +116,12 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "X509_subject_name_hash": (ctypes.c_ulong, [_P]),
     "X509_issuer_name_hash": (ctypes.c_ulong, [_P]),
 }
+# Declared when present (OpenSSL 3): hashing a name alone, without parsing its certificate.
+_OPTIONAL: dict[str, tuple[object, list[object]]] = {
+    "d2i_X509_NAME": (_P, [_P, ctypes.POINTER(ctypes.c_char_p), ctypes.c_long]),
+    "X509_NAME_free": (None, [_P]),
+    "X509_NAME_hash_ex": (ctypes.c_ulong, [_P, _P, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)]),
+}
 
 
 def _open() -> ctypes.CDLL:
@@ -143,6 +149,11 @@ def _load() -> Any:
             raise LibcryptoUnavailable(f"libcrypto has no function {name}") from None
         fn.restype = restype
         fn.argtypes = argtypes
+    for name, (restype, argtypes) in _OPTIONAL.items():
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.restype = restype
+            fn.argtypes = argtypes
     if lib.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
         raise LibcryptoUnavailable(
             "the libcrypto found is not the one Python's ssl module uses "
@@ -363,11 +374,32 @@ def name_hashes(ders: Sequence[bytes]) -> list[tuple[int, int] | None]:
     return out
 
 
+def name_hash(name_der: bytes) -> int | None:
+    """OpenSSL's hash of a DER Name (what ``X509_subject_name_hash`` gives for a certificate
+    with that subject); None if it cannot be parsed or this libcrypto cannot hash a name
+    alone (before OpenSSL 3)."""
+    lib = _get_lib()
+    if not hasattr(lib, "X509_NAME_hash_ex") or not hasattr(lib, "d2i_X509_NAME"):
+        return None
+    buf = ctypes.c_char_p(name_der)
+    name = lib.d2i_X509_NAME(None, ctypes.byref(buf), len(name_der))
+    if not name:
+        lib.ERR_clear_error()
+        return None
+    try:
+        ok = ctypes.c_int(0)
+        value: int = lib.X509_NAME_hash_ex(name, None, None, ctypes.byref(ok))
+        return value if ok.value else None
+    finally:
+        lib.X509_NAME_free(name)
+
+
 __all__ = [
     "LibcryptoUnavailable",
     "VerifyError",
     "VerifyResult",
     "error_string",
+    "name_hash",
     "name_hashes",
     "verify",
 ]
