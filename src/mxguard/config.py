@@ -331,9 +331,9 @@ def check_ca_file(settings: Settings) -> None:
     """
     if settings.ca_file is None:
         return
-    from mxguard.protocol import pkix
+    from mxguard.protocol import roots  # DER only: the check parses no certificate
 
     try:
-        pkix.load_roots(settings.ca_file, system=False)
-    except pkix.CaFileError as exc:
+        roots.ca_file_ders(settings.ca_file)
+    except roots.CaFileError as exc:
         raise ConfigError(f"ca_file: {exc}") from None

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from mxguard.protocol import names, pkix
+from mxguard.protocol import names, roots
 
 if TYPE_CHECKING:
     import httpx
@@ -135,15 +135,15 @@ def client_context(ca_file: Path | None = None) -> ssl.SSLContext:
 
 
 def _new_context(ca_file: Path | None) -> ssl.SSLContext:
-    # The same roots the MX check trusts (pkix.load_roots: the system bundle plus ca_file),
-    # judged by the same OpenSSL verifier at the same (the system's) security level.
+    # The same roots the MX check trusts (roots.load_ders: the system bundle plus ca_file,
+    # which pkix.load_roots parses), judged by the same OpenSSL verifier at the same (the
+    # system's) security level. OpenSSL needs only their DER: no certificate is parsed here.
     try:
-        roots = pkix.load_roots(ca_file)
-    except pkix.CaFileError as exc:
+        ders = roots.load_ders(ca_file)
+    except roots.CaFileError as exc:
         raise OSError(str(exc)) from None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if roots:
-        ctx.load_verify_locations(cadata=b"".join(pkix.der(c) for c in roots))
+    roots.load_into(ctx, ders)  # one that OpenSSL refuses does not cost the others
     # RFC 8461 §3.3 requires TLS per RFC 7525, which forbids anything older than TLS 1.2.
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True

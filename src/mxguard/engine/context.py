@@ -6,18 +6,21 @@ import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mxguard.adapters.dns import DnsResolver
 from mxguard.adapters.store import Store, StoreError, default_store_url, open_store, state_folder
 from mxguard.config import ConfigError, Settings, check_ca_file
-from mxguard.engine.deliver import Sender
 from mxguard.engine.learning import LearnedResolver
 from mxguard.engine.resolve import Resolver
 from mxguard.engine.spool import ResultSpool
 from mxguard.engine.sts import StsResolver
 from mxguard.learned import config as learned_config
 from mxguard.learned.learner import Learner
-from mxguard.protocol import localrules, pkix, policylist
+from mxguard.protocol import localrules, policylist
+
+if TYPE_CHECKING:
+    from mxguard.engine.deliver import Sender
 
 
 @dataclass
@@ -32,9 +35,14 @@ class Engine:
 
     def sender(self, *, is_report: bool = False) -> Sender:
         """A sender under this engine's policies; WebPKI roots: the system's plus --ca-file."""
+        # Imported here: the commands that never send (serve postfix, policy) need neither.
+        # The roots go as DER: a chain is parsed (cryptography) only when a policy checks it.
+        from mxguard.engine.deliver import Sender
+        from mxguard.protocol import roots as trust
+
         try:
-            roots = pkix.load_roots(self.settings.ca_file)
-        except pkix.CaFileError as exc:
+            roots = trust.load_ders(self.settings.ca_file)
+        except trust.CaFileError as exc:
             raise ConfigError(str(exc)) from None
         return Sender(
             self.resolver,

@@ -21,13 +21,13 @@ type is chosen from them in this order of precedence:
 
 The security level that sets the weakest key and digest accepted is the system's default for
 TLS clients (Debian: 2, i.e. RSA of 2048 bits, no SHA-1), the level the policy fetch and Postfix
-run at. Pure: no sockets, no clock (pass ``now``). ``load_roots`` is the one function that
-reads files, so that everything about the WebPKI trust store lives in one place.
+run at. Pure: no sockets, no clock (pass ``now``). ``load_roots`` gives the trusted roots as
+certificates; the files they come from are read by ``roots``, which the policy fetch uses
+without this module (and without cryptography).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -48,39 +48,19 @@ from mxguard.protocol import libcrypto
 from mxguard.protocol.names import HostNameError, normalise_host
 from mxguard.protocol.results import ResultType
 
+# The trust store's files are read by ``roots``, which needs no cryptography (the policy
+# fetch uses it alone); its names stay importable from here for the callers of pkix.
+from mxguard.protocol.roots import (
+    FALLBACK_BUNDLE,
+    CaFileError,
+    load_ders,
+    pem_blocks,
+    pem_certificates,
+    system_bundle,
+)
+
 _ISO = "%Y-%m-%dT%H:%M:%SZ"
-_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
-_PEM_END = b"\n-----END CERTIFICATE-----"
 
-
-def pem_blocks(data: bytes) -> list[bytes]:
-    """Each ``-----BEGIN CERTIFICATE-----``, line break, at least one byte, line break,
-    ``-----END CERTIFICATE-----`` in ``data``, in order, CRLF or LF (what lies between is not
-    looked at), the shortest such span from each BEGIN: what a lazy DOTALL regular expression
-    finds (tests/test_pkix.py holds them equal), found with ``bytes.find``, because the
-    expression took 7 to 11 ms over the system bundle, which every command loads."""
-    blocks = []
-    at = 0
-    while (start := data.find(_PEM_BEGIN, at)) >= 0:
-        body = start + len(_PEM_BEGIN)
-        if data.startswith(b"\r\n", body):
-            body += 2
-        elif data.startswith(b"\n", body):
-            body += 1
-        else:
-            at = start + 1
-            continue
-        end = data.find(_PEM_END, body + 1)  # at least one byte between the lines
-        if end < 0:
-            at = start + 1
-            continue
-        end += len(_PEM_END)
-        blocks.append(data[start:end])
-        at = end
-    return blocks
-
-
-FALLBACK_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 # RFC 8461 §4.2: the MX host name must be a dNSName of the subjectAltName (no CN fallback),
 # and a wildcard is a whole left-most label ("*.example.com"), never part of one.
@@ -101,10 +81,6 @@ _NO_ISSUER = frozenset(
     {libcrypto.UNABLE_TO_GET_ISSUER_CERT_LOCALLY, libcrypto.UNABLE_TO_GET_ISSUER_CERT}
 )
 _EXPIRED = frozenset({libcrypto.CERT_NOT_YET_VALID, libcrypto.CERT_HAS_EXPIRED})
-
-
-class CaFileError(ValueError):
-    """A CA file given by the user cannot be used; the message names the file and the reason."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,87 +485,33 @@ def _summarize(der: bytes) -> CertSummary:
     )
 
 
-def pem_certificates(data: bytes) -> list[bytes]:
-    """The DER of every PEM certificate block in ``data``, in order, parsed or not."""
-    ders = []
-    for block in pem_blocks(data):
-        with contextlib.suppress(ValueError):
-            ders.append(ssl.PEM_cert_to_DER_cert(block.decode("ascii", "replace")))
-    return ders
-
-
-def _parse_pem_bundle(data: bytes) -> list[x509.Certificate]:
-    certs = []
-    for block in pem_blocks(data):
-        try:
-            with warnings.catch_warnings():
-                # Old roots with non-positive serial numbers parse with a deprecation warning
-                # that says nothing useful to our users.
-                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-                certs.append(x509.load_pem_x509_certificate(block))
-        except ValueError:
-            # System bundles carry the odd certificate cryptography will not parse (negative
-            # serial numbers, old encodings); one of them must not cost us all the others.
-            continue
-    return certs
-
-
-def system_bundle() -> Path | None:
-    """The system's CA bundle file, if there is one."""
-    cafile = ssl.get_default_verify_paths().cafile
-    for candidate in (Path(cafile) if cafile else None, FALLBACK_BUNDLE):
-        if candidate is not None and candidate.is_file():
-            return candidate
-    return None
-
-
-@functools.lru_cache(maxsize=4)
-def _system_roots(bundle: Path, mtime_ns: int) -> tuple[x509.Certificate, ...]:
-    # Parsing the ~150 system roots is the costly part, and the policy fetch and every sender
-    # load them: once per version of the file (``mtime_ns`` is part of the key).
-    return tuple(_parse_pem_bundle(bundle.read_bytes()))
-
-
 def load_roots(ca_file: Path | None, *, system: bool = True) -> tuple[x509.Certificate, ...]:
-    """The trusted roots: the system bundle (if ``system`` and present) plus ``ca_file``.
+    """The trusted roots: the system bundle (if ``system`` and present) plus ``ca_file``
+    (``roots.load_ders``), as certificates; those cryptography cannot parse are left out.
 
     A missing system bundle is tolerated (containers often have none); a ``ca_file`` that
     cannot be read or holds no certificate raises ``CaFileError``, because the user asked for it.
     """
-    roots: list[x509.Certificate] = []
-    bundle = system_bundle() if system else None
-    if bundle is not None:
-        with contextlib.suppress(OSError):  # an unreadable system bundle counts as absent
-            roots += _system_roots(bundle, bundle.stat().st_mtime_ns)
-    if ca_file is not None:
-        try:
-            data = ca_file.read_bytes()
-        except OSError as exc:
-            raise CaFileError(f"cannot read CA file {ca_file}: {exc.strerror or exc}") from None
-        extra = _parse_pem_bundle(data)
-        if not extra:
-            raise CaFileError(
-                f"CA file {ca_file} holds no usable certificate; expected PEM blocks "
-                "'-----BEGIN CERTIFICATE-----' ... '-----END CERTIFICATE-----'"
-            )
-        roots += extra
-    seen: set[bytes] = set()
-    unique = []
-    for cert in roots:
-        encoded = der(cert)
-        if encoded not in seen:
-            seen.add(encoded)
-            unique.append(cert)
-    return tuple(unique)
+    return _parsed_roots(load_ders(ca_file, system=system))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_roots(ders: tuple[bytes, ...]) -> tuple[x509.Certificate, ...]:
+    # Parsing the ~150 system roots is the costly part, and every sender loads them: once per
+    # set of roots (``roots`` reads the bundle once per version of the file). One tuple for
+    # one set also lets ``_roots`` find its encoding of them again.
+    return tuple(cert for cert in map(_parse, ders) if cert is not None)
 
 
 __all__ = [
+    "FALLBACK_BUNDLE",
     "CaFileError",
     "CertSummary",
     "PkixVerdict",
     "default_auth_level",
     "der",
     "load_roots",
+    "pem_blocks",
     "pem_certificates",
     "reference_name",
     "summarize",
