@@ -39,3 +39,10 @@ def test_senders_do_not_import_the_report_reader(command: str) -> None:
 @pytest.mark.parametrize("command", ["mxguard.cli.send", "mxguard.cli.serve", "mxguard.cli.policy"])
 def test_senders_do_not_import_whole_dns_messages_at_start(command: str) -> None:
     assert loaded_after(command, WHOLE_DNS) == []
+
+
+@pytest.mark.parametrize("command", ["mxguard.cli.send", "mxguard.cli.serve", "mxguard.cli.policy"])
+def test_senders_import_cryptography_only_for_a_certificate_check(command: str) -> None:
+    # A certificate is parsed when DANE or MTA-STS checks a chain (deliver, pkix, dane's
+    # chain checks), not at start-up.
+    assert loaded_after(command, ["cryptography", "mxguard.protocol.pkix"]) == []
