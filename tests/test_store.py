@@ -309,7 +309,7 @@ def test_sqlite_file_is_shared_by_concurrent_processes(tmp_path: Path) -> None:
     run(body())
 
 
-def _count_commits(store: Any) -> list[str]:
+async def _count_commits(store: Any) -> list[str]:
     """The COMMITs the store's writer connection runs from now on (SQLite's trace callback,
     installed in the writer thread, which owns the connection)."""
     commits: list[str] = []
@@ -319,7 +319,7 @@ def _count_commits(store: Any) -> list[str]:
             lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None
         )
 
-    store._executor.submit(install).result()
+    await store._executor.run(install)
     return commits
 
 
@@ -331,7 +331,7 @@ def test_sqlite_concurrent_policy_puts_share_commits_and_all_land(tmp_path: Path
 
     async def body() -> None:
         async with opened(url) as store:
-            commits = _count_commits(store)
+            commits = await _count_commits(store)
             policies = [
                 CachedPolicy(f"p{i}.example", f"id{i}", POLICY_TEXT, T0, FUTURE) for i in range(n)
             ]

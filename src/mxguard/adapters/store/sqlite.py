@@ -27,10 +27,11 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -368,10 +369,10 @@ _INBOX_FAILURES = (
 class SQLiteStore:
     """A Store on one SQLite database; open it with `await SQLiteStore.open(path)`."""
 
-    def __init__(self, path: str, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, path: str, executor: _Worker) -> None:
         self.path = path
         self._executor = executor  # the writer
-        self._reader: ThreadPoolExecutor | None = None  # None: reads go to the writer
+        self._reader: _Worker | None = None  # None: reads go to the writer
         self._conn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._closed = False
@@ -409,14 +410,11 @@ class SQLiteStore:
     async def open(cls, path: str) -> SQLiteStore:
         """Open (creating if needed) the database at `path` (or ":memory:") and migrate it;
         refuse a damaged file."""
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mxguard-sqlite")
-        store = cls(path, executor)
+        store = cls(path, _Worker("mxguard-sqlite"))
         try:
             await store._run(store._connect)
             if path != ":memory:":  # a second connection to :memory: is another database
-                store._reader = ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="mxguard-sqlite-read"
-                )
+                store._reader = _Worker("mxguard-sqlite-read")
                 await store._run(store._connect_reader, store._reader)
         except BaseException:
             await store.close()
@@ -1148,8 +1146,8 @@ class SQLiteStore:
                 await self._run(work)
         finally:
             if self._reader is not None:
-                self._reader.shutdown(wait=True)
-            self._executor.shutdown(wait=True)
+                self._reader.shutdown()
+            self._executor.shutdown()
 
     # --- plumbing ---
 
@@ -1208,16 +1206,69 @@ class SQLiteStore:
 
         return await self._run(call, self._reader)
 
-    async def _run(self, work: Callable[[], T], executor: ThreadPoolExecutor | None = None) -> T:
+    async def _run(self, work: Callable[[], T], executor: _Worker | None = None) -> T:
         if self._closed and self._conn is None:
             raise StoreError(f"SQLite store {self.path} is closed; open it again")
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(executor or self._executor, work)
+            return await (executor or self._executor).run(work)
         except sqlite3.Error as exc:
             raise StoreError(
                 f"SQLite store {self.path}: {exc}", kind=_kind(exc), detail=str(exc)
             ) from exc
+
+
+class _Worker:
+    """One thread that runs the store's calls in order and hands each result to the event
+    loop of its caller: a ThreadPoolExecutor of one worker without its per-call machinery
+    (submit's locks and thread accounting, a concurrent future chained to an asyncio one),
+    which was 5 % of the server's CPU in a burst of cold lookups.
+
+    A call whose caller stopped waiting still runs (a write is never half-done because
+    someone gave up on it). The thread is a daemon: a write is acknowledged only once it
+    has committed, so nothing acknowledged is lost if the process ends without ``close``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, work: Callable[[], T]) -> asyncio.Future[T]:
+        if self._stopped:
+            raise StoreError("the SQLite store is closed; open it again")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._calls.put((work, future))
+        return future
+
+    def shutdown(self) -> None:
+        """Run what was asked, then end the thread."""
+        if not self._stopped:
+            self._stopped = True
+            self._calls.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            work, future = call
+            try:
+                result, error = work(), None
+            except BaseException as exc:  # handed to the caller, who raises it
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the caller's loop has closed
+                future.get_loop().call_soon_threadsafe(_resolve, future, result, error)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # its caller stopped waiting
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
 
 
 def _kind(exc: sqlite3.Error) -> str:
