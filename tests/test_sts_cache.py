@@ -180,3 +180,33 @@ def test_dane_data_is_cached_for_its_dns_ttl(lab: Lab, store: Store, clock: Cloc
     assert dns.cache is not None
     _expiry, answer = dns.cache[("_25._tcp.mx.dane-ee.test", "TLSA")]
     assert 0 < answer.ttl <= 60  # the lab zone's TTL, not a fixed cache time
+
+
+def test_prepare_builds_the_fetch_context_once_and_a_broken_ca_file_waits_for_the_fetch(
+    tmp_path: Path,
+) -> None:
+    # serve postfix calls prepare() at start: its first cold lookup does not build the
+    # context (reading and loading the system's roots); the fetch reuses what was built.
+    from mxguard.adapters import https
+    from mxguard.lab.pki import LabPKI
+
+    pki = LabPKI(tmp_path / "pki")
+    dns = DnsResolver([("127.0.0.1", 9)])
+
+    async def body() -> None:
+        store = await open_store("sqlite:///:memory:")
+        try:
+            sts = StsResolver(dns, store, ca_file=pki.ca_file)
+            https._contexts.clear()
+            sts.prepare()
+            assert https.client_context(pki.ca_file) is next(iter(https._contexts.values()))
+            assert len(https._contexts) == 1
+            broken = tmp_path / "broken.pem"
+            broken.write_text("not a certificate\n")
+            StsResolver(dns, store, ca_file=broken).prepare()  # no exception: the fetch says
+            failed = await https.fetch_policy("x.test", ca_file=broken, connect_to="127.0.0.1")
+            assert not failed.ok and "CA file" in failed.detail
+        finally:
+            await store.close()
+
+    asyncio.run(body())

@@ -146,6 +146,13 @@ class StsResolver:
         self._inflight: dict[str, asyncio.Task[https.FetchResult]] = {}
         self._failed: dict[str, tuple[float, https.FetchResult]] = {}
 
+    def prepare(self) -> None:
+        """Build the policy fetch's TLS context now (reading and loading some 150 roots takes
+        about 25 ms): a long-running server calls this at start, so that its first lookup
+        does not wait for it. A CA file that cannot be used is reported by the fetch."""
+        with contextlib.suppress(OSError):  # ssl.SSLError is an OSError
+            https.client_context(self.ca_file)
+
     async def lookup(self, domain: str) -> StsOutcome:
         now = self.clock()
         txt, cached = await asyncio.gather(

@@ -436,6 +436,7 @@ class PolicyServer(ThreadHarness):
                 engine(self._settings, dns_cache=True)
             )
         self._adopt(self._engine)
+        self._engine.sts.prepare()
         self._connections.max_connections = self.max_connections = _descriptors_for(
             self.max_connections
         )
