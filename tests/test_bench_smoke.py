@@ -160,3 +160,16 @@ def test_the_bulk_audit_benchmark_runs_mxguard_and_checkdmarc(lab: Lab, tmp_path
     assert default["lab"]["smtp_connections"] == 0
     assert tls["output"]["starttls_hosts"] == 3
     assert "ratio to checkdmarc default" in table
+
+
+def test_the_asyncio_floor_benchmark_runs_and_yields_numbers() -> None:
+    path = Path(__file__).resolve().parent.parent / "bench" / "floor.py"
+    spec = importlib.util.spec_from_file_location("bench_floor", path)
+    assert spec is not None and spec.loader is not None
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    got = floor.measure(0.3, host=HOST, port=free_port(HOST))
+    assert got["lookups"] > 10
+    assert got["server_cpu_us_per_lookup"] == pytest.approx(
+        got["server_user_us_per_lookup"] + got["server_system_us_per_lookup"], abs=0.2
+    )
