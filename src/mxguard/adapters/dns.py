@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import ipaddress
 import logging
 import os
@@ -194,7 +195,8 @@ class DnsResolver:
             servers = [(str(ns), 53) for ns in resolver.Resolver().nameservers]
         self.servers = list(servers)
         self.timeout = timeout
-        self.trusted = all(is_loopback(addr) for addr, _ in self.servers)
+        self._loopback = {addr: is_loopback(addr) for addr, _ in self.servers}
+        self.trusted = all(self._loopback.values())
         self.cache: dict[tuple[str, str], tuple[float, DnsAnswer]] | None = {} if cache else None
         self.max_ttl = max_ttl
         # Bounded: a long-running server sees ever new names. The oldest answers go first
@@ -262,12 +264,15 @@ class DnsResolver:
             # It happens for real when a long domain gets "_mta-sts." or "_25._tcp." in front.
             return self._impossible(text, rdtype, exc)
         text = _text(qname)
-        wanted = dns.rdatatype.from_text(rdtype)
+        wanted = _rdtype(rdtype)
         problems: list[tuple[str, Exception]] = []
         query: dns.message.Message | None = None
         for addr, port in self.servers:
+            loopback = self._loopback.get(addr)
+            if loopback is None:  # (servers changed after construction)
+                loopback = self._loopback[addr] = is_loopback(addr)
             try:
-                if is_loopback(addr):
+                if loopback:
                     response = await self._shared_exchange(qname, wanted, addr, port)
                 else:
                     if query is None:
@@ -276,7 +281,7 @@ class DnsResolver:
             except (OSError, dns.exception.DNSException, EOFError) as exc:
                 problems.append((server_text(addr, port), exc))
                 continue
-            return await self._interpret(text, rdtype, query, response, addr, port)
+            return await self._interpret(text, rdtype, query, response, addr, port, qname)
         return _failed(
             text, rdtype, DnssecStatus.INDETERMINATE, self._no_answer(text, rdtype, problems)
         )
@@ -352,6 +357,7 @@ class DnsResolver:
         response: dns.message.Message,
         addr: str,
         port: int,
+        qname: dns.name.Name | None = None,  # ``text`` as a name, when the caller has it
     ) -> DnsAnswer:
         rcode = response.rcode()
         if rcode == dns.rcode.SERVFAIL:
@@ -367,8 +373,8 @@ class DnsResolver:
         secure = bool(response.flags & dns.flags.AD) and self.trusted
         status = DnssecStatus.SECURE if secure else DnssecStatus.INSECURE
         # Follow the CNAME chain inside the answer section.
-        current = dns.name.from_text(text)
-        wanted = dns.rdatatype.from_text(rdtype)
+        current = qname if qname is not None else dns.name.from_text(text)
+        wanted = _rdtype(rdtype)
         cnames: list[str] = []
         records: tuple[Any, ...] = ()
         ttl = 0
@@ -384,7 +390,7 @@ class DnsResolver:
                 break
             current = alias[0].target
             cnames.append(_text(current))
-        canonical = _text(current)
+        canonical = text if current is qname else _text(current)
         if cnames:
             cnames = cnames[:-1]  # intermediate names only; the last is the canonical name
         if rcode == dns.rcode.NXDOMAIN:
@@ -458,6 +464,11 @@ class DnsResolver:
             f"DNS error looking up {rdtype} for {text}: {server_text(addr, port)} answered "
             f"SERVFAIL ({why})",
         )
+
+
+@functools.cache
+def _rdtype(text: str) -> dns.rdatatype.RdataType:
+    return dns.rdatatype.from_text(text)
 
 
 def _make_query(qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> dns.message.Message:
