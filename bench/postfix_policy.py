@@ -41,6 +41,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -1071,9 +1072,13 @@ def run(
     cfg: Config,
     only: Sequence[str] = tuple(MEASUREMENTS),
     progress: Callable[[str], None] = lambda _: None,
+    rounds: int = 1,
 ) -> dict[str, Any]:
     """Every measurement against every server (fresh process, fresh cache, flushed resolver).
 
+    With ``rounds`` above 1 each measurement is made that many times, the servers taking
+    turns, and every figure is the median of its rounds (this machine's speed drifts by a
+    fifth from minute to minute; turns and medians keep the drift out of the ratios).
     The lab must run ``scenario(cfg.domains, cfg.stall_others)``.
     """
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "servers": {}}
@@ -1081,13 +1086,36 @@ def run(
         results["servers"][s.name] = {"version": s.version()}
     progress("warming the lab's policy hosts")
     asyncio.run(_warm_lab(lab, [sts_domain(i) for i in range(cfg.domains)]))
+    results["rounds"] = rounds
     for name in only:
+        made: dict[str, list[Any]] = {s.name: [] for s in servers}
+        for r in range(rounds):
+            for s in servers:
+                lab.flush_resolver()
+                progress(
+                    f"{name}: {s.name}" + (f" (round {r + 1} of {rounds})" if rounds > 1 else "")
+                )
+                with s.fresh():
+                    made[s.name].append(asyncio.run(MEASUREMENTS[name](s, cfg)))
         for s in servers:
-            lab.flush_resolver()
-            progress(f"{name}: {s.name}")
-            with s.fresh():
-                results["servers"][s.name][name] = asyncio.run(MEASUREMENTS[name](s, cfg))
+            results["servers"][s.name][name] = _median_of(made[s.name])
     return results
+
+
+def _median_of(rounds: list[Any]) -> Any:
+    """One result from several rounds of it: numbers by their median, dictionaries key by key,
+    anything else (replies, texts) as the first round had it."""
+    first = rounds[0]
+    if len(rounds) == 1:
+        return first
+    if isinstance(first, dict):
+        return {
+            k: _median_of([r[k] for r in rounds if isinstance(r, dict) and k in r]) for k in first
+        }
+    if isinstance(first, int | float) and not isinstance(first, bool):
+        numbers = [r for r in rounds if isinstance(r, int | float) and not isinstance(r, bool)]
+        return statistics.median(numbers)
+    return first
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -1245,6 +1273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--listen", default="127.211.0", help="servers listen on PREFIX.1, .2, ... (one each)"
     )
     p.add_argument("--only", nargs="*", choices=list(MEASUREMENTS), default=list(MEASUREMENTS))
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="make each measurement N times, servers taking turns, and report medians",
+    )  # fmt: skip
     p.add_argument("--without-competitor", action="store_true")
     p.add_argument(
         "--without-sqlite", action="store_true", help="not the competitor's SQLite column"
@@ -1325,7 +1357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     pythonpath=args.mxguard_before,
                 )  # fmt: skip
                 servers.append(before)
-            results = run(lab, servers, cfg, args.only, progress)
+            results = run(lab, servers, cfg, args.only, progress, args.rounds)
             if args.memory:
                 progress(f"memory: mxguard with {args.memory} cached policies")
                 lab.flush_resolver()

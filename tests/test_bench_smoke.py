@@ -173,3 +173,23 @@ def test_the_asyncio_floor_benchmark_runs_and_yields_numbers() -> None:
     assert got["server_cpu_us_per_lookup"] == pytest.approx(
         got["server_user_us_per_lookup"] + got["server_system_us_per_lookup"], abs=0.2
     )
+
+
+def test_rounds_report_the_median_of_each_figure() -> None:
+    rounds = [
+        {"seconds": 3.0, "replies": {"OK": 5}, "c1": {"p99_ms": 9.0}},
+        {"seconds": 1.0, "replies": {"OK": 5}, "c1": {"p99_ms": 1.0}},
+        {"seconds": 2.0, "replies": {"OK": 4}, "c1": {"p99_ms": 4.0}},
+    ]
+    got = bench._median_of(rounds)
+    assert got["seconds"] == 2.0 and got["c1"]["p99_ms"] == 4.0
+    assert got["replies"] == {"OK": 5}  # counts are numbers too: their median
+
+
+def test_a_measurement_runs_in_rounds(bench_lab: Lab, tmp_path: Path) -> None:
+    server = bench.Mxguard(bench_lab, tmp_path, (HOST, free_port(HOST)), TINY.fetch_timeout)
+    results = bench.run(bench_lab, [server], TINY, only=["cold"], rounds=2)
+    assert results["rounds"] == 2
+    cold = results["servers"]["mxguard"]["cold"]
+    assert cold["replies"] == {bench.EXPECTED: TINY.domains}
+    assert cold["fetches"] == TINY.domains  # each round's fresh server fetched each once
