@@ -152,21 +152,23 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _SELECTOR = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
 
 
-def unknown_keys(table: Mapping[str, Any], known: Iterable[str], where: str) -> str | None:
-    """The error for a table holding keys outside ``known`` (listed in that order), or None."""
+def reject_unknown_keys(
+    table: Mapping[str, Any],
+    known: Iterable[str],
+    where: str,
+    error: type[Exception] = ConfigError,
+) -> None:
+    """Raise ``error`` naming the keys of ``table`` outside ``known`` (listed in that order)."""
     known = list(known)
     unknown = sorted(set(table) - set(known))
-    if not unknown:
-        return None
-    return f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}"
+    if unknown:
+        raise error(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(known)}")
 
 
 def tlsrpt_settings(data: Any, where: str) -> TlsRptSettings:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected {_KEYS['tlsrpt']}")
-    problem = unknown_keys(data, _TLSRPT_KEYS, where)
-    if problem:
-        raise ConfigError(problem)
+    reject_unknown_keys(data, _TLSRPT_KEYS, where)
     values: dict[str, Any] = {}
     for key in ("organization_name", "contact_info", "submitter", "sender"):
         if key in data:
@@ -248,9 +250,7 @@ def resolvers(value: Any, where: str) -> tuple[tuple[str, int], ...]:
 
 
 def from_mapping(data: Mapping[str, Any], source: str) -> Settings:
-    problem = unknown_keys(data, _KEYS, source)
-    if problem:
-        raise ConfigError(problem)
+    reject_unknown_keys(data, _KEYS, source)
     s = Settings(source=source)
     values: dict[str, Any] = {}
     if "resolver" in data:

@@ -20,7 +20,7 @@ import click
 
 from mxguard.adapters.store import StoreError
 from mxguard.cli.output import EXIT_DEFERRED, EXIT_OK, EXIT_USAGE, emit_json, wants_json
-from mxguard.config import ConfigError, Settings, load, port, resolvers, unknown_keys
+from mxguard.config import ConfigError, Settings, load, port, reject_unknown_keys, resolvers
 from mxguard.engine.context import engine
 from mxguard.postfix.answers import Answer, Kind, Options
 from mxguard.postfix.listen import ListenError
@@ -45,9 +45,7 @@ _POSTFIX_KEYS = {
 
 def _table(s: Settings) -> dict[str, Any]:
     table = dict(s.postfix)
-    problem = unknown_keys(table, _POSTFIX_KEYS, f"{s.source}: postfix")
-    if problem:
-        raise ConfigError(problem)
+    reject_unknown_keys(table, _POSTFIX_KEYS, f"{s.source}: postfix")
     for key in ("budget", "answer_ttl"):
         low, high = (0.05, 60) if key == "budget" else (1, 86400)
         value = table.get(key)

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from mxguard.config import ConfigError, unknown_keys
+from mxguard.config import ConfigError, reject_unknown_keys
 from mxguard.protocol import names
 
 E = TypeVar("E", bound=enum.StrEnum)
@@ -78,9 +78,7 @@ def parse(data: Mapping[str, Any], where: str = "learned") -> LearnedSettings:
     """``[learned]`` as settings; ConfigError naming the key for anything wrong."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a table with {', '.join(_KEYS)}")
-    problem = unknown_keys(data, _KEYS, where)
-    if problem:
-        raise ConfigError(problem)
+    reject_unknown_keys(data, _KEYS, where)
     values: dict[str, Any] = {}
     if "mode" in data:
         values["mode"] = _enum(Mode, data["mode"], f"{where}.mode")

@@ -69,7 +69,7 @@ from mxguard.adapters.store import (
     ReportSource,
     StoreError,
 )
-from mxguard.config import unknown_keys
+from mxguard.config import reject_unknown_keys
 from mxguard.owner import dashboard as pages
 from mxguard.owner.mta_sts_server import (
     CertificateError,
@@ -295,9 +295,7 @@ def config_from(
 ) -> ReportsConfig:
     """The settings from the command line, then the ``[reports]`` table, then the defaults;
     ReportsConfigError says what is wrong."""
-    problem = unknown_keys(table, _TABLE_KEYS, f"{source}: reports")
-    if problem:
-        raise ReportsConfigError(problem)
+    reject_unknown_keys(table, _TABLE_KEYS, f"{source}: reports", ReportsConfigError)
     if len(certs) != len(keys):
         raise ReportsConfigError(
             f"{len(certs)} --cert and {len(keys)} --key given: give one --key per --cert"
