@@ -460,34 +460,35 @@ class SQLiteStore:
         try:
             while self._policy_batch:
                 batch, self._policy_batch = self._policy_batch, []
+                outcomes: list[StoreError | None] = [None] * len(batch)
                 try:
-                    await self._put_rows([r for r, _ in batch])
+                    await self._put_rows([row for row, _ in batch])
                 except StoreError as exc:
                     if len(batch) == 1:
-                        _settle(batch[0][1], exc)
-                        continue
-                    for row, done in batch:
-                        try:
-                            await self._put_rows([row])
-                        except StoreError as one:
-                            _settle(done, one)
-                        else:
-                            _settle(done, None)
-                else:
-                    for _, done in batch:
-                        _settle(done, None)
+                        outcomes = [exc]
+                    else:  # each on its own: one put's failure is not the others'
+                        outcomes = [await self._try_put(row) for row, _ in batch]
+                for (_, done), outcome in zip(batch, outcomes, strict=True):
+                    _settle(done, None, outcome)
         except BaseException as exc:
-            # Not SQLite's error (the executor gone, the task cancelled): no put may wait
+            # Not SQLite's error (the worker gone, the task cancelled): no put may wait
             # forever for a commit that will not come.
             waiting, self._policy_batch = batch + self._policy_batch, []
             for _, done in waiting:
                 if isinstance(exc, Exception):
-                    _settle(done, exc)
+                    _settle(done, None, exc)
                 else:
                     done.cancel()
             raise
         finally:
             self._policy_flush = None
+
+    async def _try_put(self, row: tuple[str, ...]) -> StoreError | None:
+        try:
+            await self._put_rows([row])
+        except StoreError as exc:
+            return exc
+        return None
 
     async def _put_rows(self, rows: list[tuple[str, ...]]) -> None:
         def work(conn: sqlite3.Connection) -> None:
@@ -1259,11 +1260,12 @@ class _Worker:
             except BaseException as exc:  # handed to the caller, who raises it
                 result, error = None, exc
             with contextlib.suppress(RuntimeError):  # the caller's loop has closed
-                future.get_loop().call_soon_threadsafe(_resolve, future, result, error)
+                future.get_loop().call_soon_threadsafe(_settle, future, result, error)
 
 
-def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # its caller stopped waiting
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """Give ``future`` its result or ``error``, unless its caller has stopped waiting."""
+    if future.done():
         return
     if error is None:
         future.set_result(result)
@@ -1348,14 +1350,6 @@ def _put(conn: sqlite3.Connection, rows: Sequence[tuple[str, ...]]) -> None:
             "fetched_at = excluded.fetched_at, expires_at = excluded.expires_at",
             rows,
         )
-
-
-def _settle(done: asyncio.Future[None], exc: BaseException | None) -> None:
-    if not done.done():  # its caller may have stopped waiting
-        if exc is None:
-            done.set_result(None)
-        else:
-            done.set_exception(exc)
 
 
 class _read:
