@@ -32,6 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
+from mxguard.protocol.der import tbs_fields
+
 KeyKind = Literal["ec256", "ec384", "rsa2048", "rsa1024", "ed25519"]
 DigestName = Literal["sha256", "sha384", "sha1"]
 KeyUsageName = Literal[
@@ -227,33 +229,6 @@ def _tlv(tag: int, content: bytes) -> bytes:
     return bytes([tag]) + length + content
 
 
-def _items(data: bytes) -> list[tuple[int, bytes, bytes]]:
-    """The TLVs in ``data``, each as (tag, content, the whole TLV); single-byte tags only."""
-    items = []
-    i = 0
-    while i < len(data):
-        if i + 2 > len(data):
-            raise ValueError("truncated DER")
-        tag, first = data[i], data[i + 1]
-        if tag & 0x1F == 0x1F:
-            raise ValueError("multi-byte DER tags are not used in certificates")
-        j = i + 2
-        if first < 0x80:
-            size = first
-        else:
-            count = first & 0x7F
-            if not 0 < count <= 4:
-                raise ValueError("unsupported DER length")
-            size = int.from_bytes(data[j : j + count], "big")
-            j += count
-        end = j + size
-        if end > len(data):
-            raise ValueError("truncated DER")
-        items.append((tag, data[j:end], data[i:end]))
-        i = end
-    return items
-
-
 def _der_integer(value: int) -> bytes:
     """A DER INTEGER: minimal two's complement, so zero and negative values encode as well."""
     size = (value + (value < 0)).bit_length() // 8 + 1
@@ -299,13 +274,7 @@ def resign(
     the serial number and the ``signature`` AlgorithmIdentifier in the TBSCertificate are
     replaced, the outer AlgorithmIdentifier is set to match, and the TBSCertificate is signed.
     """
-    outer = _items(der)
-    if len(outer) != 1 or outer[0][0] != 0x30:
-        raise ValueError("not a DER certificate")
-    parts = _items(outer[0][1])
-    if len(parts) != 3 or parts[0][0] != 0x30:
-        raise ValueError("not a DER certificate")
-    fields = [raw for _, _, raw in _items(parts[0][1])]
+    fields = [raw for _, _, raw in tbs_fields(der)]
     at = 1 if fields[0][0] == 0xA0 else 0  # after the optional [0] EXPLICIT version
     algorithm = _algorithm_identifier(issuer_key, digest)
     if serial is not None:

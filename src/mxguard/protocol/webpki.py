@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mxguard.protocol import libcrypto
+from mxguard.protocol.der import tbs_fields
 from mxguard.protocol.names import HostNameError, normalise_host
 
 # As pkix.HOST_FLAGS (RFC 8461 §4.2: subjectAltName only, no partial-label wildcards).
@@ -31,53 +32,19 @@ def _auth_level() -> int:
     return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).security_level
 
 
-def _tlv(der: bytes, at: int) -> tuple[int, int, int]:
-    """The DER element at ``at``: its tag, where its content starts, where it ends."""
-    tag, first = der[at], der[at + 1]
-    start = at + 2
-    if first < 0x80:
-        length = first
-    else:
-        count = first & 0x7F
-        if not 1 <= count <= 4:
-            raise ValueError("unsupported DER length")
-        length = int.from_bytes(der[start : start + count], "big")
-        start += count
-    end = start + length
-    if end > len(der):
-        raise ValueError("DER element runs past the end")
-    return tag, start, end
-
-
 def _names(der: bytes) -> tuple[bytes, bytes] | None:
     """The DER of a certificate's subject and issuer Names, read off its tbsCertificate
     (RFC 5280 §4.1) without parsing the rest; None if it is not laid out as one."""
     try:
-        tag, start, _ = _tlv(der, 0)  # Certificate
-        if tag != 0x30:
-            return None
-        tag, at, _ = _tlv(der, start)  # tbsCertificate
-        if tag != 0x30:
-            return None
-        tag, _, end = _tlv(der, at)
-        if tag == 0xA0:  # [0] EXPLICIT version
-            at = end
-        fields = []
-        for expected in (
-            0x02,
-            0x30,
-            0x30,
-            0x30,
-            0x30,
-        ):  # serial, signature, issuer, validity, subject
-            tag, _, end = _tlv(der, at)
-            if tag != expected:
-                return None
-            fields.append(der[at:end])
-            at = end
-    except (IndexError, ValueError):
+        fields = tbs_fields(der)
+    except ValueError:
         return None
-    return fields[4], fields[2]
+    if fields and fields[0][0] == 0xA0:  # [0] EXPLICIT version
+        fields = fields[1:]
+    # serialNumber, signature, issuer, validity, subject
+    if [tag for tag, _, _ in fields[:5]] != [0x02, 0x30, 0x30, 0x30, 0x30]:
+        return None
+    return fields[4][2], fields[2][2]
 
 
 def _name_hashes(ders: Sequence[bytes]) -> list[tuple[int, int] | None]:
