@@ -32,7 +32,6 @@ import datetime as dt
 import functools
 import hashlib
 import re
-import ssl
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,13 +57,10 @@ from mxguard.protocol.roots import (
     pem_certificates,
     system_bundle,
 )
+from mxguard.protocol.webpki import HOST_FLAGS, default_auth_level, reachable_roots
 
 _ISO = "%Y-%m-%dT%H:%M:%SZ"
 
-
-# RFC 8461 §4.2: the MX host name must be a dNSName of the subjectAltName (no CN fallback),
-# and a wildcard is a whole left-most label ("*.example.com"), never part of one.
-HOST_FLAGS = libcrypto.CHECK_FLAG_NEVER_CHECK_SUBJECT | libcrypto.CHECK_FLAG_NO_PARTIAL_WILDCARDS
 
 _NOT_TRUSTED = frozenset(
     {
@@ -126,12 +122,6 @@ def _subject(cert: x509.Certificate | None) -> str:
         return cert.subject.rfc4514_string() or "(empty subject)"
     except ValueError:
         return "(unreadable subject)"
-
-
-@functools.cache
-def default_auth_level() -> int:
-    """The security level of the system's default TLS client context (its openssl.cnf)."""
-    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).security_level
 
 
 def reference_name(name: str) -> str | None:
@@ -302,19 +292,8 @@ def candidate_roots(
         if keys[0] is None or keys[1] is None:
             return known.ders  # a name we cannot compare: let OpenSSL look through them all
         wanted.update((keys[0], keys[1]))
-    chosen: set[int] = set()
-    grew = True
-    while grew:  # the roots that match, then the issuers of those, until nothing is added
-        grew = False
-        for i, subject in enumerate(known.subjects):
-            if i in chosen or (subject is not None and subject not in wanted):
-                continue
-            chosen.add(i)
-            grew = True
-            issuer = _name_key(known.certs[i], "issuer")
-            if issuer is not None:
-                wanted.add(issuer)
-    return tuple(known.ders[i] for i in sorted(chosen))
+    chosen = reachable_roots(wanted, known.subjects, lambda i: _name_key(known.certs[i], "issuer"))
+    return tuple(known.ders[i] for i in chosen)
 
 
 def verify_pkix(

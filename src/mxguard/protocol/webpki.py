@@ -16,20 +16,49 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from mxguard.protocol import libcrypto
 from mxguard.protocol.der import tbs_fields
 from mxguard.protocol.names import HostNameError, normalise_host
 
-# As pkix.HOST_FLAGS (RFC 8461 §4.2: subjectAltName only, no partial-label wildcards).
+# RFC 8461 §4.2: the MX host name must be a dNSName of the subjectAltName (no CN fallback),
+# and a wildcard is a whole left-most label ("*.example.com"), never part of one. pkix and
+# this module verify with these flags.
 HOST_FLAGS = libcrypto.CHECK_FLAG_NEVER_CHECK_SUBJECT | libcrypto.CHECK_FLAG_NO_PARTIAL_WILDCARDS
+
+K = TypeVar("K", bound=Hashable)
 
 
 @functools.cache
-def _auth_level() -> int:
+def default_auth_level() -> int:
+    """The security level of the system's default TLS client context (its openssl.cnf)."""
     return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).security_level
+
+
+def reachable_roots(
+    wanted: set[K], subjects: Sequence[K | None], issuer: Callable[[int], K | None]
+) -> list[int]:
+    """The indexes of the roots OpenSSL could look up while building a path: those whose
+    subject is among ``wanted`` (the chain's subject and issuer names) or unknown (None:
+    it could be anything), then those that issue one of them, until nothing is added.
+    ``issuer(i)`` is root i's issuer name. pkix and this module compare names differently
+    (parsed names, OpenSSL's name hashes); the walk is the same."""
+    chosen: set[int] = set()
+    grew = True
+    while grew:
+        grew = False
+        for i, subject in enumerate(subjects):
+            if i in chosen or (subject is not None and subject not in wanted):
+                continue
+            chosen.add(i)
+            grew = True
+            name = issuer(i)
+            if name is not None:
+                wanted.add(name)
+    return sorted(chosen)
 
 
 def _names(der: bytes) -> tuple[bytes, bytes] | None:
@@ -94,18 +123,10 @@ def candidates(chain: Sequence[bytes], roots: Sequence[bytes]) -> tuple[bytes, .
         if names is None:
             return known.ders
         wanted.update(names)
-    chosen: set[int] = set()
-    grew = True
-    while grew:  # the roots that match, then the issuers of those, until nothing is added
-        grew = False
-        for i, names in enumerate(known.hashes):
-            if i in chosen or (names is not None and names[0] not in wanted):
-                continue
-            chosen.add(i)
-            grew = True
-            if names is not None:
-                wanted.add(names[1])
-    return tuple(known.ders[i] for i in sorted(chosen))
+    hashes = known.hashes
+    subjects = [h[0] if h is not None else None for h in hashes]
+    chosen = reachable_roots(wanted, subjects, lambda i: h[1] if (h := hashes[i]) else None)
+    return tuple(known.ders[i] for i in chosen)
 
 
 def valid(chain: Sequence[bytes], *, name: str, roots: Sequence[bytes], now: dt.datetime) -> bool:
@@ -125,7 +146,7 @@ def valid(chain: Sequence[bytes], *, name: str, roots: Sequence[bytes], now: dt.
             roots=candidates(chain, roots),
             host=reference,
             hostflags=HOST_FLAGS,
-            auth_level=_auth_level(),
+            auth_level=default_auth_level(),
             at=int(now.timestamp()),
         )
     except ValueError:  # the leaf itself is unreadable
@@ -133,4 +154,4 @@ def valid(chain: Sequence[bytes], *, name: str, roots: Sequence[bytes], now: dt.
     return result.ok
 
 
-__all__ = ["HOST_FLAGS", "candidates", "valid"]
+__all__ = ["HOST_FLAGS", "candidates", "default_auth_level", "reachable_roots", "valid"]
