@@ -103,8 +103,10 @@ def no_system_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(roots, "system_bundle", lambda: None)
 
 
-def use_bundle(monkeypatch: pytest.MonkeyPatch, bundle: Path) -> None:
-    """Make ``bundle`` the system's CA bundle for this test."""
+def use_bundle(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data: bytes) -> None:
+    """Make a file holding ``data`` the system's CA bundle for this test."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(data)
     monkeypatch.setattr(roots, "system_bundle", lambda: bundle)
 
 
@@ -115,11 +117,9 @@ def test_roots_are_deduplicated_by_der(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ca: KeyedCert
 ) -> None:
     other, _ = make_ca("Other Test Root")
-    bundle = tmp_path / "bundle.pem"
-    bundle.write_bytes(pem(ca[0], other, ca[0]))
     ca_file = tmp_path / "extra.pem"
     ca_file.write_bytes(pem(other, other))
-    use_bundle(monkeypatch, bundle)
+    use_bundle(monkeypatch, tmp_path, pem(ca[0], other, ca[0]))
     assert roots.system_ders() == (der(ca[0]), der(other))
     assert roots.ca_file_ders(ca_file) == (der(other),)
     # The CA file's root is the bundle's: it is trusted once, where the bundle has it.
@@ -143,9 +143,7 @@ def test_unparsable_blocks_are_skipped(
     assert roots.load_ders(ca_file, system=False) == (der(ca[0]),)
     # The system bundle is only decoded (checking it would cost a second load of ~150
     # roots): an undecodable block is left out, the rest is left to load_into.
-    bundle = tmp_path / "bundle.pem"
-    bundle.write_bytes(junk + pem(ca[0]))
-    use_bundle(monkeypatch, bundle)
+    use_bundle(monkeypatch, tmp_path, junk + pem(ca[0]))
     assert roots.system_ders() == (b"not a certificate", BROKEN_DER, der(ca[0]))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     assert roots.load_into(ctx, roots.system_ders()) == (der(ca[0]),)
@@ -250,9 +248,7 @@ def test_a_broken_certificate_in_the_bundle_costs_no_other_root(
     ders = [BROKEN_DER, der(other), der(ca[0])]
     with pytest.raises(ssl.SSLError):
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=b"".join(ders))
-    bundle = tmp_path / "bundle.pem"
-    bundle.write_bytes(b"".join(pem_of_der(d) for d in ders))
-    use_bundle(monkeypatch, bundle)
+    use_bundle(monkeypatch, tmp_path, b"".join(pem_of_der(d) for d in ders))
     ctx = https._new_context(None)
     assert ctx.cert_store_stats()["x509_ca"] == 2
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
@@ -265,9 +261,7 @@ def test_without_the_root_the_policy_host_is_not_trusted(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, policy_host: ssl.SSLContext
 ) -> None:
     other, _ = make_ca("Other Test Root")
-    bundle = tmp_path / "bundle.pem"
-    bundle.write_bytes(pem_of_der(BROKEN_DER) + pem(other))
-    use_bundle(monkeypatch, bundle)
+    use_bundle(monkeypatch, tmp_path, pem_of_der(BROKEN_DER) + pem(other))
     ctx = https._new_context(None)
     with pytest.raises(ssl.SSLCertVerificationError, match="unable to get local issuer"):
         handshake(ctx, policy_host, HOST)
@@ -280,11 +274,9 @@ def test_the_ca_file_is_trusted_next_to_the_bundle(
     policy_host: ssl.SSLContext,
 ) -> None:
     other, _ = make_ca("Other Test Root")
-    bundle = tmp_path / "bundle.pem"
-    bundle.write_bytes(pem(other))
     ca_file = tmp_path / "lab.pem"
     ca_file.write_bytes(NOT_A_CERTIFICATE + pem(ca[0]))
-    use_bundle(monkeypatch, bundle)
+    use_bundle(monkeypatch, tmp_path, pem(other))
     ctx = https._new_context(ca_file)
     assert ctx.cert_store_stats()["x509_ca"] == 2
     handshake(ctx, policy_host, HOST)
