@@ -268,11 +268,8 @@ class DnsResolver:
         problems: list[tuple[str, Exception]] = []
         query: dns.message.Message | None = None
         for addr, port in self.servers:
-            loopback = self._loopback.get(addr)
-            if loopback is None:  # (servers changed after construction)
-                loopback = self._loopback[addr] = is_loopback(addr)
             try:
-                if loopback:
+                if self._loopback[addr]:
                     response = await self._shared_exchange(qname, wanted, addr, port)
                 else:
                     if query is None:

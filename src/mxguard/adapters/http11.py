@@ -164,7 +164,7 @@ class TlsExchange(Exchange):
     def eof_received(self) -> None:
         self._incoming.write_eof()
         self._advance()
-        if not self._closed:  # (cannot happen: after write_eof, read ends or fails)
+        if not self._closed:  # the EOF came during the handshake: h11 hears the end too
             self._closed = True
             super().eof_received()
 
