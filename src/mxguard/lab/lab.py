@@ -49,7 +49,7 @@ from mxguard.lab.scenario import (
     Scenario,
 )
 from mxguard.lab.smtp_receiver import SmtpReceiver
-from mxguard.lab.unbound import Unbound
+from mxguard.lab.unbound import MAX_NEGATIVE_TTL, MAX_TTL, Unbound
 from mxguard.lab.zones import LabKeys, build_zones
 
 T = TypeVar("T")
@@ -121,15 +121,16 @@ class Lab:
         net: str = "127.77",
         ports: LabPorts | None = None,
         shared_policy_listener: bool | None = None,
-        resolver_ttls: tuple[int, int] | None = None,
+        resolver_ttls: tuple[int, int] = (MAX_TTL, MAX_NEGATIVE_TTL),
     ) -> None:
         """``shared_policy_listener``: put every policy host behind one HTTPS listener (true),
         give each its own (false), or decide by the scenario's number of MTA-STS domains
         (None: shared above ``SHARED_POLICY_LISTENER_ABOVE``). Fixed for the lab's life.
 
         ``resolver_ttls``: the (positive, negative) TTL caps of the lab's resolver. By
-        default they are a few seconds, so that a scenario switch reaches clients at once;
-        a benchmark lifts them, so that the zones' own TTLs apply as they would anywhere.
+        default a few seconds (unbound.MAX_TTL, MAX_NEGATIVE_TTL), so that a scenario switch
+        reaches clients at once; a benchmark lifts them, so that the zones' own TTLs apply
+        as they would anywhere.
         """
         self.resolver_ttls = resolver_ttls
         self.scenario = scenario.validate()
@@ -366,14 +367,8 @@ class Lab:
             self.ns_address,
             self.ports.dns,
             self.keys.trust_anchor(),
-            **(
-                {}
-                if self.resolver_ttls is None
-                else {
-                    "cache_max_ttl": self.resolver_ttls[0],
-                    "cache_max_negative_ttl": self.resolver_ttls[1],
-                }
-            ),
+            cache_max_ttl=self.resolver_ttls[0],
+            cache_max_negative_ttl=self.resolver_ttls[1],
         )
         await self._unbound.start()
         await self._start_peers()

@@ -30,6 +30,11 @@ _LOG_TAIL_LINES = 20
 _UNIX_SOCKET_PATH_MAX = 107  # sun_path is 108 bytes on Linux, including the NUL
 
 
+# The lab resolver's TTL caps: seconds, so that a scenario switch reaches clients at once.
+MAX_TTL = 5
+MAX_NEGATIVE_TTL = 1
+
+
 class UnboundError(RuntimeError):
     """Unbound is missing, would not start, or refused a control command."""
 
@@ -73,8 +78,8 @@ class Unbound:
         stub_port: int,
         trust_anchor: str,
         *,
-        cache_max_ttl: int = 5,
-        cache_max_negative_ttl: int = 1,
+        cache_max_ttl: int = MAX_TTL,
+        cache_max_negative_ttl: int = MAX_NEGATIVE_TTL,
     ) -> None:
         self.workdir = workdir
         self.address = address
