@@ -16,8 +16,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import dns.exception
 import dns.flags
 import dns.message
+import dns.name
 import dns.rcode
 import dns.rrset
 import pytest
@@ -64,6 +66,43 @@ def test_an_answer_read_lean_means_what_dnspython_reads(msg: dns.message.Message
         return asyncio.run(resolver._interpret(name, kind, None, r, "127.0.0.1", 53))  # type: ignore[arg-type]
 
     assert interpret(_read_response(wire)) == interpret(dns.message.from_wire(wire))
+    # As _UdpChannel's caller reads it: the question (checked by the channel) is skipped and
+    # owners pointing at it are the name asked for; the meaning is the same.
+    qsize = len(q.name.to_wire())
+    lean = _read_response(wire, q.name, qsize)
+    assert interpret(lean) == interpret(dns.message.from_wire(wire))
+    for rrs in getattr(lean, "answer", ())[:1]:
+        assert rrs.name is q.name  # dnspython compresses the first owner to the question
+
+
+def test_owners_written_out_in_full_are_read_not_assumed() -> None:
+    """An owner that is not a pointer to the question is read, whatever it says: a
+    resolver that writes names uncompressed, or another owner than the name asked for."""
+    header = bytes.fromhex("1234 8180 0001 0002 0000 0001")
+    qname = dns.name.from_text("a.test")
+    question = qname.to_wire() + b"\x00\x01\x00\x01"
+    other = dns.name.from_text("b.test")
+    record = b"\x00\x01\x00\x01" + (60).to_bytes(4, "big") + b"\x00\x04"
+    # uncompressed owner a.test, then an owner b.test that the question does not name
+    wire = header + question + qname.to_wire() + record + bytes([192, 0, 2, 1])
+    wire += other.to_wire() + record + bytes([192, 0, 2, 2])
+    wire += b"\x00" + b"\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"  # OPT, root owner
+    resolver = DnsResolver([("127.0.0.1", 53)])
+
+    def interpret(r: object) -> object:
+        return asyncio.run(resolver._interpret("a.test", "A", None, r, "127.0.0.1", 53))  # type: ignore[arg-type]
+
+    lean = _read_response(wire, qname, len(qname.to_wire()))
+    assert [rrs.name for rrs in lean.answer] == [qname, other]
+    assert interpret(lean) == interpret(dns.message.from_wire(wire))
+    assert [str(r.address) for r in interpret(lean).records] == ["192.0.2.1"]  # type: ignore[attr-defined]
+
+
+def test_a_response_cut_short_after_the_question_is_read_by_dnspython() -> None:
+    qname = dns.name.from_text("a.test")
+    wire = bytes.fromhex("1234 8180 0001 0001 0000 0000") + qname.to_wire() + b"\x00\x01\x00\x01"
+    with pytest.raises(dns.exception.DNSException):
+        _read_response(wire, qname, len(qname.to_wire()))  # what dnspython says is wrong
 
 
 @pytest.fixture
