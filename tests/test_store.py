@@ -391,6 +391,118 @@ def test_sqlite_put_right_before_close_is_committed(tmp_path: Path) -> None:
         assert conn.execute("SELECT count(*) FROM sts_policies").fetchone() == (20,)
 
 
+def _reader_calls(store: Any) -> list[object]:
+    """Every call handed to the store's reader thread from now on."""
+    calls: list[object] = []
+    run_on_reader = store._reader.run
+
+    def counting(work: Any) -> Any:
+        calls.append(work)
+        return run_on_reader(work)
+
+    store._reader.run = counting
+    return calls
+
+
+def test_sqlite_point_reads_of_a_lookup_run_at_once_on_the_loop_thread(tmp_path: Path) -> None:
+    # One domain's cached policy, learned levels, drops and served policy and the latest
+    # alarm: answered on the loop's own connection, with no hand-off to the reader thread.
+    url = f"sqlite://{tmp_path / 'state.db'}"
+
+    async def body() -> None:
+        async with opened(url) as store:
+            policy = CachedPolicy("p.example", "id1", POLICY_TEXT, T0, FUTURE)
+            await store.put_policy(policy)
+            calls = _reader_calls(store)
+            assert await store.get_policy("p.example") == policy
+            assert await store.get_policy("absent.example") is None
+            assert await store.learned_hosts("p.example") == []
+            assert await store.drops_since(T0, "p.example") == []
+            assert await store.served_at("p.example", T0) is None
+            assert await store.latest_alarm() is None
+            assert calls == []
+            # Reads of every domain's rows are not point reads: the reader thread has them.
+            assert await store.policies() == [policy]
+            assert await store.learned_hosts() == []
+            assert len(calls) == 2
+
+    run(body())
+
+
+class _Busy:
+    """A connection on which SQLite answers "database is locked" (SQLITE_BUSY), as a reader
+    does while another process recovers the WAL; everything else is the real connection's."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, *args: Any) -> Any:
+        exc = sqlite3.OperationalError("database is locked")
+        exc.sqlite_errorcode = 5  # type: ignore[attr-defined]
+        raise exc
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def test_sqlite_point_read_that_would_wait_goes_to_the_reader_thread(tmp_path: Path) -> None:
+    # SQLite would have to wait: the read goes to the reader thread (which waits up to
+    # READ_BUSY_TIMEOUT), and gives the answer, not the busy error.
+    url = f"sqlite://{tmp_path / 'state.db'}"
+    policy = CachedPolicy("p.example", "id1", POLICY_TEXT, T0, FUTURE)
+
+    async def body() -> None:
+        async with opened(url) as store:
+            await store.put_policy(policy)
+            calls = _reader_calls(store)
+            store._here = _Busy(store._here)  # type: ignore[attr-defined]
+            assert await store.get_policy("p.example") == policy
+            assert len(calls) == 1
+
+    run(body())
+
+
+def test_sqlite_point_read_error_is_a_store_error_with_its_kind(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    url = f"sqlite://{path}"
+
+    async def body() -> None:
+        async with opened(url) as store:
+            with sqlite3.connect(path) as conn:
+                conn.execute("DROP TABLE sts_policies")
+            calls = _reader_calls(store)
+            with pytest.raises(StoreError, match="no such table: sts_policies") as caught:
+                await store.get_policy("p.example")
+            assert caught.value.kind == "other"
+            assert calls == []  # an error that is no wait is not asked again elsewhere
+
+    run(body())
+
+
+def test_sqlite_point_read_from_another_threads_loop_goes_to_the_reader(tmp_path: Path) -> None:
+    # The loop's connection belongs to the thread that opened the store; a caller on another
+    # thread (a store shared by a server's thread and a test's) gets the reader thread.
+    import threading
+
+    url = f"sqlite://{tmp_path / 'state.db'}"
+    policy = CachedPolicy("p.example", "id1", POLICY_TEXT, T0, FUTURE)
+    got: list[object] = []
+
+    async def body() -> None:
+        async with opened(url) as store:
+            await store.put_policy(policy)
+            calls = _reader_calls(store)
+            elsewhere = threading.Thread(
+                target=lambda: got.append(asyncio.run(store.get_policy("p.example")))
+            )
+            elsewhere.start()
+            await asyncio.get_running_loop().run_in_executor(None, elsewhere.join)
+            assert got == [policy]
+            assert len(calls) == 1
+
+    run(body())
+
+
 def test_sqlite_file_is_in_wal_mode_with_the_current_schema_version(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     run(_open_and_close(f"sqlite://{path}"))  # opening creates and migrates
