@@ -163,3 +163,40 @@ def test_the_whole_netstring_fast_path_decodes_like_the_byte_by_byte_states(
     decoder = NetstringDecoder(max_request=30)
     pieces = [e for i in range(0, len(stream), step) for e in decoder.feed(stream[i : i + step])]
     assert pieces == whole
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(netstring_parts, max_size=6), st.lists(netstring_parts, max_size=3))
+def test_a_read_taken_whole_is_the_one_request_feed_would_give(
+    before: list[bytes], parts: list[bytes]
+) -> None:
+    # The server's hot path asks whole() first and gives feed() only what it declines:
+    # whatever came before, a payload whole() returns is exactly what feed() would decode.
+    decoder = NetstringDecoder(max_request=30)
+    decoder.feed(b"".join(before))
+    data = b"".join(parts)
+    payload = decoder.whole(data)
+    if payload is not None:
+        assert decoder.feed(data) == [Request(payload)]
+
+
+@pytest.mark.parametrize(
+    ("rule", "before", "data", "expected"),
+    [
+        ("one whole netstring", b"", b"11:postfix a.b,", b"postfix a.b"),
+        ("an empty payload", b"", b"0:,", b""),
+        ("leading zeros in the length, as feed() reads them", b"", b"03:abc,", b"abc"),
+        ("two netstrings are for feed()", b"", b"3:abc,3:def,", None),
+        ("a length that is not the payload's", b"", b"4:abc,", None),
+        ("no comma at the end", b"", b"3:abcX", None),
+        ("over max_request", b"", b"5000:" + b"x" * 5000 + b",", None),
+        ("part of a request held from the read before", b"1", b"1:postfix a.b,", None),
+        ("a request's start held from before", b"5:ab", b"3:abc,", None),
+    ],
+)  # fmt: skip
+def test_whole_takes_only_a_lone_netstring_on_a_clean_decoder(
+    rule: str, before: bytes, data: bytes, expected: bytes | None
+) -> None:
+    decoder = NetstringDecoder()
+    decoder.feed(before)
+    assert decoder.whole(data) == expected, rule

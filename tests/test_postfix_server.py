@@ -172,6 +172,30 @@ def test_cache_hits_answer_without_dns_queries(server: PolicyServer) -> None:
     assert server.metrics.cache_hits >= 200
 
 
+def test_a_hit_keeps_its_place_behind_a_lookup_and_when_split_over_reads(
+    server: PolicyServer,
+) -> None:
+    # A read that is one whole cached request is answered on the spot, unless something
+    # is in flight before it or the decoder holds part of a request: then it waits its turn.
+    client = Client(server.socketmap_address)
+    assert client.ask("dane-ee.test") == "OK dane-only"  # cached from now on
+    # A miss whose policy host stalls (answered when the lab's 3 s fetch timeout ends),
+    # then, in a read of its own while that lookup is in flight, a hit.
+    client.send(encode(b"postfix sts-stall.test"))
+    time.sleep(0.1)
+    client.send(encode(b"postfix dane-ee.test"))
+    miss, hit = client.replies(2)
+    assert miss != "OK dane-only"
+    assert hit == "OK dane-only"
+    raw = encode(b"postfix dane-ee.test")
+    client.send(raw[:5])
+    time.sleep(0.05)  # the first part is read on its own
+    client.send(raw[5:])
+    assert client.replies(1) == ["OK dane-only"]
+    client.close()
+    assert server.metrics.cache_hits == 2
+
+
 def test_a_stalled_policy_host_delays_only_its_own_first_lookup(lab: Lab, tmp_path: Path) -> None:
     settings = lab_settings(lab, tmp_path, fetch_timeout=1.5)
     with PolicyServer(settings, listen=f"inet:{HOST}:0", budget=0.5) as server:

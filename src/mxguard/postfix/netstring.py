@@ -97,6 +97,20 @@ class NetstringDecoder:
         """True once the framing is lost: nothing more is decoded."""
         return self._state == self._DEAD
 
+    def whole(self, data: bytes) -> bytes | None:
+        """The payload if ``data`` is exactly one netstring within the limits and nothing is
+        held from earlier reads (what a Postfix client sends per read); else None, and
+        nothing was taken: ``feed`` then reads ``data`` as always, to the same events."""
+        if self._state != self._LENGTH or self._digits:
+            return None
+        colon = data.find(b":", 0, self.max_digits + 1)
+        if colon <= 0 or data[-1] != 0x2C or not data[:colon].isdigit():
+            return None
+        size = len(data) - colon - 2
+        if size > self.max_request or int(data[:colon]) != size:
+            return None
+        return data[colon + 1 : -1]
+
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
         i, n = 0, len(data)

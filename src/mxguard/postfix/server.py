@@ -135,12 +135,16 @@ class _Connection(asyncio.BufferedProtocol):
         decoder: NetstringDecoder | LineDecoder,
         now: Callable[[Request | Malformed, float], bytes | Later],
         failed: bytes,
+        hit: Callable[[bytes, float], bytes | None] | None = None,
     ) -> None:
         self.server = server
         self.table = server._connections
         self.decoder = decoder
         self.answer_now = now
         self.failed = failed
+        # The reply to a request payload whose answer is cached, else None: the hot path,
+        # taken for a read that is one whole netstring with nothing before it in flight.
+        self.hit = hit if isinstance(decoder, NetstringDecoder) else None
         self.transport: asyncio.Transport | None = None
         # Replies in request order: bytes ready to go, or the task that will make them.
         self._pending: deque[bytes | asyncio.Task[bytes]] = deque()
@@ -162,7 +166,21 @@ class _Connection(asyncio.BufferedProtocol):
         return _READ_BUFFER
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(_READ_BUFFER[:nbytes]))
+        data = bytes(_READ_BUFFER[:nbytes])
+        hit = self.hit
+        if hit is not None and not (
+            self._pending or self._events or self._unread or self._paused or self._finishing
+        ):
+            assert isinstance(self.decoder, NetstringDecoder) and self.transport is not None
+            payload = self.decoder.whole(data)
+            if payload is not None:
+                now = time.monotonic()
+                reply = hit(payload, now)
+                if reply is not None:
+                    self.transport.write(reply)
+                    self.table.answered_at_once(self, now)
+                    return
+        self.data_received(data)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -684,17 +702,34 @@ class PolicyServer(ThreadHarness):
 
     # --- protocols ----------------------------------------------------------------------
 
+    def _socketmap_hit(self, payload: bytes, now: float) -> bytes | None:
+        """The socketmap reply to a request already seen for a domain whose answer is
+        cached, else None (``_socketmap_now`` then parses the request and decides)."""
+        started = time.perf_counter()
+        domain = self._keys.get(payload)
+        if domain is None:
+            return None
+        entry = self._cache.hit_entry(domain, now)
+        if entry is None:
+            return None
+        self.metrics.cache_hits += 1
+        self.metrics.count(entry.label, time.perf_counter() - started)
+        return entry.socketmap
+
     def _socketmap_now(self, event: Request | Malformed, now: float) -> bytes | Later:
         """The socketmap reply to ``event`` if it can be given at once (a cache hit, a key
         that needs no resolution, a malformed request), else the coroutine that gives it."""
-        started = time.perf_counter()
         if isinstance(event, Malformed):
             self.metrics.malformed += 1
             answer = answers.perm(event.reason)
             self.metrics.answer(answer, 0.0)
             return encode(answer.socketmap())
+        reply = self._socketmap_hit(event.payload, now)
+        if reply is not None:
+            return reply
         domain = self._keys.get(event.payload)
         if domain is None:
+            started = time.perf_counter()
             parsed = answers.parse_request(event.payload, self.options)
             if isinstance(parsed, Answer):
                 self.metrics.malformed += 1
@@ -710,12 +745,10 @@ class PolicyServer(ThreadHarness):
             if len(self._keys) >= self._cache.max_entries:
                 self._keys.clear()
             self._keys[event.payload] = domain
-        entry = self._cache.hit_entry(domain, now)
-        if entry is None:
-            return self._socketmap_later(domain)
-        self.metrics.cache_hits += 1
-        self.metrics.count(entry.label, time.perf_counter() - started)
-        return entry.socketmap
+            reply = self._socketmap_hit(event.payload, now)
+            if reply is not None:
+                return reply
+        return self._socketmap_later(domain)
 
     async def _socketmap_later(self, domain: str) -> bytes:
         started = time.perf_counter()
@@ -744,7 +777,9 @@ class PolicyServer(ThreadHarness):
         return (await self.answer_key(raw)).tcp_table()
 
     def _socketmap_client(self) -> _Connection:
-        return _Connection(self, NetstringDecoder(), self._socketmap_now, SOCKETMAP_FAILED)
+        return _Connection(
+            self, NetstringDecoder(), self._socketmap_now, SOCKETMAP_FAILED, self._socketmap_hit
+        )
 
     def _tcp_table_client(self) -> _Connection:
         return _Connection(self, LineDecoder(), self._tcp_table_now, TCP_TABLE_FAILED)
