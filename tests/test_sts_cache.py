@@ -210,3 +210,26 @@ def test_prepare_builds_the_fetch_context_once_and_a_broken_ca_file_waits_for_th
             await store.close()
 
     asyncio.run(body())
+
+
+def test_close_cancels_a_fetch_still_waiting_on_a_stalled_host(
+    lab: Lab, store: Store, clock: Clock
+) -> None:
+    # The engine closes its MTA-STS resolver before the store: a fetch from a policy host
+    # that accepts and never answers must not outlive it (nor the event loop).
+    r = engine(lab, store, clock)
+
+    async def body() -> None:
+        lookup = asyncio.ensure_future(r.sts.lookup("sts-stall.test"))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if r.sts._inflight:
+                break
+        (fetch,) = r.sts._inflight.values()
+        await r.sts.close()
+        assert fetch.cancelled()
+        assert not r.sts._inflight
+        lookup.cancel()
+        await asyncio.gather(lookup, return_exceptions=True)
+
+    asyncio.run(body())

@@ -268,6 +268,16 @@ class StsResolver:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(task), self.write_wait)
 
+    async def close(self) -> None:
+        """Cancel the policy fetches still going on and wait for the cache writes: what the
+        engine does on exit, before its store closes, so that nothing is left running (a
+        fetch from a stalled host outlived a stopped server, and its loop)."""
+        fetches = list(self._inflight.values())
+        for task in fetches:
+            task.cancel()
+        await asyncio.gather(*fetches, return_exceptions=True)
+        await self.writes_done()
+
     async def writes_done(self) -> None:
         """Wait for the cache writes still going on in the background (tests, shutdown)."""
         if self._writes:
