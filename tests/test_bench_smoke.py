@@ -162,17 +162,28 @@ def test_the_bulk_audit_benchmark_runs_mxguard_and_checkdmarc(lab: Lab, tmp_path
     assert "ratio to checkdmarc default" in table
 
 
-def test_the_asyncio_floor_benchmark_runs_and_yields_numbers() -> None:
+def _floor() -> Any:
     path = Path(__file__).resolve().parent.parent / "bench" / "floor.py"
     spec = importlib.util.spec_from_file_location("bench_floor", path)
     assert spec is not None and spec.loader is not None
     floor = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(floor)
-    got = floor.measure(0.3, host=HOST, port=free_port(HOST))
+    return floor
+
+
+@pytest.mark.parametrize("design", ["asyncio", "epoll", "threads"])
+def test_the_floor_benchmark_runs_each_design_and_yields_numbers(design: str) -> None:
+    got = _floor().measure(0.3, host=HOST, port=free_port(HOST), design=design)
     assert got["lookups"] > 10
     assert got["server_cpu_us_per_lookup"] == pytest.approx(
         got["server_user_us_per_lookup"] + got["server_system_us_per_lookup"], abs=0.2
     )
+
+
+def test_the_floor_benchmark_drives_several_connections_from_load_workers() -> None:
+    got = _floor().measure(0.5, host=HOST, port=free_port(HOST), connections=2)
+    assert got["connections"] == 2 and got["lookups"] > 10
+    assert got["server_cpu_us_per_lookup"] > 0
 
 
 def test_rounds_report_the_median_of_each_figure() -> None:
