@@ -102,3 +102,19 @@ def test_names_read_off_the_der_hash_as_openssl_hashes_the_parsed_certificate(
 def test_what_is_no_certificate_has_no_names(der: bytes) -> None:
     assert webpki._names(der) is None
     assert webpki._name_hashes([der]) == [None]
+
+
+def test_libcrypto_is_found_by_its_soname_without_running_ldconfig(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # ctypes.util.find_library runs `ldconfig -p` in a child process: the fallback only, or
+    # every `mxguard send` forks itself once to verify a chain.
+    import ctypes.util
+
+    from mxguard.protocol import libcrypto
+
+    def no_child(name: str) -> str | None:
+        raise AssertionError(f"find_library({name!r}) was called")
+
+    monkeypatch.setattr(ctypes.util, "find_library", no_child)
+    assert libcrypto._open() is not None

@@ -24,7 +24,7 @@ import ctypes.util
 import hashlib
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,10 +124,18 @@ _OPTIONAL: dict[str, tuple[object, list[object]]] = {
 }
 
 
+def _candidates() -> Iterator[str | None]:
+    major = ssl.OPENSSL_VERSION_INFO[0]
+    yield f"libcrypto.so.{major}"
+    yield "libcrypto.so"
+    # Only when the names above fail: find_library runs `ldconfig -p` in a child process,
+    # which cost `mxguard send` a fork of itself on every run.
+    yield ctypes.util.find_library("crypto")
+
+
 def _open() -> ctypes.CDLL:
     # dlopen of a library already loaded (by the ssl module) returns that same library.
-    major = ssl.OPENSSL_VERSION_INFO[0]
-    for candidate in (f"libcrypto.so.{major}", "libcrypto.so", ctypes.util.find_library("crypto")):
+    for candidate in _candidates():
         if not candidate:
             continue
         try:
