@@ -1077,8 +1077,9 @@ def run(
     """Every measurement against every server (fresh process, fresh cache, flushed resolver).
 
     With ``rounds`` above 1 each measurement is made that many times, the servers taking
-    turns, and every figure is the median of its rounds (this machine's speed drifts by a
-    fifth from minute to minute; turns and medians keep the drift out of the ratios).
+    turns (in reverse order every other round), and every figure is the median of its
+    rounds (this machine's speed drifts by a fifth from minute to minute; turns and medians
+    keep the drift out of the ratios).
     The lab must run ``scenario(cfg.domains, cfg.stall_others)``.
     """
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "servers": {}}
@@ -1090,7 +1091,8 @@ def run(
     for name in only:
         made: dict[str, list[Any]] = {s.name: [] for s in servers}
         for r in range(rounds):
-            for s in servers:
+            # Odd rounds in the reverse order: no server is always the first after the flush.
+            for s in servers if r % 2 == 0 else list(reversed(servers)):
                 lab.flush_resolver()
                 progress(
                     f"{name}: {s.name}" + (f" (round {r + 1} of {rounds})" if rounds > 1 else "")
@@ -1114,7 +1116,9 @@ def _median_of(rounds: list[Any]) -> Any:
         }
     if isinstance(first, int | float) and not isinstance(first, bool):
         numbers = [r for r in rounds if isinstance(r, int | float) and not isinstance(r, bool)]
-        return statistics.median(numbers)
+        middle = statistics.median(numbers)
+        whole = isinstance(first, int) and middle == int(middle)
+        return int(middle) if whole else middle  # counts stay counts: 500, not 500.0
     return first
 
 

@@ -23,8 +23,10 @@ import dns.name
 import dns.rcode
 import dns.rrset
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mxguard.adapters.dns import DnsOutcome, DnsResolver, _read_response
+from mxguard.adapters.dns import DnsOutcome, DnsResolver, _name, _read_response
 
 HOST = "127.72.53.1"  # this suite's own address for its scripted resolver
 
@@ -229,3 +231,38 @@ def test_concurrent_lookups_of_one_name_share_one_query_when_caching(scripted) -
     asked.clear()
     asyncio.run(burst(cache=False))  # without the cache every lookup is its own query
     assert len(asked) == 20
+
+
+_LABEL = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=63)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(_LABEL, min_size=1, max_size=6) | st.lists(st.just("a" * 63), min_size=4, max_size=5)
+)
+def test_a_plain_name_built_from_its_labels_is_the_name_from_text_parses(labels: list[str]) -> None:
+    text = ".".join(labels)
+    try:
+        expected = dns.name.from_text(text)
+    except dns.exception.DNSException:  # over 255 octets: from_text says so, and so must _name
+        with pytest.raises(dns.exception.DNSException):
+            _name(text)
+        return
+    qname, canonical = _name(text)
+    assert qname == expected and qname.to_wire() == expected.to_wire()
+    assert canonical == text
+
+
+@pytest.mark.parametrize(
+    "text", ["a\\.b.test", "a\\032b.test", "x.test.", "a..test", "A.test", "a" * 64 + ".test"]
+)
+def test_a_name_that_is_not_plain_is_left_to_from_text(text: str) -> None:
+    try:
+        expected = dns.name.from_text(text)
+    except dns.exception.DNSException as exc:
+        with pytest.raises(type(exc)):
+            _name(text)
+        return
+    qname, canonical = _name(text)
+    assert qname == expected
+    assert canonical == dns.name.from_text(text).to_text(omit_final_dot=True).lower()

@@ -155,9 +155,15 @@ class StsResolver:
 
     async def lookup(self, domain: str) -> StsOutcome:
         now = self.clock()
-        txt, cached = await asyncio.gather(
-            self.dns.query(f"_mta-sts.{domain}", "TXT"), self._cached(domain, now)
-        )
+        # The TXT lookup goes on while the cache is read (at once, from SQLite's page cache,
+        # or a round trip to another store): one task, not gather's two and its future.
+        discovery = asyncio.ensure_future(self.dns.query(f"_mta-sts.{domain}", "TXT"))
+        try:
+            cached = await self._cached(domain, now)
+        except BaseException:
+            discovery.cancel()
+            raise
+        txt = await discovery
         notes: list[str] = []
         record: mtasts.StsRecord | None = None
         if txt.outcome is DnsOutcome.OK:
