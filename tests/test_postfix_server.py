@@ -196,6 +196,27 @@ def test_a_hit_keeps_its_place_behind_a_lookup_and_when_split_over_reads(
     assert server.metrics.cache_hits == 2
 
 
+def test_stop_leaves_no_policy_fetch_running(lab: Lab, tmp_path: Path) -> None:
+    # A lookup of a domain whose policy host stalls is in flight when the server stops: its
+    # resolution is cancelled after the grace, and so is the fetch it started (which is
+    # shared, and was left running until the event loop ended).
+    server = PolicyServer(
+        lab_settings(lab, tmp_path), listen=f"inet:{HOST}:0", budget=5.0, grace=0.2
+    )
+    server.start_in_thread()
+    client = Client(server.socketmap_address)
+    client.send(encode(b"postfix sts-stall.test"))
+    sts = server.engine.sts
+    deadline = time.monotonic() + 5
+    while not sts._inflight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (fetch,) = sts._inflight.values()
+    server.stop_in_thread()
+    client.close()
+    assert fetch.cancelled()
+    assert not sts._inflight
+
+
 def test_a_stalled_policy_host_delays_only_its_own_first_lookup(lab: Lab, tmp_path: Path) -> None:
     settings = lab_settings(lab, tmp_path, fetch_timeout=1.5)
     with PolicyServer(settings, listen=f"inet:{HOST}:0", budget=0.5) as server:

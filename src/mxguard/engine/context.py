@@ -95,7 +95,6 @@ async def engine(settings: Settings, *, dns_cache: bool = False) -> AsyncIterato
     plist = load_policy_list(settings)
     dns = DnsResolver(settings.resolvers or None, cache=dns_cache)
     store = await open_store(settings.store or default_store_url())
-    sts: StsResolver | None = None
     try:
         sts = StsResolver(
             dns,
@@ -112,8 +111,4 @@ async def engine(settings: Settings, *, dns_cache: bool = False) -> AsyncIterato
             spool = None  # no state folder to keep results in: they are only logged
         yield Engine(settings, dns, store, sts, resolver, spool, learner)
     finally:
-        try:
-            if sts is not None:
-                await sts.close()
-        finally:
-            await store.close()
+        await store.close()

@@ -275,9 +275,10 @@ class StsResolver:
             await asyncio.wait_for(asyncio.shield(task), self.write_wait)
 
     async def close(self) -> None:
-        """Cancel the policy fetches still going on and wait for the cache writes: what the
-        engine does on exit, before its store closes, so that nothing is left running (a
-        fetch from a stalled host outlived a stopped server, and its loop)."""
+        """Cancel the policy fetches still going on and wait for the cache writes: what a
+        stopping server does before its store closes, so that nothing is left running (a
+        fetch from a stalled host outlived a stopped server, and its loop). A lookup waiting
+        for a cancelled fetch is cancelled too: only for a stop, never while serving."""
         fetches = list(self._inflight.values())
         for task in fetches:
             task.cancel()

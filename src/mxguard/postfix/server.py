@@ -546,6 +546,9 @@ class PolicyServer(ThreadHarness):
                     where.path.unlink()
         if self._owned is not None:
             if self._engine is not None:
+                # Fetches the cancelled resolutions left behind (a stalled policy host):
+                # cancelled, and the cache writes finished, before the store closes.
+                await self._engine.sts.close()
                 self._engine.dns.close()  # its shared UDP sockets
             await self._owned.aclose()
             self._owned = None
