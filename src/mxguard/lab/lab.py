@@ -164,6 +164,11 @@ class Lab:
         return self.resolver_address, self.ports.dns
 
     @property
+    def resolver_pid(self) -> int | None:
+        """The lab's Unbound process, for benchmarks that count the CPU the lab spends."""
+        return self._unbound.pid if self._unbound is not None else None
+
+    @property
     def resolver_spec(self) -> str:
         return f"{self.resolver_address}:{self.ports.dns}"
 
