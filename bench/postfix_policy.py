@@ -246,6 +246,20 @@ async def lookups(
 # "go" and the last worker's answer.
 
 
+def _split_reply(buffer: bytes) -> tuple[bytes | None, bytes]:
+    """The first whole socketmap reply in ``buffer`` and what follows it, or None and
+    ``buffer`` while the reply is incomplete; ProtocolError for one over MAX_REPLY."""
+    head, colon, rest = buffer.partition(b":")
+    if not colon:
+        return None, buffer
+    size = int(head)
+    if size > MAX_REPLY:
+        raise ProtocolError(f"reply of {size} bytes is longer than {MAX_REPLY}")
+    if len(rest) < size + 1:
+        return None, buffer
+    return rest[:size], rest[size + 1 :]
+
+
 class _WorkerConnection(asyncio.Protocol):
     """One connection of a load worker: one request in flight, the next sent on the reply."""
 
@@ -300,16 +314,13 @@ class _WorkerConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        head, colon, rest = self.buffer.partition(b":")
-        if not colon:
+        try:
+            reply, self.buffer = _split_reply(self.buffer)
+        except ProtocolError as exc:
+            self._fail(exc)
             return
-        size = int(head)
-        if size > MAX_REPLY:
-            self._fail(ProtocolError(f"reply of {size} bytes is longer than {MAX_REPLY}"))
+        if reply is None:
             return
-        if len(rest) < size + 1:
-            return
-        reply, self.buffer = rest[:size], rest[size + 1 :]
         self.out["latencies"].append(time.perf_counter() - self.sent_at)
         replies: Counter[bytes] = self.out["replies"]
         replies[reply] += 1
@@ -414,16 +425,9 @@ def _closed_loop_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 now = time.perf_counter()
                 if not data:
                     raise ConnectionError("closed by the server")
-                c[4] += data
-                head, colon, rest = c[4].partition(b":")
-                if not colon:
+                reply, c[4] = _split_reply(c[4] + data)
+                if reply is None:
                     continue
-                size = int(head)
-                if size > MAX_REPLY:
-                    raise ProtocolError(f"reply of {size} bytes is longer than {MAX_REPLY}")
-                if len(rest) < size + 1:
-                    continue
-                reply, c[4] = rest[:size], rest[size + 1 :]
                 latencies.append(now - c[3])
                 replies[reply] += 1
                 if not ask(c):
@@ -721,13 +725,7 @@ class Server:
     def cpu_seconds(self) -> float | None:
         """User plus system CPU time of the server process so far, all its threads
         (``/proc/PID/stat`` fields 14 and 15, in clock ticks)."""
-        if self.proc is None:
-            return None
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-            return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-        return None
+        return process_cpu_seconds(self.proc.pid) if self.proc is not None else None
 
     def rss_kib(self) -> int | None:
         """Resident set size of the server process (VmRSS, KiB)."""
@@ -1020,20 +1018,23 @@ async def warm(server: Server, cfg: Config) -> dict[str, Any]:
     return out
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of process ``pid`` so far, all its threads
+    (``/proc/PID/stat`` fields 14 and 15, in clock ticks); None once it is gone."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return None
+
+
 def _lab_cpu_seconds(lab: Lab) -> float | None:
     """CPU seconds of this process (the lab's DNS servers and policy hosts, and the client
     that asks) and of the lab's Unbound: the work a server's lookups cost the simulated
     internet, on the cores the server shares with it."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
     pid = lab.resolver_pid
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    tick = os.sysconf("SC_CLK_TCK")
-    return usage.ru_utime + usage.ru_stime + (int(fields[11]) + int(fields[12])) / tick
+    unbound = process_cpu_seconds(pid) if pid is not None else None
+    return None if unbound is None else _own_cpu() + unbound
 
 
 async def cold(server: Server, cfg: Config) -> dict[str, Any]:

@@ -103,30 +103,33 @@ class NetstringDecoder:
         nothing was taken: ``feed`` then reads ``data`` as always, to the same events."""
         if self._state != self._LENGTH or self._digits:
             return None
-        colon = data.find(b":", 0, self.max_digits + 1)
-        if colon <= 0 or data[-1] != 0x2C or not data[:colon].isdigit():
-            return None
-        size = len(data) - colon - 2
-        if size > self.max_request or int(data[:colon]) != size:
-            return None
-        return data[colon + 1 : -1]
+        colon, end = self._netstring_at(data, 0)
+        return data[colon + 1 : end] if 0 <= end == len(data) - 1 else None
+
+    def _netstring_at(self, data: bytes, i: int) -> tuple[int, int]:
+        """The ':' and the ',' of a whole netstring within the limits starting at ``i``, or
+        (-1, -1) when there is none there (split, too long, malformed)."""
+        colon = data.find(b":", i, i + self.max_digits + 1)
+        if colon > i and data[i:colon].isdigit():
+            end = colon + 1 + int(data[i:colon])
+            if end - colon - 1 <= self.max_request and end < len(data) and data[end] == 0x2C:
+                return colon, end
+        return -1, -1
 
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
         i, n = 0, len(data)
-        length_state, digits = self._LENGTH, self.max_digits
+        length_state = self._LENGTH
         while i < n and self._state != self._DEAD:
             if self._state == length_state and not self._digits:
                 # The common case, a whole netstring at ``i``: taken in one slice. Anything
                 # else (split, too long, malformed) goes through the states below, byte by
                 # byte, which give the same events for whole netstrings.
-                colon = data.find(b":", i, i + digits + 1)
-                if colon > i and data[i:colon].isdigit():
-                    end = colon + 1 + int(data[i:colon])
-                    if end - colon - 1 <= self.max_request and end < n and data[end] == 0x2C:
-                        events.append(Request(bytes(data[colon + 1 : end])))
-                        i = end + 1
-                        continue
+                colon, end = self._netstring_at(data, i)
+                if end >= 0:
+                    events.append(Request(bytes(data[colon + 1 : end])))
+                    i = end + 1
+                    continue
             # Each step consumes at least one byte and may change the state.
             i = self._steps[self._state](data, i, events)
         return events

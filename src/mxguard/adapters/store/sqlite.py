@@ -1197,26 +1197,27 @@ class SQLiteStore:
             self._inode = os.stat(self.path).st_ino
 
     def _connect_here(self) -> None:
-        # On the opening thread, after _connect made the file and put it in WAL mode. Busy
-        # timeout 0: a read that would wait goes to the reader thread instead (_read_point).
-        conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA query_only=ON")
-        except BaseException:
-            conn.close()
-            raise
-        self._here, self._here_thread = conn, threading.get_ident()
+        # On the opening thread. Busy timeout 0: a read that would wait goes to the reader
+        # thread instead (_read_point).
+        self._here = self._read_only(timeout=0, check_same_thread=False)
+        self._here_thread = threading.get_ident()
 
     def _connect_reader(self) -> None:
-        # Runs in the reader thread, after _connect made the file and put it in WAL mode.
-        conn = sqlite3.connect(self.path, timeout=READ_BUSY_TIMEOUT, isolation_level=None)
+        # Runs in the reader thread.
+        self._rconn = self._read_only(timeout=READ_BUSY_TIMEOUT)
+
+    def _read_only(self, timeout: float, *, check_same_thread: bool = True) -> sqlite3.Connection:
+        """A read-only connection, once _connect has made the file and put it in WAL mode."""
+        conn = sqlite3.connect(
+            self.path, timeout=timeout, isolation_level=None, check_same_thread=check_same_thread
+        )
         try:
             conn.execute("PRAGMA query_only=ON")
             conn.create_aggregate("exact_sum", 1, _EXACT_SUM)
         except BaseException:
             conn.close()
             raise
-        self._rconn = conn
+        return conn
 
     async def _with_conn(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
